@@ -1,0 +1,103 @@
+"""Input checks shared by the public API.
+
+Every check names the offending argument, says what was given and what is
+allowed. Checks on numbers run only when the value is concrete: inside ``jit``
+a traced hyperparameter cannot be inspected, and is accepted as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def is_concrete(value: Any) -> bool:
+    """True when ``value`` holds no tracer (it can be inspected on the host)."""
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(value))
+
+
+def check_choice(name: str, value: str, allowed: Iterable[str]) -> str:
+    allowed = tuple(allowed)
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, allowed))}")
+    return value
+
+
+def _as_float_array(name: str, value: Any) -> np.ndarray:
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be a real number or array of real numbers, got {value!r}") from err
+    return arr
+
+
+def check_positive(name: str, value: Any) -> Any:
+    """``value`` (scalar or array) must be finite and > 0 wherever it is concrete."""
+    if is_concrete(value):
+        arr = _as_float_array(name, value)
+        if arr.size == 0:
+            raise ValueError(f"{name} is empty; give at least one value")
+        ok = np.isfinite(arr) & (arr > 0)
+        if not np.all(ok):
+            raise ValueError(f"{name} must be finite and > 0, got {_show(arr, ok)}")
+    return value
+
+
+def check_nonnegative(name: str, value: Any) -> Any:
+    if is_concrete(value):
+        arr = _as_float_array(name, value)
+        ok = np.isfinite(arr) & (arr >= 0)
+        if not np.all(ok):
+            raise ValueError(f"{name} must be finite and >= 0, got {_show(arr, ok)}")
+    return value
+
+
+def check_finite(name: str, value: Any) -> Any:
+    if is_concrete(value):
+        arr = _as_float_array(name, value)
+        ok = np.isfinite(arr)
+        if not np.all(ok):
+            raise ValueError(f"{name} must be finite, got {_show(arr, ok)}")
+    return value
+
+
+def check_unit_interval(name: str, value: Any) -> Any:
+    """``value`` must lie in [0, 1) (a momentum coefficient)."""
+    if is_concrete(value):
+        arr = _as_float_array(name, value)
+        ok = np.isfinite(arr) & (arr >= 0) & (arr < 1)
+        if not np.all(ok):
+            raise ValueError(f"{name} must lie in [0, 1), got {_show(arr, ok)}")
+    return value
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_image(image: Any, name: str = "image") -> None:
+    """A 2-D array of finite values, at least 1 x 1."""
+    shape = np.shape(image)
+    if len(shape) != 2:
+        raise ValueError(f"{name} must be a 2-D array, got shape {shape}")
+    if shape[0] < 1 or shape[1] < 1:
+        raise ValueError(f"{name} must be non-empty, got shape {shape}")
+    if is_concrete(image):
+        arr = np.asarray(image)
+        if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+            raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{name} must be finite; it holds {int(np.sum(~np.isfinite(arr)))} non-finite values")
+
+
+def _show(arr: np.ndarray, ok: np.ndarray) -> str:
+    if arr.ndim == 0:
+        return repr(float(arr))
+    return f"{float(arr[~ok].flat[0])!r} (an entry of an array of shape {arr.shape})"

@@ -1,0 +1,314 @@
+"""The one-layer windowed-kernel CNN and the right-hand sides of its gradient PDE.
+
+Model (appendix D.1, eq 1, with the discrete conventions of paper-notes section 1)::
+
+    f(I) = s( c * sum_x r((K * I)(x)) + b ),   r(x) = x sigmoid(beta x),
+
+where ``*`` is the *valid* cross-correlation ``(K*I)(x) = sum_z K(z) I(x+z)``
+(``C K`` below), ``c = 1`` for ``pool="sum"`` (the equations) and
+``c = 1 / (number of output pixels)`` for ``pool="mean"`` (the Figure 4
+experiment). The loss is binary cross-entropy with label ``y`` plus
+``alpha/2 ||K||^2`` (eq 2). The window W is the kernel's own ``w x w`` support,
+so every right-hand side below is a ``w x w`` array.
+
+The gradient PDE is ``dK/dt = -G(K)``; this module computes ``G`` ("the
+gradient") for four models:
+
+==============  ===============================================================
+``nonlinear``   eqs 11-13: ``G = c (yhat - y) C^T r'(C K) + alpha K``
+``linear``      eq 20 (constant ``a = yhat - y``):
+                ``G = (c a / 2) (Ibar + beta C^T C K) + alpha K``
+``nonconstant`` eq 28 (D.4), ``a(K) = s(b) - y + (c/2) s'(b) <Ibar, K>``:
+                ``G = (c a(K) / 2) (Ibar + beta C^T C K) + alpha K``
+``activated``   eq 35 (D.5), ``r' = 1`` with the same ``a(K)``:
+                ``G = c a(K) Ibar + alpha K``
+==============  ===============================================================
+
+``Ibar = C^T 1`` is the windowed input sum (eq 19's "input sum"): for each
+kernel offset ``z``, the sum of the image over the positions the kernel visits.
+
+Conventions that differ from the printed text (kept consistent with the
+paper's own amplifier, eq 23):
+
+* Swish has ``r'(0) = 1/2`` and ``r''(0) = beta/2``, so ``r'(x) ~ (1 + beta x)/2``
+  and ``r'(K*I)*I ~ (Ibar + beta C^T C K)/2`` (eq 19). paper-notes writes
+  ``beta x / 4``; that would halve the ``|I(w)|^2`` term of eq 23, so we follow
+  the Taylor coefficient and eq 23.
+* The constant (forcing) term is the exact windowed ``Ibar = C^T 1``; the
+  reference code uses ``mean(I)``. It does not enter any stability bound.
+
+Correlations are computed by real FFTs of the image's size. For a valid
+correlation no padding is needed: the circular correlation agrees with the
+valid one on every output the valid one has. The image transform is computed
+once, in :func:`make_problem`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+from jax.typing import ArrayLike, DTypeLike
+
+from jaxcfl import _validate as v
+
+POOLS = ("sum", "mean")
+MODELS = ("nonlinear", "linear", "nonconstant", "activated")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """The data of a one-layer CNN problem: image, its FFT, window, pooling.
+
+    Build it with :func:`make_problem`. Array fields are pytree leaves;
+    ``kernel_size`` and ``pool`` are static (they fix shapes and code paths).
+    """
+
+    image: Array
+    image_hat: Array
+    window_sum: Array
+    kernel_size: int = dataclasses.field(metadata=dict(static=True))
+    pool: str = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        return tuple(self.image.shape)  # type: ignore[return-value]
+
+    @property
+    def output_shape(self) -> tuple[int, int]:
+        """Shape of the valid correlation ``K * I``: ``(N0 - w + 1, N1 - w + 1)``."""
+        n0, n1 = self.image_shape
+        w = self.kernel_size
+        return (n0 - w + 1, n1 - w + 1)
+
+    @property
+    def kernel_shape(self) -> tuple[int, int]:
+        return (self.kernel_size, self.kernel_size)
+
+    @property
+    def pool_scale(self) -> float:
+        """``c``: 1 for sum pooling, ``1 / #outputs`` for mean pooling."""
+        m0, m1 = self.output_shape
+        return 1.0 if self.pool == "sum" else 1.0 / (m0 * m1)
+
+    @property
+    def dtype(self):
+        return self.image.dtype
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Hyper:
+    """Numeric hyperparameters, all traced arrays (changing them never recompiles).
+
+    Attributes:
+      lr: the step ``dt`` (eq 21; for Nesterov, eqs 37-38).
+      alpha: weight decay.
+      beta: Swish parameter.
+      a: the constant ``yhat - y`` of the linearised model (eq 20).
+      label: the label ``y``.
+      bias: the sigmoid bias ``b``.
+      k: perturbation factor of the update (paper-notes section 2).
+      mu: Nesterov momentum coefficient ``(2 - d dt)/(2 + d dt)``.
+    """
+
+    lr: Array
+    alpha: Array
+    beta: Array
+    a: Array
+    label: Array
+    bias: Array
+    k: Array
+    mu: Array
+
+
+def make_hyper(
+    lr: ArrayLike,
+    alpha: ArrayLike,
+    *,
+    beta: ArrayLike = 1.0,
+    a: ArrayLike = -0.5,
+    label: ArrayLike = 1.0,
+    bias: ArrayLike = 0.0,
+    k: ArrayLike = 1.0,
+    mu: ArrayLike = 0.9,
+    dtype: DTypeLike | None = None,
+) -> Hyper:
+    """Validate and pack hyperparameters; array arguments broadcast together.
+
+    A batch of configurations is a ``Hyper`` whose fields carry a leading axis;
+    ``jax.vmap`` over it runs them all in one program.
+    """
+    v.check_positive("lr", lr)
+    v.check_nonnegative("alpha", alpha)
+    v.check_finite("beta", beta)
+    v.check_finite("a", a)
+    v.check_finite("label", label)
+    v.check_finite("bias", bias)
+    v.check_positive("k", k)
+    v.check_unit_interval("mu", mu)
+    dtype = jax.dtypes.canonicalize_dtype(dtype if dtype is not None else float)
+    fields = dict(lr=lr, alpha=alpha, beta=beta, a=a, label=label, bias=bias, k=k, mu=mu)
+    arrays = {name: jnp.asarray(val, dtype) for name, val in fields.items()}
+    shape = jnp.broadcast_shapes(*(x.shape for x in arrays.values()))
+    return Hyper(**{name: jnp.broadcast_to(x, shape) for name, x in arrays.items()})
+
+
+def make_problem(image: ArrayLike, kernel_size: int, *, pool: str = "sum", dtype: DTypeLike | None = None) -> Problem:
+    """Set up the one-layer CNN problem for ``image`` and a ``kernel_size`` window.
+
+    Args:
+      image: any finite 2-D array (e.g. :func:`jaxcfl.checkerboard`).
+      kernel_size: ``w``; the kernel and its window are ``w x w``.
+      pool: ``"sum"`` (the equations) or ``"mean"`` (Figure 4).
+      dtype: floating dtype; defaults to the image's floating dtype, else JAX's default.
+
+    Raises:
+      ValueError: for a non-2-D or non-finite image, a kernel larger than the
+        image, or an unknown pool.
+    """
+    v.check_image(image)
+    kernel_size = v.check_int("kernel_size", kernel_size, minimum=1)
+    v.check_choice("pool", pool, POOLS)
+    shape = np.shape(image)
+    if kernel_size > min(shape):
+        raise ValueError(f"kernel_size={kernel_size} is larger than the image of shape {shape}; it must be <= {min(shape)}")
+    if dtype is None:
+        src = np.asarray(image).dtype if v.is_concrete(image) else jnp.asarray(image).dtype
+        dtype = src if jnp.issubdtype(src, jnp.floating) else float
+    dtype = jax.dtypes.canonicalize_dtype(dtype)
+    img = jnp.asarray(image, dtype)
+    image_hat = jnp.fft.rfft2(img)
+    ones = jnp.ones((shape[0] - kernel_size + 1, shape[1] - kernel_size + 1), dtype)
+    window_sum = _adjoint(image_hat, ones, shape, kernel_size)
+    return Problem(image=img, image_hat=image_hat, window_sum=window_sum, kernel_size=kernel_size, pool=pool)
+
+
+# --- correlations --------------------------------------------------------------
+
+def _adjoint(image_hat: Array, u: Array, shape: tuple[int, int], w: int) -> Array:
+    """``C^T u``: ``(C^T u)(z) = sum_x u(x) I(x + z)`` for ``z`` in the ``w x w`` window."""
+    u_hat = jnp.fft.rfft2(u, s=shape)
+    return jnp.fft.irfft2(jnp.conj(u_hat) * image_hat, s=shape)[:w, :w].astype(u.dtype)
+
+
+def correlate(problem: Problem, kernel: Array) -> Array:
+    """``C K``: the valid cross-correlation ``(K * I)(x)``, shape :attr:`Problem.output_shape`."""
+    shape = problem.image_shape
+    m0, m1 = problem.output_shape
+    k_hat = jnp.fft.rfft2(kernel, s=shape)
+    return jnp.fft.irfft2(jnp.conj(k_hat) * problem.image_hat, s=shape)[:m0, :m1].astype(kernel.dtype)
+
+
+def correlate_adjoint(problem: Problem, u: Array) -> Array:
+    """``C^T u`` for ``u`` of shape :attr:`Problem.output_shape`; returns ``w x w``."""
+    return _adjoint(problem.image_hat, u, problem.image_shape, problem.kernel_size)
+
+
+def normal_operator(problem: Problem, kernel: Array) -> Array:
+    """``W C^T C W K``: the windowed normal operator behind every linearised model."""
+    return correlate_adjoint(problem, correlate(problem, kernel))
+
+
+# --- the model and its loss ------------------------------------------------------
+
+def swish(x: Array, beta: ArrayLike) -> Array:
+    """``r(x) = x sigmoid(beta x)`` (eq 14)."""
+    return x * jax.nn.sigmoid(beta * x)
+
+
+def swish_grad(x: Array, beta: ArrayLike) -> Array:
+    """``r'(x) = s(beta x) + beta x s(beta x)(1 - s(beta x))`` (eq 15)."""
+    s = jax.nn.sigmoid(beta * x)
+    return s + beta * x * s * (1.0 - s)
+
+
+def logit(problem: Problem, kernel: Array, hyper: Hyper) -> Array:
+    """``z = c sum_x r((K*I)(x)) + b``, so that ``yhat = s(z)``."""
+    return problem.pool_scale * jnp.sum(swish(correlate(problem, kernel), hyper.beta)) + hyper.bias
+
+
+def loss(problem: Problem, kernel: Array, hyper: Hyper) -> Array:
+    """The regularised cross-entropy of eq 2: ``BCE(y, s(z)) + alpha/2 ||K||^2``.
+
+    Written as ``softplus(z) - y z`` so that it stays finite for large ``|z|``.
+    """
+    z = logit(problem, kernel, hyper)
+    return jax.nn.softplus(z) - hyper.label * z + 0.5 * hyper.alpha * jnp.sum(kernel * kernel)
+
+
+# --- right-hand sides (the gradient G; the PDE is dK/dt = -G) -------------------
+
+def _a_of_kernel(problem: Problem, kernel: Array, hyper: Hyper) -> Array:
+    """``a(K) = s(b) - y + (c/2) s'(b) <Ibar, K>``: the linearised ``yhat - y`` of D.4."""
+    s_b = jax.nn.sigmoid(hyper.bias)
+    c = problem.pool_scale
+    return s_b - hyper.label + 0.5 * c * s_b * (1.0 - s_b) * jnp.sum(problem.window_sum * kernel)
+
+
+def grad_nonlinear(problem: Problem, kernel: Array, hyper: Hyper) -> Array:
+    """Eqs 11-13: ``c (yhat - y) C^T r'(C K) + alpha K``."""
+    c = problem.pool_scale
+    z_map = correlate(problem, kernel)
+    logit_ = c * jnp.sum(swish(z_map, hyper.beta)) + hyper.bias
+    residual = jax.nn.sigmoid(logit_) - hyper.label
+    return (c * residual) * correlate_adjoint(problem, swish_grad(z_map, hyper.beta)) + hyper.alpha * kernel
+
+
+def _linearised_data_term(problem: Problem, kernel: Array, hyper: Hyper) -> Array:
+    """``(Ibar + beta C^T C K) / 2``: eq 19's linearisation of ``r'(K*I)*I``."""
+    return 0.5 * (problem.window_sum + hyper.beta * normal_operator(problem, kernel))
+
+
+def grad_linear(problem: Problem, kernel: Array, hyper: Hyper) -> Array:
+    """Eq 20: ``(c a / 2)(Ibar + beta C^T C K) + alpha K`` with constant ``a``."""
+    return (problem.pool_scale * hyper.a) * _linearised_data_term(problem, kernel, hyper) + hyper.alpha * kernel
+
+
+def grad_nonconstant(problem: Problem, kernel: Array, hyper: Hyper) -> Array:
+    """Eq 28: the linearised model with ``a(K) = s(b) - y + (c/2) s'(b) <Ibar, K>``."""
+    a_k = _a_of_kernel(problem, kernel, hyper)
+    return (problem.pool_scale * a_k) * _linearised_data_term(problem, kernel, hyper) + hyper.alpha * kernel
+
+
+def grad_activated(problem: Problem, kernel: Array, hyper: Hyper) -> Array:
+    """Eq 35, the activated regime ``r' = 1``: ``c a(K) Ibar + alpha K``."""
+    a_k = _a_of_kernel(problem, kernel, hyper)
+    return (problem.pool_scale * a_k) * problem.window_sum + hyper.alpha * kernel
+
+
+_GRADIENTS = {
+    "nonlinear": grad_nonlinear,
+    "linear": grad_linear,
+    "nonconstant": grad_nonconstant,
+    "activated": grad_activated,
+}
+
+
+def gradient_fn(model: str):
+    """The right-hand side ``G(problem, kernel, hyper)`` of ``model`` (one of :data:`MODELS`)."""
+    v.check_choice("model", model, MODELS)
+    return _GRADIENTS[model]
+
+
+def gradient(problem: Problem, kernel: Array, hyper: Hyper, model: str = "nonlinear") -> Array:
+    """``G(K)`` for ``model``; the gradient PDE is ``dK/dt = -G(K)``.
+
+    Example:
+      >>> import jax, jaxcfl
+      >>> prob = jaxcfl.make_problem(jaxcfl.checkerboard(16), 4)
+      >>> K = jax.random.normal(jax.random.key(0), (4, 4))
+      >>> jaxcfl.gradient(prob, K, jaxcfl.make_hyper(1e-3, 1.0), "linear").shape
+      (4, 4)
+    """
+    return gradient_fn(model)(problem, kernel, hyper)
+
+
+def check_kernel(problem: Problem, kernel: Any, name: str = "kernel") -> None:
+    if tuple(np.shape(kernel)) != problem.kernel_shape:
+        raise ValueError(f"{name} must have shape {problem.kernel_shape} (kernel_size={problem.kernel_size}), got {np.shape(kernel)}")

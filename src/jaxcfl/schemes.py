@@ -1,0 +1,111 @@
+"""Time-stepping schemes for the gradient PDE ``dK/dt = -G(K)``.
+
+Both schemes are pure ``step(state, grad_fn, hyper) -> state`` functions over a
+:class:`State` pytree, with ``grad_fn(kernel, hyper) -> G``. The update enters
+through the rounding primitive :func:`jaxcfl.rounding.scaled_update`, so the
+perturbation factor ``hyper.k`` applies ``fl(h k) * fl(G / k)`` to the step
+``h`` of each scheme (``k = 1``: the plain scheme).
+
+==========  ===========================================================  ===============================
+scheme      update                                                       linear stability (eigenvalue l)
+==========  ===========================================================  ===============================
+``gd``      eq 21, forward Euler: ``K+ = K - fl(dt k) fl(G(K)/k)``       ``0 < dt l < 2``
+``nesterov`` eqs 37-38: ``V = K + mu (K - K-)``,                          ``0 < h l < 2(1+mu)/(1+2 mu)``
+            ``K+ = V - fl(h k) fl(G(V)/k)``, ``h = (1+mu) dt^2 / 2``
+==========  ===========================================================  ===============================
+
+Forward Euler is explicit and first order. The Nesterov scheme is the
+semi-implicit (look-ahead) discretisation of the damped momentum PDE
+``K_tt + d K_t = -G(K)`` (eq 36); it is second order in ``dt`` for the PDE.
+Its damping is ``d = 2(1 - mu)/((1 + mu) dt)`` so that ``mu = (2 - d dt)/(2 + d dt)``
+and ``h = 2 dt^2/(2 + d dt) = (1 + mu) dt^2 / 2`` (eq 38). The stability
+intervals are those of one eigen-mode ``l`` of a linear ``G``; see
+:mod:`jaxcfl.theory`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+from jax.typing import ArrayLike
+
+from jaxcfl import _validate as v
+from jaxcfl.problem import Hyper
+from jaxcfl.rounding import rounded_mul, scaled_update
+
+GradFn = Callable[[Array, Hyper], Array]
+
+SCHEMES = ("gd", "nesterov")
+_ALIASES = {"gd": "gd", "euler": "gd", "forward_euler": "gd", "nesterov": "nesterov"}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class State:
+    """Iterate of a scheme: ``kernel = K^n``, ``previous = K^{n-1}``, ``iteration = n``."""
+
+    kernel: Array
+    previous: Array
+    iteration: Array
+
+
+def init(kernel: ArrayLike) -> State:
+    """Initial state at rest: ``K^{-1} = K^0`` (zero initial velocity for Nesterov)."""
+    kernel = jnp.asarray(kernel)
+    return State(kernel=kernel, previous=kernel, iteration=jnp.zeros((), jnp.int32))
+
+
+def nesterov_step_size(dt: ArrayLike, mu: ArrayLike) -> Array:
+    """``h = 2 dt^2/(2 + d dt) = (1 + mu) dt^2 / 2``: the gradient step of eq 38."""
+    dt = jnp.asarray(dt)
+    return (1.0 + mu) * (dt * dt) * 0.5
+
+
+def nesterov_damping(dt: ArrayLike, mu: ArrayLike) -> Array:
+    """``d = 2 (1 - mu) / ((1 + mu) dt)``, the damping of eq 36 that gives momentum ``mu``."""
+    return 2.0 * (1.0 - jnp.asarray(mu)) / ((1.0 + jnp.asarray(mu)) * jnp.asarray(dt))
+
+
+def euler_step(state: State, grad_fn: GradFn, hyper: Hyper) -> State:
+    """Forward Euler, eq 21: ``K^{n+1} = K^n - fl(dt k) fl(G(K^n) / k)``."""
+    g = grad_fn(state.kernel, hyper)
+    new = state.kernel - scaled_update(hyper.lr, g, hyper.k)
+    return State(kernel=new, previous=state.kernel, iteration=state.iteration + 1)
+
+
+def nesterov_step(state: State, grad_fn: GradFn, hyper: Hyper) -> State:
+    """Semi-implicit Nesterov, eqs 37-38.
+
+    ``V = K^n + mu (K^n - K^{n-1})`` then ``K^{n+1} = V - fl(h k) fl(G(V) / k)``
+    with ``h = (1 + mu) dt^2 / 2``.
+    """
+    kernel = state.kernel
+    lookahead = kernel + rounded_mul(hyper.mu, kernel - state.previous)
+    g = grad_fn(lookahead, hyper)
+    h = nesterov_step_size(hyper.lr, hyper.mu)
+    new = lookahead - scaled_update(h, g, hyper.k)
+    return State(kernel=new, previous=kernel, iteration=state.iteration + 1)
+
+
+class Scheme(NamedTuple):
+    name: str
+    step: Callable[[State, GradFn, Hyper], State]
+
+
+_SCHEMES = {"gd": Scheme("gd", euler_step), "nesterov": Scheme("nesterov", nesterov_step)}
+
+
+def canonical_scheme(name: str) -> str:
+    """Resolve ``"gd"`` (aliases ``"euler"``, ``"forward_euler"``) or ``"nesterov"``."""
+    if not isinstance(name, str) or name not in _ALIASES:
+        v.check_choice("scheme", name, SCHEMES)
+    return _ALIASES[name]
+
+
+def get_scheme(name: str) -> Scheme:
+    return _SCHEMES[canonical_scheme(name)]

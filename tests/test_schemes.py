@@ -1,0 +1,163 @@
+"""Schemes and the integrator: closed forms, NumPy, vmap, and no recompilation."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxcfl
+import importlib
+
+integrate_mod = importlib.import_module("jaxcfl.integrate")
+
+
+def _even_checkerboard_problem(dtype=jnp.float32):
+    # N = 13, w = 4: M = 10 is even, so the windowed input sum vanishes and the
+    # linear model is homogeneous, G = (a beta / 2) C^T C K + alpha K, with
+    # C^T C = M^2 w^2 P P^T / w^2 for the kernel-sized checkerboard P.
+    prob = jaxcfl.make_problem(jaxcfl.checkerboard(13, dtype=dtype), 4)
+    assert float(jnp.abs(prob.window_sum).max()) < 1e-5  # zero up to FFT rounding
+    pattern = np.asarray(jaxcfl.checkerboard(4), np.float64) / 4.0  # unit norm
+    eig = prob.output_shape[0] ** 2 * 16.0
+    return prob, pattern, eig
+
+
+def test_euler_matches_the_closed_form_per_mode(dtype):
+    prob, p, eig = _even_checkerboard_problem(dtype)
+    other = np.zeros((4, 4))
+    other[0, 0], other[0, 1] = 1 / np.sqrt(2), 1 / np.sqrt(2)  # orthogonal to p
+    kernel0 = 2.0 * p + 3.0 * other
+    lr, alpha = 1e-3, 300.0
+    hyper = jaxcfl.make_hyper(lr, alpha, a=-0.5, beta=1.0, dtype=dtype)
+    traj = jaxcfl.integrate(prob, kernel0, hyper, scheme="gd", model="linear", steps=40, record_every=40)
+    n = 40
+    expected = 2.0 * (1 - lr * (alpha - 0.25 * eig)) ** n * p + 3.0 * (1 - lr * alpha) ** n * other
+    rtol = 1e-4 if dtype == jnp.float32 else 1e-11
+    np.testing.assert_allclose(traj.state.kernel, expected, rtol=rtol, atol=rtol)
+
+
+def test_nesterov_matches_the_scalar_recursion(dtype):
+    prob, p, eig = _even_checkerboard_problem(dtype)
+    dt, mu, alpha = 0.05, 0.9, 300.0
+    hyper = jaxcfl.make_hyper(dt, alpha, mu=mu, dtype=dtype)
+    traj = jaxcfl.integrate(prob, 2.0 * p, hyper, scheme="nesterov", model="linear", steps=30, record_every=30)
+    h = (1 + mu) * dt * dt / 2
+    lam = alpha - 0.25 * eig
+    prev = cur = 2.0
+    for _ in range(30):
+        look = cur + mu * (cur - prev)
+        prev, cur = cur, look - h * lam * look
+    rtol = 1e-4 if dtype == jnp.float32 else 1e-11
+    np.testing.assert_allclose(traj.state.kernel, cur * p, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("scheme", ["gd", "nesterov"])
+def test_stable_linear_run_converges_to_the_numpy_fixed_point(scheme):
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        img = rng.standard_normal((10, 11))
+        prob = jaxcfl.make_problem(img, 3)
+        w = 3
+        a, beta, alpha = -0.5, 1.0, 50.0
+        # Dense operator (c a beta / 2) C^T C + alpha, and forcing (c a / 2) Ibar, from NumPy.
+        from numpy.lib.stride_tricks import sliding_window_view
+
+        windows = sliding_window_view(img, (w, w)).reshape(-1, w * w)  # rows: C
+        ctc = windows.T @ windows
+        ibar = windows.sum(axis=0)
+        op = 0.5 * a * beta * ctc + alpha * np.eye(w * w)
+        fixed = np.linalg.solve(op, -0.5 * a * ibar).reshape(w, w)
+        lo, hi = jaxcfl.theory.windowed_alpha_bounds(img, w, 1e-3, scheme=scheme, a=a, beta=beta)
+        assert lo < alpha
+        lr = 1e-3 if scheme == "gd" else 0.02
+        hyper = jaxcfl.make_hyper(lr, alpha, a=a, beta=beta, dtype=jnp.float64)
+        traj = jaxcfl.integrate(prob, np.zeros((w, w)), hyper, scheme=scheme, model="linear", steps=4000, record_every=4000)
+        np.testing.assert_allclose(traj.state.kernel, fixed, rtol=1e-8, atol=1e-10)
+
+
+def test_records_stride_and_remainder():
+    prob = jaxcfl.make_problem(jaxcfl.checkerboard(16), 4)
+    hyper = jaxcfl.make_hyper(1e-4, 10.0)
+    traj = jaxcfl.integrate(prob, jnp.ones((4, 4)), hyper, steps=25, record_every=10)
+    np.testing.assert_array_equal(traj.diagnostics.iteration, [0, 10, 20, 25])
+    assert int(traj.state.iteration) == 25
+    d = traj.diagnostics
+    np.testing.assert_allclose(d.kernel_norm[0], 4.0, rtol=1e-6)
+    np.testing.assert_allclose(d.kernel_max[0], 1.0)
+    assert float(d.update_norm[0]) == 0.0
+    # The state continues a run: 25 + 25 steps from the state equals 50 steps.
+    again = jaxcfl.integrate(prob, traj.state, hyper, steps=25, record_every=25)
+    whole = jaxcfl.integrate(prob, jnp.ones((4, 4)), hyper, steps=50, record_every=50)
+    np.testing.assert_array_equal(again.state.kernel, whole.state.kernel)
+
+
+def test_divergent_run_is_a_result_not_an_exception():
+    prob = jaxcfl.make_problem(jaxcfl.checkerboard(16), 4)
+    hyper = jaxcfl.make_hyper(1.0, 100.0)  # lr * alpha = 100 >> 2
+    traj = jaxcfl.integrate(prob, jnp.ones((4, 4)), hyper, model="nonlinear", steps=200, record_every=20)
+    assert bool(traj.diagnostics.finite[0])
+    assert not bool(traj.diagnostics.finite[-1])
+
+
+@pytest.mark.parametrize("scheme", ["gd", "nesterov"])
+@pytest.mark.parametrize("model", ["nonlinear", "linear", "nonconstant", "activated"])
+def test_vmap_over_configurations_equals_single_runs(scheme, model):
+    prob = jaxcfl.make_problem(jaxcfl.checkerboard(24), 5, pool="mean")
+    kernel0 = 0.1 * jax.random.normal(jax.random.key(0), (5, 5))
+    hyper = jaxcfl.make_hyper(jnp.array([1e-3, 5e-3, 1e-2]), jnp.array([1.0, 3.0, 10.0]), beta=jnp.array([1.0, 2.0, 0.5]), k=jnp.array([1.0, 3.0, 1.0]))
+    run = lambda h: jaxcfl.integrate(prob, kernel0, h, scheme=scheme, model=model, steps=50, record_every=10)
+    batched = jax.vmap(run)(hyper)
+    for i in range(3):
+        single = run(jax.tree.map(lambda x: x[i], hyper))
+        chex.assert_trees_all_close(jax.tree.map(lambda x: x[i], batched), single, rtol=2e-5, atol=1e-6)
+
+
+def test_changing_hyperparameter_values_does_not_recompile():
+    prob = jaxcfl.make_problem(jaxcfl.checkerboard(16), 4)
+    kernel0 = jnp.ones((4, 4))
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def final_loss(hyper):
+        return jaxcfl.integrate(prob, kernel0, hyper, scheme="nesterov", model="nonlinear", steps=5).diagnostics.loss[-1]
+
+    before = integrate_mod._integrate._cache_size()
+    for lr, alpha, beta, k, mu in [(1e-3, 1.0, 1.0, 1.0, 0.9), (2e-3, 5.0, 2.0, 3.0, 0.5), (1e-4, 0.0, 0.5, 7.0, 0.0)]:
+        final_loss(jaxcfl.make_hyper(lr, alpha, beta=beta, k=k, mu=mu)).block_until_ready()
+    # Direct calls with new values reuse one compiled integrator.
+    jaxcfl.integrate(prob, kernel0, jaxcfl.make_hyper(1e-3, 1.0), scheme="gd", steps=7)
+    n = integrate_mod._integrate._cache_size()
+    jaxcfl.integrate(prob, kernel0, jaxcfl.make_hyper(3e-3, 2.0, beta=3.0, k=5.0), scheme="gd", steps=7)
+    assert integrate_mod._integrate._cache_size() == n
+    assert n <= before + 2
+
+
+@pytest.mark.parametrize("bad, match", [("rk4", "scheme"), ("", "scheme")])
+def test_unknown_scheme_is_rejected(bad, match):
+    prob = jaxcfl.make_problem(jaxcfl.checkerboard(8), 2)
+    with pytest.raises(ValueError, match=match):
+        jaxcfl.integrate(prob, jnp.ones((2, 2)), jaxcfl.make_hyper(1e-3, 1.0), scheme=bad)
+
+
+def test_bad_integrator_arguments_are_rejected():
+    prob = jaxcfl.make_problem(jaxcfl.checkerboard(8), 2)
+    hyper = jaxcfl.make_hyper(1e-3, 1.0)
+    with pytest.raises(ValueError, match="steps"):
+        jaxcfl.integrate(prob, jnp.ones((2, 2)), hyper, steps=0)
+    with pytest.raises(ValueError, match="record_every"):
+        jaxcfl.integrate(prob, jnp.ones((2, 2)), hyper, steps=3, record_every=0)
+    with pytest.raises(ValueError, match="model"):
+        jaxcfl.integrate(prob, jnp.ones((2, 2)), hyper, model="cubic")
+    with pytest.raises(TypeError, match="hyper"):
+        jaxcfl.integrate(prob, jnp.ones((2, 2)), {"lr": 1e-3})
+    bad = jaxcfl.Hyper(**{**vars(hyper), "k": jnp.asarray(-1.0)})
+    with pytest.raises(ValueError, match=r"\bk\b"):
+        jaxcfl.integrate(prob, jnp.ones((2, 2)), bad)
+
+
+def test_scheme_aliases():
+    from jaxcfl.schemes import canonical_scheme
+
+    assert canonical_scheme("euler") == canonical_scheme("forward_euler") == "gd"
+    assert canonical_scheme("nesterov") == "nesterov"
