@@ -1,6 +1,6 @@
 """jaxcfl: numerical stability of deep-network training as the discretisation of a PDE."""
 
-from jaxcfl import theory
+from jaxcfl import heat, theory
 from jaxcfl.images import checkerboard
 from jaxcfl.integrate import Diagnostics, Trajectory, diagnose, integrate
 from jaxcfl.problem import (
@@ -38,6 +38,7 @@ __all__ = [
     "euler_step",
     "gradient",
     "gradient_fn",
+    "heat",
     "init",
     "integrate",
     "lanczos_extremes",

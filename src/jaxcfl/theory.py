@@ -376,6 +376,11 @@ def windowed_alpha_bounds(
       negative (no lower bound) and ``alpha_max < alpha_min`` means no stable alpha.
     """
     scheme = canonical_scheme(scheme)
-    limit = stability_limit(scheme, lr, momentum)
+    stability_limit(scheme, lr, momentum)  # validate before the expensive part
     ext = windowed_spectrum(image, kernel_size, model=model, a=a, beta=beta, pool=pool, label=label, bias=bias, iterations=iterations)
-    return AlphaBounds(-ext.minimum, limit - ext.maximum)
+    return bounds_from_spectrum(ext, lr, scheme=scheme, momentum=momentum)
+
+
+def bounds_from_spectrum(spectrum: Extremes, lr: float, *, scheme: str = "gd", momentum: float = 0.9) -> AlphaBounds:
+    """``(-l_min, S/h - l_max)`` from a precomputed :func:`windowed_spectrum` (reuse it across lr and schemes)."""
+    return AlphaBounds(-spectrum.minimum, stability_limit(scheme, lr, momentum) - spectrum.maximum)

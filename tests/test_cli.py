@@ -1,0 +1,75 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxcfl import cli
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "theory" in out and "heat" in out
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == 0
+    assert "usage" in capsys.readouterr().out
+
+
+def test_theory_json_is_pure_json_and_matches_the_library(capsys):
+    from jaxcfl import theory
+
+    assert cli.main(["theory", "--size", "32", "--kernel-size", "4", "8", "--json"]) == 0
+    captured = capsys.readouterr()
+    payload = json.loads(captured.out)
+    assert "[theory]" in captured.err  # progress goes to stderr
+    rows = payload["rows"]
+    assert [(r["scheme"], r["kernel_size"]) for r in rows] == [("nesterov", 4), ("gd", 4), ("nesterov", 8), ("gd", 8)]
+    img = np.where(np.indices((32, 32)).sum(0) % 2 == 0, -1.0, 1.0)
+    lo, hi = theory.windowed_alpha_bounds(img, 8, 1e-4, scheme="nesterov")
+    assert rows[2]["windowed_alpha_min"] == pytest.approx(lo) and rows[2]["windowed_alpha_max"] == pytest.approx(hi)
+    assert rows[3]["paper_alpha_max"] == pytest.approx(2e8)
+
+
+def test_theory_reads_npy_images(tmp_path, capsys):
+    path = tmp_path / "img.npy"
+    np.save(path, np.random.default_rng(0).standard_normal((12, 12)))
+    assert cli.main(["theory", "--image", str(path), "--kernel-size", "3", "--scheme", "gd", "--lr", "1e-3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"][0]["kernel_size"] == 3
+
+
+def test_heat_json(capsys):
+    assert cli.main(["heat", "--dt", "0.4", "0.8", "--steps", "30", "--json"]) == 0
+    runs = json.loads(capsys.readouterr().out)["runs"]
+    assert runs[0]["cfl_stable"] and not runs[1]["cfl_stable"]
+    assert runs[1]["measured_growth_factor"] == pytest.approx(runs[1]["von_neumann_factor"], rel=0.05)
+    assert len(runs[0]["snapshots"]) == 3
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["theory", "--lr", "-1"], "lr"),
+        (["theory", "--kernel-size", "0"], "kernel-size"),
+        (["theory", "--size", "8", "--kernel-size", "9"], "kernel_size"),
+        (["theory", "--scheme", "adam"], "scheme"),
+        (["theory", "--momentum", "1.5"], "momentum"),
+        (["theory", "--image", "/nonexistent.npy"], "image"),
+        (["heat", "--dt", "nan"], "dt"),
+    ],
+)
+def test_bad_arguments_exit_with_a_message(argv, match, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code != 0
+    assert match in capsys.readouterr().err + str(exc.value.code)
+
+
+def test_console_script_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "jaxcfl.cli", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("jaxcfl ")
