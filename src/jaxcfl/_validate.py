@@ -34,44 +34,34 @@ def _as_float_array(name: str, value: Any) -> np.ndarray:
     return arr
 
 
-def check_positive(name: str, value: Any) -> Any:
-    """``value`` (scalar or array) must be finite and > 0 wherever it is concrete."""
+def _check_values(name: str, value: Any, predicate, requirement: str) -> Any:
+    """Raise ``ValueError`` unless ``predicate`` holds for every entry of a concrete ``value``."""
     if is_concrete(value):
         arr = _as_float_array(name, value)
         if arr.size == 0:
             raise ValueError(f"{name} is empty; give at least one value")
-        ok = np.isfinite(arr) & (arr > 0)
+        ok = np.isfinite(arr) & predicate(arr)
         if not np.all(ok):
-            raise ValueError(f"{name} must be finite and > 0, got {_show(arr, ok)}")
+            raise ValueError(f"{name} must be {requirement}, got {_show(arr, ok)}")
     return value
+
+
+def check_positive(name: str, value: Any) -> Any:
+    """``value`` (scalar or array) must be finite and > 0 wherever it is concrete."""
+    return _check_values(name, value, lambda x: x > 0, "finite and > 0")
 
 
 def check_nonnegative(name: str, value: Any) -> Any:
-    if is_concrete(value):
-        arr = _as_float_array(name, value)
-        ok = np.isfinite(arr) & (arr >= 0)
-        if not np.all(ok):
-            raise ValueError(f"{name} must be finite and >= 0, got {_show(arr, ok)}")
-    return value
+    return _check_values(name, value, lambda x: x >= 0, "finite and >= 0")
 
 
 def check_finite(name: str, value: Any) -> Any:
-    if is_concrete(value):
-        arr = _as_float_array(name, value)
-        ok = np.isfinite(arr)
-        if not np.all(ok):
-            raise ValueError(f"{name} must be finite, got {_show(arr, ok)}")
-    return value
+    return _check_values(name, value, lambda x: np.ones_like(x, bool), "finite")
 
 
 def check_unit_interval(name: str, value: Any) -> Any:
     """``value`` must lie in [0, 1) (a momentum coefficient)."""
-    if is_concrete(value):
-        arr = _as_float_array(name, value)
-        ok = np.isfinite(arr) & (arr >= 0) & (arr < 1)
-        if not np.all(ok):
-            raise ValueError(f"{name} must lie in [0, 1), got {_show(arr, ok)}")
-    return value
+    return _check_values(name, value, lambda x: (x >= 0) & (x < 1), "in [0, 1)")
 
 
 def check_int(name: str, value: Any, minimum: int = 1) -> int:
