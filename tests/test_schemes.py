@@ -9,7 +9,7 @@ import pytest
 import jaxcfl
 import importlib
 
-integrate_mod = importlib.import_module("jaxcfl.integrate")
+integrate_mod = importlib.import_module("jaxcfl.integration")
 
 
 def _even_checkerboard_problem(dtype=jnp.float32):

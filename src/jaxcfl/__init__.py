@@ -1,8 +1,11 @@
 """jaxcfl: numerical stability of deep-network training as the discretisation of a PDE."""
 
 from jaxcfl import heat, theory
+from jaxcfl.bisect import EmpiricalBounds, empirical_bounds, log_bisect
+from jaxcfl.classify import Rule, classify
+from jaxcfl.determinism import divergence, fingerprint
 from jaxcfl.images import checkerboard
-from jaxcfl.integrate import Diagnostics, Trajectory, diagnose, integrate
+from jaxcfl.integration import Diagnostics, Trajectory, diagnose, integrate
 from jaxcfl.problem import (
     MODELS,
     POOLS,
@@ -19,33 +22,44 @@ from jaxcfl.problem import (
 from jaxcfl.rounding import scaled_update
 from jaxcfl.schemes import SCHEMES, State, euler_step, init, nesterov_step
 from jaxcfl.spectral import lanczos_extremes
+from jaxcfl.sweeps import SweepResult, config_mesh, sweep
 
-__version__ = "0.1.0"
+from jaxcfl._version import __version__
 
 __all__ = [
     "MODELS",
     "POOLS",
     "SCHEMES",
     "Diagnostics",
+    "EmpiricalBounds",
+    "Rule",
+    "SweepResult",
     "Hyper",
     "Problem",
     "State",
     "Trajectory",
     "checkerboard",
+    "classify",
+    "config_mesh",
     "correlate",
     "correlate_adjoint",
     "diagnose",
+    "divergence",
+    "empirical_bounds",
     "euler_step",
+    "fingerprint",
     "gradient",
     "gradient_fn",
     "heat",
     "init",
     "integrate",
     "lanczos_extremes",
+    "log_bisect",
     "loss",
     "make_hyper",
     "make_problem",
     "nesterov_step",
     "scaled_update",
+    "sweep",
     "theory",
 ]

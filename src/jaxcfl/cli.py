@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxcfl import __version__
+from jaxcfl._version import __version__
 
 
 def _positive_float(text: str) -> float:

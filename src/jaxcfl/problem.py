@@ -67,6 +67,10 @@ class Problem:
 
     Build it with :func:`make_problem`. Array fields are pytree leaves;
     ``kernel_size`` and ``pool`` are static (they fix shapes and code paths).
+    ``normal_matrix``, when set (:func:`with_dense_operator`), holds
+    ``W C^T C W`` as a dense ``w^2 x w^2`` matrix: the linearised models then
+    apply it by a matrix product, which for many configurations at once is a
+    single GEMM and much faster than two FFT correlations per configuration.
     """
 
     image: Array
@@ -74,6 +78,7 @@ class Problem:
     window_sum: Array
     kernel_size: int = dataclasses.field(metadata=dict(static=True))
     pool: str = dataclasses.field(metadata=dict(static=True))
+    normal_matrix: Array | None = None
 
     @property
     def image_shape(self) -> tuple[int, int]:
@@ -212,7 +217,26 @@ def correlate_adjoint(problem: Problem, u: Array) -> Array:
 
 def normal_operator(problem: Problem, kernel: Array) -> Array:
     """``W C^T C W K``: the windowed normal operator behind every linearised model."""
+    if problem.normal_matrix is not None:
+        return (problem.normal_matrix @ kernel.reshape(-1)).reshape(kernel.shape)
     return correlate_adjoint(problem, correlate(problem, kernel))
+
+
+def with_dense_operator(problem: Problem, *, batch: int = 256) -> Problem:
+    """``problem`` with ``W C^T C W`` assembled as a dense symmetric matrix.
+
+    Built column by column from FFT mat-vecs (``batch`` at a time), then
+    symmetrised. Memory: ``w^4`` floats (64 MiB in float32 for ``w = 64``). Only
+    the linearised models use it; the nonlinear model always correlates by FFT.
+    """
+    w = problem.kernel_size
+    n = w * w
+    plain = dataclasses.replace(problem, normal_matrix=None)
+    apply = jax.jit(jax.vmap(lambda e: normal_operator(plain, e.reshape(w, w)).reshape(-1)))
+    eye = jnp.eye(n, dtype=problem.dtype)
+    cols = [apply(eye[i : i + batch]) for i in range(0, n, batch)]
+    mat = jnp.concatenate(cols)  # row j = M e_j = column j of the symmetric M
+    return dataclasses.replace(problem, normal_matrix=0.5 * (mat + mat.T))
 
 
 # --- the model and its loss ------------------------------------------------------

@@ -47,17 +47,26 @@ class Trajectory:
     diagnostics: Diagnostics
 
 
-def diagnose(problem: Problem, state: State, hyper: Hyper) -> Diagnostics:
-    """Diagnostics of one state."""
+def diagnose(problem: Problem, state: State, hyper: Hyper, *, with_loss: bool = True) -> Diagnostics:
+    """Diagnostics of one state (``with_loss=False`` skips the loss, which costs a correlation, and records NaN)."""
     kernel = state.kernel
     return Diagnostics(
         iteration=state.iteration,
-        loss=loss(problem, kernel, hyper),
-        kernel_norm=jnp.sqrt(jnp.sum(kernel * kernel)),
+        loss=loss(problem, kernel, hyper) if with_loss else jnp.full((), jnp.nan, kernel.dtype),
+        kernel_norm=scaled_norm(kernel),
         kernel_max=jnp.max(jnp.abs(kernel)),
-        update_norm=jnp.sqrt(jnp.sum(jnp.square(kernel - state.previous))),
+        update_norm=scaled_norm(kernel - state.previous),
         finite=jnp.all(jnp.isfinite(kernel)),
     )
+
+
+def scaled_norm(x: Array) -> Array:
+    """``||x||_2`` computed as ``m ||x / m||`` with ``m = max |x|``, so it does not overflow early."""
+    m = jnp.max(jnp.abs(x))
+    finite_positive = (m > 0) & jnp.isfinite(m)
+    safe = jnp.where(finite_positive, m, 1)
+    norm = safe * jnp.sqrt(jnp.sum(jnp.square(x / safe)))
+    return jnp.where(finite_positive, norm, jnp.where(jnp.any(jnp.isnan(x)), jnp.nan, m))
 
 
 @functools.partial(jax.jit, static_argnames=("scheme", "model", "steps", "record_every"))

@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+
+import jaxcfl
+from jaxcfl import theory
+from jaxcfl.bisect import Bracket, log_bisect
+
+
+def test_log_bisect_finds_synthetic_transitions():
+    lo_true, hi_true = 3.7e2, 4.2e5
+    calls = []
+
+    def ok(x):
+        calls.append(x.size)
+        return (x > lo_true) & (x < hi_true)
+
+    brackets = [Bracket(1e2, 1e3, ok_lo=False), Bracket(1e5, 1e6, ok_lo=True)]
+    out, rounds, evals = log_bisect(ok, brackets, candidates=9, rtol=1e-4)
+    assert out[0].lo <= lo_true <= out[0].hi and out[0].width <= 1e-4
+    assert out[1].lo <= hi_true <= out[1].hi and out[1].width <= 1e-4
+    assert rounds == len(calls) and evals == sum(calls)
+    assert all(c == 18 or c == 9 for c in calls)  # both brackets in one call per round
+
+
+def test_log_bisect_keeps_the_edge_of_the_ok_region():
+    # ok on [1, 2] and on [5, 10]: the bracket (0.5, 10) with ok at... lo=False side.
+    ok = lambda x: ((x >= 1) & (x <= 2)) | ((x >= 5) & (x <= 10))
+    out, _, _ = log_bisect(ok, [Bracket(8.0, 20.0, ok_lo=True)], candidates=5, rtol=1e-3)
+    assert out[0].lo <= 10.0 <= out[0].hi
+
+
+@pytest.mark.parametrize("scheme, lr", [("gd", 1e-4), ("nesterov", 0.01)])
+def test_empirical_bounds_match_the_windowed_theory(scheme, lr):
+    img = np.asarray(jaxcfl.checkerboard(32))
+    res = jaxcfl.empirical_bounds(img, 8, lr, scheme=scheme, steps=1000, alpha_range=(1e2, 1e6), initial_points=24, candidates=15)
+    lo, hi = theory.windowed_alpha_bounds(img, 8, lr, scheme=scheme)
+    assert res.alpha_min == pytest.approx(lo, rel=2e-3)
+    assert res.alpha_max == pytest.approx(hi, rel=2e-3)
+    assert res.alpha_min_bracket[1] / res.alpha_min_bracket[0] - 1 <= 1e-3
+    assert res.windowed == pytest.approx((lo, hi))
+    assert abs(res.gap_windowed[0]) < 2e-3 and abs(res.gap_windowed[1]) < 2e-3
+    assert res.paper is not None and res.gap_paper is not None
+    assert res.notes == []
+    d = res.to_dict()
+    assert d["alpha_min"] == res.alpha_min and d["scheme"] == scheme
+
+
+def test_empirical_bounds_for_the_nonlinear_model_and_unresolved_ends():
+    img = np.random.default_rng(0).standard_normal((24, 24))
+    res = jaxcfl.empirical_bounds(img, 4, 0.05, model="nonlinear", pool="mean", steps=300, alpha_range=(1e-2, 1e3),
+                                  initial_points=16, candidates=7, rtol=1e-2)
+    assert np.isnan(res.alpha_min) and "lower end" in " ".join(res.notes)
+    assert 10 < res.alpha_max < 1e3
+    assert res.paper is None and res.windowed is not None
+
+
+def test_empirical_bounds_bad_input():
+    img = np.asarray(jaxcfl.checkerboard(16))
+    with pytest.raises(ValueError, match="alpha_range"):
+        jaxcfl.empirical_bounds(img, 4, 1e-4, alpha_range=(10.0, 1.0))
+    with pytest.raises(ValueError, match="lr"):
+        jaxcfl.empirical_bounds(img, 4, 0.0)
+    with pytest.raises(ValueError, match="scheme"):
+        jaxcfl.empirical_bounds(img, 4, 1e-4, scheme="adam")
