@@ -45,6 +45,17 @@ def test_empirical_bounds_match_the_windowed_theory(scheme, lr):
     assert d["alpha_min"] == res.alpha_min and d["scheme"] == scheme
 
 
+def test_misleading_screening_falls_back_to_full_runs():
+    # 5-step screening runs cannot see the slow unstable mode; the full-length check must catch it.
+    img = np.asarray(jaxcfl.checkerboard(32))
+    res = jaxcfl.empirical_bounds(img, 8, 1e-5, scheme="gd", steps=1500, screen_steps=5, alpha_range=(1e2, 1e6),
+                                  initial_points=24, candidates=15)
+    lo, hi = theory.windowed_alpha_bounds(img, 8, 1e-5, scheme="gd")
+    assert any("rescanned at full length" in n for n in res.notes)
+    assert res.alpha_min == pytest.approx(lo, rel=2e-3)
+    assert res.alpha_max == pytest.approx(hi, rel=2e-3)
+
+
 def test_empirical_bounds_for_the_nonlinear_model_and_unresolved_ends():
     img = np.random.default_rng(0).standard_normal((24, 24))
     res = jaxcfl.empirical_bounds(img, 4, 0.05, model="nonlinear", pool="mean", steps=300, alpha_range=(1e-2, 1e3),

@@ -73,3 +73,24 @@ def test_bad_arguments_exit_with_a_message(argv, match, capsys):
 def test_console_script_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "jaxcfl.cli", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("jaxcfl ")
+
+
+def test_reproduce_table5_small(tmp_path, capsys):
+    out = tmp_path / "t5"
+    argv = ["reproduce", "table5", "--size", "32", "--kernel-size", "4", "--steps", "300", "--out", str(out), "--json"]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    payload = json.loads(captured.out)
+    assert "[table5]" in captured.err
+    rows = payload["rows"]
+    assert [(r["scheme"], r["kernel_size"]) for r in rows] == [("nesterov", 4), ("gd", 4)]
+    for r in rows:
+        # At this toy size 300 steps of lr = 1e-8 cannot resolve alpha_min (h alpha_min ~ 3e-5 per step; see
+        # test_bisect for the precision tests); alpha_max is resolved.
+        assert r["empirical_alpha_max"] == pytest.approx(r["windowed_alpha_max"], rel=5e-3)
+        assert r["empirical_alpha_min"] > 0
+    for name in ("table5.csv", "table5.json", "stability_map.png"):
+        assert (out / name).stat().st_size > 0
+    # A second run reuses the finished rows instead of recomputing them.
+    assert cli.main(argv) == 0
+    assert "reusing" in capsys.readouterr().err

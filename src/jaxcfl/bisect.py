@@ -115,6 +115,28 @@ class EmpiricalBounds:
         return {k: _plain(val) for k, val in dataclasses.asdict(self).items()}
 
 
+def _edge_brackets(grid: np.ndarray, ok: np.ndarray) -> tuple[dict[str, Bracket], list[str]]:
+    """Brackets around the lower ("min") and upper ("max") edge of the stable points of a grid."""
+    notes: list[str] = []
+    brackets: dict[str, Bracket] = {}
+    if not ok.any():
+        notes.append(f"no stable alpha among {grid.size} points in [{grid[0]:g}, {grid[-1]:g}]")
+        return brackets, notes
+    idx = np.flatnonzero(ok)
+    first, last = idx[0], idx[-1]
+    if not ok[first:last + 1].all():
+        notes.append("the stable set is not an interval on the initial grid; bounds enclose its outermost points")
+    if first == 0:
+        notes.append(f"stable at alpha_range's lower end {grid[0]:g}: alpha_min lies below the range")
+    else:
+        brackets["min"] = Bracket(float(grid[first - 1]), float(grid[first]), ok_lo=False)
+    if last == grid.size - 1:
+        notes.append(f"stable at alpha_range's upper end {grid[-1]:g}: alpha_max lies above the range")
+    else:
+        brackets["max"] = Bracket(float(grid[last]), float(grid[last + 1]), ok_lo=True)
+    return brackets, notes
+
+
 def _plain(value):
     if isinstance(value, (tuple, list)):
         return [_plain(x) for x in value]
@@ -144,6 +166,7 @@ def empirical_bounds(
     alpha_range: tuple[float, float] = (1e-3, 1e12),
     initial_points: int = 64,
     candidates: int = 31,
+    screen_steps: int | None = None,
     rtol: float = 1e-3,
     key=None,
     kernel: ArrayLike | None = None,
@@ -156,15 +179,24 @@ def empirical_bounds(
 ) -> EmpiricalBounds:
     """Find ``alpha_min`` and ``alpha_max`` by running the scheme (not from the formulas).
 
-    Method: a vectorised scan of ``initial_points`` log-spaced ``alpha`` over
-    ``alpha_range`` brackets the edges of the stable set; :func:`log_bisect` then
-    refines both brackets together, ``candidates`` points per bracket per round
-    (one vmapped call of the sweep engine), until each is narrower than ``rtol``
-    (relative; default 1e-3). Each candidate is a full run of ``steps``
-    iterations from the N(0, 1) kernel drawn from ``key``, classified by
-    :mod:`jaxcfl.classify`; "stable" is the predicate. The reported bound is the
-    geometric midpoint of its final bracket, so it is within ``rtol/2`` of the
-    transition the runs show.
+    Method (every evaluation is one vmapped call of the sweep engine, with all
+    candidates of both bounds together):
+
+    1. *Screening*: ``initial_points`` log-spaced ``alpha`` over ``alpha_range``,
+       then :func:`log_bisect` with ``candidates`` points per bracket per round,
+       down to 1% brackets, using short runs of ``screen_steps`` iterations
+       (default ``steps // 5``; far from a bound the growth or decay shows early).
+    2. *Verification*: each bracket is widened by 1% on both sides and its ends
+       are run for the full ``steps``; if full runs disagree with the screening
+       (slow transients can fool short runs), the coarse scan is redone at full
+       length for that bound (and ``notes`` says so).
+    3. *Refinement* with full runs until each bracket is narrower than ``rtol``
+       (relative; default 1e-3).
+
+    Each candidate is a run from the N(0, 1) kernel drawn from ``key``,
+    classified by :mod:`jaxcfl.classify`; "stable" is the predicate. The
+    reported bound is the geometric midpoint of its final bracket, within
+    ``rtol/2`` of the transition that full-length runs show.
 
     Works for both schemes and every model, including ``"nonlinear"`` where no
     formula exists. For the linearised models the result also carries the
@@ -187,38 +219,50 @@ def empirical_bounds(
     )
     from jaxcfl.problem import make_hyper
 
-    def stable(alphas: np.ndarray) -> np.ndarray:
-        n = alphas.size
-        hypers = make_hyper(
-            np.full(n, lr), alphas, beta=np.full(n, beta), a=np.full(n, a), label=np.full(n, label),
-            bias=np.full(n, bias), mu=np.full(n, momentum), dtype=problem.dtype,
-        )
-        flat, _ = run_configs(problem, kernel0, hypers, scheme=spec["scheme"], model=model, steps=spec["steps"],
-                              chunk_size=chunk_size, mesh=mesh, progress=progress, with_loss=False)
-        return classify_metrics(flat, rule, spec) == STABLE
+    screen = max(1, min(spec["steps"], screen_steps if screen_steps is not None else spec["steps"] // 5))
 
+    def stable_after(n_steps: int) -> Callable[[np.ndarray], np.ndarray]:
+        def stable(alphas: np.ndarray) -> np.ndarray:
+            n = alphas.size
+            hypers = make_hyper(
+                np.full(n, lr), alphas, beta=np.full(n, beta), a=np.full(n, a), label=np.full(n, label),
+                bias=np.full(n, bias), mu=np.full(n, momentum), dtype=problem.dtype,
+            )
+            flat, _ = run_configs(problem, kernel0, hypers, scheme=spec["scheme"], model=model, steps=n_steps,
+                                  chunk_size=chunk_size, mesh=mesh, progress=progress, with_loss=False)
+            return classify_metrics(flat, rule, spec) == STABLE
+
+        return stable
+
+    full = stable_after(spec["steps"])
+    quick = stable_after(screen)
+    # Stage 1 (screening): short runs find the edges of the stable set to ~1%.
     grid = np.geomspace(lo, hi, initial_points)
-    ok = stable(grid)
-    evaluations, notes = grid.size, []
-    brackets: dict[str, Bracket] = {}
-    if not ok.any():
-        notes.append(f"no stable alpha among {initial_points} points in [{lo:g}, {hi:g}]")
-    else:
-        idx = np.flatnonzero(ok)
-        first, last = idx[0], idx[-1]
-        if not ok[first:last + 1].all():
-            notes.append("the stable set is not an interval on the initial grid; bounds enclose its outermost points")
-        if first == 0:
-            notes.append(f"stable at alpha_range's lower end {lo:g}: alpha_min lies below the range")
-        else:
-            brackets["min"] = Bracket(float(grid[first - 1]), float(grid[first]), ok_lo=False)
-        if last == grid.size - 1:
-            notes.append(f"stable at alpha_range's upper end {hi:g}: alpha_max lies above the range")
-        else:
-            brackets["max"] = Bracket(float(grid[last]), float(grid[last + 1]), ok_lo=True)
-    refined, rounds, more = log_bisect(stable, list(brackets.values()), candidates=candidates, rtol=rtol)
+    brackets, notes = _edge_brackets(grid, quick(grid))
+    evaluations, rounds = grid.size, 1
+    if screen < spec["steps"] and brackets:
+        screened, r, more = log_bisect(quick, list(brackets.values()), candidates=candidates, rtol=max(rtol, 1e-2))
+        rounds, evaluations = rounds + r, evaluations + more
+        # Stage 2 (verification at full length): widen each screened bracket by 1%
+        # on both sides and check that full runs see the same transition there.
+        widened = [Bracket(b.lo / 1.01, b.hi * 1.01, b.ok_lo) for b in screened]
+        ends_ok = full(np.array([x for b in widened for x in (b.lo, b.hi)])).reshape(-1, 2)
+        rounds, evaluations = rounds + 1, evaluations + ends_ok.size
+        agree = {name: (e[0] == b.ok_lo and e[1] != b.ok_lo) for name, b, e in zip(brackets, widened, ends_ok)}
+        brackets = {name: b for name, b in zip(brackets, widened) if agree[name]}
+        if not all(agree.values()):
+            # Short runs misjudged this edge (slow transients): redo the coarse scan at full length.
+            notes.append("screening runs disagreed with full runs for alpha_" + "/alpha_".join(n for n in agree if not agree[n])
+                         + "; rescanned at full length")
+            full_brackets, full_notes = _edge_brackets(grid, full(grid))
+            rounds, evaluations = rounds + 1, evaluations + grid.size
+            for name in agree:
+                if not agree[name] and name in full_brackets:
+                    brackets[name] = full_brackets[name]
+            notes.extend(n for n in full_notes if n not in notes)
+    refined, r, more = log_bisect(full, list(brackets.values()), candidates=candidates, rtol=rtol)
     refined = dict(zip(brackets, refined))
-    evaluations += more
+    rounds, evaluations = rounds + r, evaluations + more
 
     alpha_min = refined["min"].boundary if "min" in refined else float("nan")
     alpha_max = refined["max"].boundary if "max" in refined else float("nan")
@@ -248,7 +292,7 @@ def empirical_bounds(
         windowed=windowed,
         gap_paper=gap_paper,
         gap_windowed=gap_windowed,
-        rounds=rounds + 1,
+        rounds=rounds,
         evaluations=evaluations,
         steps=spec["steps"],
         seconds=time.perf_counter() - start_time,

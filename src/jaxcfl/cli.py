@@ -165,6 +165,19 @@ def cmd_heat(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- jaxcfl reproduce ------------------------------------------------------------------------
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    if args.experiment == "table5":
+        from jaxcfl.experiments import table5
+
+        payload = table5.run(kernel_sizes=tuple(args.kernel_size), steps=args.steps, rtol=args.rtol, out=args.out,
+                             stability_map=not args.no_map, size=args.size)
+        _emit(payload, args.json, lambda p: print(table5.render(p)))
+        return 0
+    raise SystemExit(f"jaxcfl: error: unknown experiment {args.experiment!r}")  # pragma: no cover
+
+
 # --- parser ------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
     he.add_argument("--steps", type=_positive_int, default=30, help="steps for the perturbation measurement (default 30)")
     he.add_argument("--json", action="store_true", help="print JSON on stdout")
     he.set_defaults(func=cmd_heat)
+
+    rep = sub.add_parser("reproduce", help="reproduce an experiment of the paper (table5)",
+                         description="Reproduce one of the paper's experiments; results go to --out as they finish.")
+    rep.add_argument("experiment", choices=["table5"], help="table5: appendix E's empirical alpha bounds (default data: the checkerboard)")
+    rep.add_argument("--kernel-size", type=_positive_int, nargs="+", default=[16, 32, 64], help="kernel sizes (default 16 32 64)")
+    rep.add_argument("--size", type=_positive_int, default=256, help="checkerboard side (default 256)")
+    rep.add_argument("--steps", type=_positive_int, default=1000, help="iterations per run (default 1000)")
+    rep.add_argument("--rtol", type=_positive_float, default=1e-3, help="relative precision of each bound (default 1e-3)")
+    rep.add_argument("--out", default="jaxcfl-table5", help="output directory (default ./jaxcfl-table5); finished rows are reused")
+    rep.add_argument("--no-map", action="store_true", help="skip the stability-map sweep and PNG")
+    rep.add_argument("--json", action="store_true", help="print pure JSON on stdout (progress on stderr)")
+    rep.set_defaults(func=cmd_reproduce)
     return parser
 
 

@@ -189,6 +189,7 @@ class SweepResult:
     record_iterations: np.ndarray
     spec: dict[str, Any]
     rule: Rule
+    image: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
     def reclassify(self, rule: Rule) -> "SweepResult":
         """The same runs under other thresholds (nothing is recomputed)."""
@@ -474,7 +475,8 @@ def sweep(
     shape = (lr_grid.size, alpha_grid.size)
     metrics = {k: flat[k].reshape(shape) for k in SUMMARY_FIELDS}
     curves = {c: flat[f"curve_{c}"].reshape(*shape, -1) for c in CURVE_FIELDS}
-    result = SweepResult(lr_grid, alpha_grid, classify_metrics(metrics, rule, spec), metrics, curves, iterations, spec, rule)
+    result = SweepResult(lr_grid, alpha_grid, classify_metrics(metrics, rule, spec), metrics, curves, iterations, spec, rule,
+                         image=np.asarray(problem.image))
     if out_path is not None:
         result.to_json(out_path / "result.json")
         result.to_csv(out_path / "result.csv")

@@ -1,0 +1,1 @@
+"""The paper's experiments, behind ``jaxcfl reproduce``."""
