@@ -1,0 +1,23 @@
+"""The notebooks run end to end at a small size (their code cells, in order, in one namespace)."""
+
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+import pytest
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+@pytest.mark.parametrize("name", ["table5_figure3.ipynb"])
+def test_notebook_runs_at_small_size(name, monkeypatch, tmp_path):
+    matplotlib.use("Agg")
+    monkeypatch.setenv("JAXCFL_NOTEBOOK_SMALL", "1")
+    monkeypatch.chdir(tmp_path)
+    nb = json.loads((NOTEBOOKS / name).read_text())
+    namespace: dict = {"__name__": "__notebook__"}
+    for i, cell in enumerate(c for c in nb["cells"] if c["cell_type"] == "code"):
+        source = "".join(cell["source"])
+        exec(compile(source, f"{name}[code cell {i}]", "exec"), namespace)
+    assert "rows" in namespace and namespace["rows"]
