@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxcfl._text import table as table_text
 from jaxcfl._version import __version__
 
 
@@ -53,12 +54,6 @@ def _emit(payload: Any, as_json: bool, render) -> None:
         sys.stdout.write("\n")
     else:
         render(payload)
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
 def _progress(message: str) -> None:
@@ -119,7 +114,7 @@ def cmd_theory(args: argparse.Namespace) -> int:
              fmt(r["windowed_alpha_max"]), fmt(r["paper_alpha_max"]), f"{r['spectrum_seconds']:.1f}s"]
             for r in p["rows"]
         ]
-        print(_table(table, ["scheme", "lr", "kernel", "win a_min", "paper a_min", "win a_max", "paper a_max", "time"]))
+        print(table_text(table, ["scheme", "lr", "kernel", "win a_min", "paper a_min", "win a_max", "paper a_max", "time"]))
         print("\nStable iff alpha_min < alpha < alpha_max. The paper's empirical Table 5 (nesterov, dt=1e-4):"
               " a_min 3.9e6 / 1.3e7 / 3.9e7 for kernels 16 / 32 / 64, a_max 1.42e8.")
 

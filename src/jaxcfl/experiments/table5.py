@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxcfl._text import table
 from jaxcfl.bisect import empirical_bounds
 from jaxcfl.images import checkerboard
 from jaxcfl.sweeps import _atomic_open
@@ -140,9 +141,7 @@ def render(payload: dict[str, Any]) -> str:
          f"{r['seconds']:.0f}s"]
         for r in payload["rows"]
     ]
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
-    lines = [line(header), line(["-" * w for w in widths]), *map(line, body)]
+    lines = [table(body, header)]
     lines.append("")
     lines.append("emp = found by running the scheme (jaxcfl.empirical_bounds, rtol 1e-3); win = exact windowed theory;")
     lines.append("paper = non-windowed formulas (eqs 26-27, 46-47). Paper's empirical Table 5 (nesterov):")
