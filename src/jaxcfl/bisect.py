@@ -186,12 +186,13 @@ def empirical_bounds(
        then :func:`log_bisect` with ``candidates`` points per bracket per round,
        down to 1% brackets, using short runs of ``screen_steps`` iterations
        (default ``steps // 5``; far from a bound the growth or decay shows early).
-    2. *Verification*: each bracket is widened by 1% on both sides and its ends
-       are run for the full ``steps``; if full runs disagree with the screening
-       (slow transients can fool short runs), the coarse scan is redone at full
-       length for that bound (and ``notes`` says so).
-    3. *Refinement* with full runs until each bracket is narrower than ``rtol``
-       (relative; default 1e-3).
+    2. *Verification and refinement*: each bracket is widened by 1% on both
+       sides, and its ends and ``candidates`` points inside are run for the full
+       ``steps``, all in one call. If the ends disagree with the screening (slow
+       transients can fool short runs), the coarse scan is redone at full length
+       for that bound (and ``notes`` says so).
+    3. Further full-length rounds until each bracket is narrower than ``rtol``
+       (relative; default 1e-3); usually none are needed.
 
     Each candidate is a run from the N(0, 1) kernel drawn from ``key``,
     classified by :mod:`jaxcfl.classify`; "stable" is the predicate. The
@@ -229,11 +230,13 @@ def empirical_bounds(
                 bias=np.full(n, bias), mu=np.full(n, momentum), dtype=problem.dtype,
             )
             flat, _ = run_configs(problem, kernel0, hypers, scheme=spec["scheme"], model=model, steps=n_steps,
-                                  chunk_size=chunk_size, mesh=mesh, progress=progress, with_loss=False)
+                                  chunk_size=chunk_size, mesh=mesh, progress=progress, with_loss=False, width=width)
             return classify_metrics(flat, rule, spec) == STABLE
 
         return stable
 
+    # One batch width for every call (padded), so each run length compiles once.
+    width = min(chunk_size, max(initial_points, 2 * (candidates + 2)))
     full = stable_after(spec["steps"])
     quick = stable_after(screen)
     # Stage 1 (screening): short runs find the edges of the stable set to ~1%.
@@ -243,13 +246,21 @@ def empirical_bounds(
     if screen < spec["steps"] and brackets:
         screened, r, more = log_bisect(quick, list(brackets.values()), candidates=candidates, rtol=max(rtol, 1e-2))
         rounds, evaluations = rounds + r, evaluations + more
-        # Stage 2 (verification at full length): widen each screened bracket by 1%
-        # on both sides and check that full runs see the same transition there.
-        widened = [Bracket(b.lo / 1.01, b.hi * 1.01, b.ok_lo) for b in screened]
-        ends_ok = full(np.array([x for b in widened for x in (b.lo, b.hi)])).reshape(-1, 2)
-        rounds, evaluations = rounds + 1, evaluations + ends_ok.size
-        agree = {name: (e[0] == b.ok_lo and e[1] != b.ok_lo) for name, b, e in zip(brackets, widened, ends_ok)}
-        brackets = {name: b for name, b in zip(brackets, widened) if agree[name]}
+        # Stage 2 (verification at full length, in the same call as the first full
+        # refinement): widen each screened bracket by 1% on both sides and run its
+        # ends and `candidates` points inside for the full length.
+        widened = {name: Bracket(b.lo / 1.01, b.hi * 1.01, b.ok_lo) for name, b in zip(brackets, screened)}
+        points = {name: np.geomspace(b.lo, b.hi, candidates + 2) for name, b in widened.items()}
+        oks = np.split(full(np.concatenate(list(points.values()))), len(points))
+        rounds, evaluations = rounds + 1, evaluations + sum(p.size for p in points.values())
+        agree = {}
+        brackets = {}
+        for (name, b), pts, ok in zip(widened.items(), points.values(), oks):
+            agree[name] = bool(ok[0] == b.ok_lo and ok[-1] != b.ok_lo)
+            if agree[name]:
+                changes = np.flatnonzero(ok[1:] != ok[:-1])
+                i = changes[0] if b.ok_lo else changes[-1]
+                brackets[name] = Bracket(float(pts[i]), float(pts[i + 1]), b.ok_lo)
         if not all(agree.values()):
             # Short runs misjudged this edge (slow transients): redo the coarse scan at full length.
             notes.append("screening runs disagreed with full runs for alpha_" + "/alpha_".join(n for n in agree if not agree[n])

@@ -46,12 +46,13 @@ once, in :func:`make_problem`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import Array
+from jax import Array, lax
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxcfl import _validate as v
@@ -229,14 +230,26 @@ def with_dense_operator(problem: Problem, *, batch: int = 256) -> Problem:
     symmetrised. Memory: ``w^4`` floats (64 MiB in float32 for ``w = 64``). Only
     the linearised models use it; the nonlinear model always correlates by FFT.
     """
+    n = problem.kernel_size**2
+    plain = dataclasses.replace(problem, normal_matrix=None)
+    mat = _assemble_normal_matrix(plain, batch=min(batch, n))
+    return dataclasses.replace(problem, normal_matrix=mat)
+
+
+@functools.partial(jax.jit, static_argnames=("batch",))
+def _assemble_normal_matrix(problem: Problem, *, batch: int) -> Array:
     w = problem.kernel_size
     n = w * w
-    plain = dataclasses.replace(problem, normal_matrix=None)
-    apply = jax.jit(jax.vmap(lambda e: normal_operator(plain, e.reshape(w, w)).reshape(-1)))
-    eye = jnp.eye(n, dtype=problem.dtype)
-    cols = [apply(eye[i : i + batch]) for i in range(0, n, batch)]
-    mat = jnp.concatenate(cols)  # row j = M e_j = column j of the symmetric M
-    return dataclasses.replace(problem, normal_matrix=0.5 * (mat + mat.T))
+    columns = jax.vmap(lambda e: normal_operator(problem, e.reshape(w, w)).reshape(-1))
+    starts = jnp.arange(0, n, batch)
+
+    def block(start):
+        rows = start + jnp.arange(batch)
+        eye = (rows[:, None] == jnp.arange(n)[None, :]).astype(problem.dtype)
+        return columns(eye)
+
+    mat = lax.map(block, starts).reshape(-1, n)[:n]  # row j = M e_j = column j of the symmetric M
+    return 0.5 * (mat + mat.T)
 
 
 # --- the model and its loss ------------------------------------------------------

@@ -336,6 +336,7 @@ def run_configs(
     progress: bool | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
     with_loss: bool = True,
+    width: int | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Run a flat batch of configurations (``hypers`` with a leading axis) in chunks.
 
@@ -350,13 +351,15 @@ def run_configs(
     compare = compare_k is not None
     mesh = config_mesh() if mesh is None else mesh
     n_dev = mesh.devices.size
-    width = -(-min(chunk_size, n) // n_dev) * n_dev  # chunk width, a multiple of the device count
+    # Chunk width: a multiple of the device count; a fixed `width` lets callers with
+    # varying batch sizes (the bisection) reuse one compiled program.
+    width = -(-max(min(chunk_size, n), width or 0) // n_dev) * n_dev
+    hypers = jax.tree.map(np.asarray, hypers)  # gather chunks on the host: no per-shape device ops
     n_chunks = -(-n // chunk_size)
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec("config"))
     problem_d = jax.device_put(problem, replicated)
     kernel_d = jax.device_put(kernel0, replicated)
-    ck_all = jnp.full((n,), 1.0 if compare_k is None else compare_k, kernel0.dtype)
     names = None
     results: list[dict[str, np.ndarray]] = []
     bar = _progress_bar(n_chunks, progress, "sweep")
@@ -366,7 +369,7 @@ def run_configs(
         if cached is None:
             take = np.minimum(np.arange(width) + lo, hi - 1)  # pad with the chunk's last configuration
             hyp = jax.device_put(jax.tree.map(lambda x: x[take], hypers), sharded)
-            ck = jax.device_put(ck_all[take], sharded)
+            ck = jax.device_put(np.full(width, 1.0 if compare_k is None else compare_k, kernel0.dtype), sharded)
             res = _run_batch(problem_d, kernel_d, hyp, ck, scheme=scheme, model=model, steps=steps, stride=stride, tail=tail,
                              compare=compare, with_loss=with_loss)
             res = {k: np.asarray(val)[: hi - lo] for k, val in jax.device_get(res).items()}

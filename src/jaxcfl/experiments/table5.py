@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from jaxcfl._text import table
+from jaxcfl import theory
 from jaxcfl.bisect import empirical_bounds
 from jaxcfl.images import checkerboard
 from jaxcfl.sweeps import _atomic_open
@@ -47,6 +48,7 @@ def run(
     out = Path(out) if out is not None else None
     rows = []
     for w in kernel_sizes:
+        spectrum = None  # the windowed spectrum does not depend on the scheme: computed once per kernel
         for scheme in schemes:
             lr = SETTINGS[scheme]
             settings = dict(size=size, kernel_size=w, scheme=scheme, lr=lr, steps=steps, rtol=rtol, momentum=momentum)
@@ -57,20 +59,24 @@ def run(
                 continue
             log(f"[table5] {scheme} (lr={lr:g}) kernel {w}x{w}: bisecting alpha_min and alpha_max ...")
             res = empirical_bounds(image, w, lr, scheme=scheme, momentum=momentum, steps=steps, rtol=rtol,
-                                   alpha_range=(1e3, 1e11), progress=progress)
+                                   alpha_range=(1e3, 1e11), progress=progress, theory=False)
+            if spectrum is None:
+                spectrum = theory.windowed_spectrum(image, w)
+            windowed = theory.bounds_from_spectrum(spectrum, lr, scheme=scheme, momentum=momentum)
+            paper = theory.alpha_bounds(image, lr, scheme=scheme, momentum=momentum)
             paper_emp = PAPER_EMPIRICAL.get(w) if scheme == "nesterov" and size == 256 else None
             row = dict(
                 settings,
                 empirical_alpha_min=res.alpha_min,
-                windowed_alpha_min=res.windowed[0],
-                paper_alpha_min=res.paper[0],
+                windowed_alpha_min=windowed.alpha_min,
+                paper_alpha_min=paper.alpha_min,
                 paper_empirical_alpha_min=None if paper_emp is None else paper_emp[0],
                 empirical_alpha_max=res.alpha_max,
-                windowed_alpha_max=res.windowed[1],
-                paper_alpha_max=res.paper[1],
+                windowed_alpha_max=windowed.alpha_max,
+                paper_alpha_max=paper.alpha_max,
                 paper_empirical_alpha_max=None if paper_emp is None else paper_emp[1],
-                gap_windowed_min=res.gap_windowed[0],
-                gap_windowed_max=res.gap_windowed[1],
+                gap_windowed_min=(res.alpha_min - windowed.alpha_min) / abs(windowed.alpha_min),
+                gap_windowed_max=(res.alpha_max - windowed.alpha_max) / abs(windowed.alpha_max),
                 evaluations=res.evaluations,
                 rounds=res.rounds,
                 seconds=res.seconds,
