@@ -161,3 +161,13 @@ def test_scheme_aliases():
 
     assert canonical_scheme("euler") == canonical_scheme("forward_euler") == "gd"
     assert canonical_scheme("nesterov") == "nesterov"
+
+
+@pytest.mark.parametrize("map_batch", [None, 1, 4])
+def test_integrate_many_equals_vmap_of_integrate(map_batch):
+    prob = jaxcfl.make_problem(jaxcfl.checkerboard(24), 5, pool="mean")
+    kernel0 = 0.1 * jax.random.normal(jax.random.key(0), (5, 5))
+    hyper = jaxcfl.make_hyper(jnp.geomspace(1e-3, 0.1, 6), jnp.linspace(1.0, 30.0, 6), k=jnp.array([1.0, 3.0] * 3))
+    many = jaxcfl.integrate_many(prob, kernel0, hyper, model="nonlinear", steps=40, record_every=10, map_batch=map_batch)
+    vmapped = jax.vmap(lambda h: jaxcfl.integrate(prob, kernel0, h, model="nonlinear", steps=40, record_every=10))(hyper)
+    chex.assert_trees_all_close(many, vmapped, rtol=2e-5, atol=1e-6)

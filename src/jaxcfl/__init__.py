@@ -5,7 +5,7 @@ from jaxcfl.bisect import EmpiricalBounds, empirical_bounds, log_bisect
 from jaxcfl.classify import Rule, classify
 from jaxcfl.determinism import divergence, fingerprint
 from jaxcfl.images import checkerboard
-from jaxcfl.integration import Diagnostics, Trajectory, diagnose, integrate
+from jaxcfl.integration import Diagnostics, Trajectory, diagnose, integrate, integrate_many
 from jaxcfl.problem import (
     MODELS,
     POOLS,
@@ -53,6 +53,7 @@ __all__ = [
     "heat",
     "init",
     "integrate",
+    "integrate_many",
     "lanczos_extremes",
     "log_bisect",
     "loss",

@@ -141,6 +141,45 @@ def integrate(
     return _integrate(problem, state, hyper, scheme=scheme, model=model, steps=steps, record_every=record_every)
 
 
+def integrate_many(
+    problem: Problem,
+    kernel: ArrayLike,
+    hypers: Hyper,
+    *,
+    scheme: str = "gd",
+    model: str = "linear",
+    steps: int = 1000,
+    record_every: int = 1,
+    map_batch: int | None = 8,
+) -> Trajectory:
+    """:func:`integrate` for many configurations (``hypers`` with a leading axis) in one program.
+
+    Equivalent to ``jax.vmap`` of :func:`integrate` over ``hypers`` (tested to
+    rounding), but FFT-bound steps run ``map_batch`` configurations at a time
+    (``lax.map`` over vmapped groups), which on CPU keeps the transforms' working
+    set in cache; ``map_batch=None`` is a plain ``vmap`` (best for the dense operator).
+    """
+    v.check_choice("model", model, ("nonlinear", "linear", "nonconstant", "activated"))
+    scheme = get_scheme(scheme).name
+    steps = v.check_int("steps", steps, minimum=1)
+    record_every = v.check_int("record_every", record_every, minimum=1)
+    _check_hyper(hypers)
+    if map_batch is not None:
+        map_batch = v.check_int("map_batch", map_batch, minimum=1)
+    state = init(jnp.asarray(kernel, problem.dtype))
+    check_kernel(problem, state.kernel)
+    return _integrate_many(problem, state, hypers, scheme=scheme, model=model, steps=steps, record_every=record_every,
+                           map_batch=map_batch)
+
+
+@functools.partial(jax.jit, static_argnames=("scheme", "model", "steps", "record_every", "map_batch"))
+def _integrate_many(problem, state, hypers, *, scheme, model, steps, record_every, map_batch):
+    from jaxcfl.sweeps import map_configs
+
+    run = lambda h: _integrate(problem, state, h, scheme=scheme, model=model, steps=steps, record_every=record_every)
+    return map_configs(run, hypers, map_batch=map_batch)
+
+
 def _check_hyper(hyper: Hyper) -> None:
     if not isinstance(hyper, Hyper):
         raise TypeError(f"hyper must be a jaxcfl.Hyper (use jaxcfl.make_hyper), got {type(hyper).__name__}")

@@ -156,11 +156,30 @@ def _run_one(problem: Problem, kernel0: Array, hyper: Hyper, compare_k: Array, *
     )
 
 
-@functools.partial(jax.jit, static_argnames=("scheme", "model", "steps", "stride", "tail", "compare", "with_loss"))
-def _run_batch(problem, kernel0, hypers, compare_k, *, scheme, model, steps, stride, tail, compare, with_loss):
-    run = functools.partial(_run_one, scheme=scheme, model=model, steps=steps, stride=stride, tail=tail, compare=compare,
-                            with_loss=with_loss)
-    return jax.vmap(run, in_axes=(None, None, 0, 0))(problem, kernel0, hypers, compare_k)
+@functools.partial(jax.jit, static_argnames=("scheme", "model", "steps", "stride", "tail", "compare", "with_loss", "groups", "map_batch"))
+def _run_batch(problem, kernel0, hypers, compare_k, *, scheme, model, steps, stride, tail, compare, with_loss, groups, map_batch):
+    run = functools.partial(_run_one, problem, kernel0, scheme=scheme, model=model, steps=steps, stride=stride, tail=tail,
+                            compare=compare, with_loss=with_loss)
+    return map_configs(lambda args: run(*args), (hypers, compare_k), groups=groups, map_batch=map_batch)
+
+
+def map_configs(fn, xs, *, groups: int = 1, map_batch: int | None = None):
+    """Apply ``fn`` to every configuration (leading axis of ``xs``).
+
+    ``map_batch=None``: one ``vmap`` over all (best when a step is a GEMM, as with
+    the dense operator). Otherwise the configurations are split into ``groups``
+    (one per device; this axis is ``vmap``-ed and can be sharded) and each group
+    is processed ``map_batch`` at a time with ``lax.map``: on CPU this keeps an FFT
+    step's working set in cache and is faster than one wide ``vmap``.
+    """
+    if map_batch is None:
+        return jax.vmap(fn)(xs)
+    grouped = jax.tree.map(lambda x: x.reshape(groups, -1, *x.shape[1:]), xs)
+    out = jax.vmap(lambda g: lax.map(fn, g, batch_size=map_batch))(grouped)
+    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), out)
+
+
+FFT_MAP_BATCH = 8  # configurations per vmapped group on the FFT path
 
 
 # --- results ---------------------------------------------------------------------------------
@@ -355,6 +374,8 @@ def run_configs(
     # varying batch sizes (the bisection) reuse one compiled program.
     width = -(-max(min(chunk_size, n), width or 0) // n_dev) * n_dev
     hypers = jax.tree.map(np.asarray, hypers)  # gather chunks on the host: no per-shape device ops
+    dense = problem.normal_matrix is not None and model != "nonlinear"
+    map_batch = None if dense else min(FFT_MAP_BATCH, width // n_dev)
     n_chunks = -(-n // chunk_size)
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec("config"))
@@ -371,7 +392,7 @@ def run_configs(
             hyp = jax.device_put(jax.tree.map(lambda x: x[take], hypers), sharded)
             ck = jax.device_put(np.full(width, 1.0 if compare_k is None else compare_k, kernel0.dtype), sharded)
             res = _run_batch(problem_d, kernel_d, hyp, ck, scheme=scheme, model=model, steps=steps, stride=stride, tail=tail,
-                             compare=compare, with_loss=with_loss)
+                             compare=compare, with_loss=with_loss, groups=n_dev, map_batch=map_batch)
             res = {k: np.asarray(val)[: hi - lo] for k, val in jax.device_get(res).items()}
             if out is not None:
                 _save_chunk(out, index, res)
