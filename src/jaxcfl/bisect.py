@@ -186,8 +186,8 @@ def empirical_bounds(
        then :func:`log_bisect` with ``candidates`` points per bracket per round,
        down to 1% brackets, using short runs of ``screen_steps`` iterations
        (default ``steps // 5``; far from a bound the growth or decay shows early).
-    2. *Verification and refinement*: each bracket is widened by 1% on both
-       sides, and its ends and ``candidates`` points inside are run for the full
+    2. *Verification and refinement*: each bracket is widened by 0.5% on both
+       sides, and its ends and up to ``candidates`` points inside are run for the full
        ``steps``, all in one call. If the ends disagree with the screening (slow
        transients can fool short runs), the coarse scan is redone at full length
        for that bound (and ``notes`` says so).
@@ -236,7 +236,7 @@ def empirical_bounds(
         return stable
 
     # One batch width for every call (padded), so each run length compiles once.
-    width = min(chunk_size, max(initial_points, 2 * (candidates + 2)))
+    width = min(chunk_size, max(initial_points, 2 * (candidates + 2)))  # 2 brackets, ends included
     full = stable_after(spec["steps"])
     quick = stable_after(screen)
     # Stage 1 (screening): short runs find the edges of the stable set to ~1%.
@@ -249,8 +249,11 @@ def empirical_bounds(
         # Stage 2 (verification at full length, in the same call as the first full
         # refinement): widen each screened bracket by 1% on both sides and run its
         # ends and `candidates` points inside for the full length.
-        widened = {name: Bracket(b.lo / 1.01, b.hi * 1.01, b.ok_lo) for name, b in zip(brackets, screened)}
-        points = {name: np.geomspace(b.lo, b.hi, candidates + 2) for name, b in widened.items()}
+        widened = {name: Bracket(b.lo / 1.005, b.hi * 1.005, b.ok_lo) for name, b in zip(brackets, screened)}
+        # As many points as reach `rtol` in this one round (at most `candidates`).
+        span = max(np.log(b.hi / b.lo) for b in widened.values())
+        inside = int(min(candidates, max(1, np.ceil(span / np.log1p(rtol)) - 1)))
+        points = {name: np.geomspace(b.lo, b.hi, inside + 2) for name, b in widened.items()}
         oks = np.split(full(np.concatenate(list(points.values()))), len(points))
         rounds, evaluations = rounds + 1, evaluations + sum(p.size for p in points.values())
         agree = {}

@@ -95,7 +95,8 @@ def lanczos_extremes(
         ``jax.tree_util.Partial`` of a module-level function to reuse the
         compiled solver across operators with different data.
       start: a flat start vector (its dtype sets the working precision).
-      iterations: Krylov dimension; defaults to ``min(n, 256)``. With
+      iterations: Krylov dimension; defaults to ``min(n, 128)`` (extreme Ritz
+        values converge first; check the residuals). With
         ``iterations == n`` the result is exact to rounding.
       key: PRNG key for restart directions.
 
@@ -106,7 +107,7 @@ def lanczos_extremes(
     if start.ndim != 1 or start.shape[0] < 1:
         raise ValueError(f"start must be a non-empty flat vector, got shape {start.shape}")
     n = start.shape[0]
-    iterations = min(n, 256) if iterations is None else int(iterations)
+    iterations = min(n, 128) if iterations is None else int(iterations)
     if not 1 <= iterations <= n:
         raise ValueError(f"iterations must lie in [1, {n}] (the dimension), got {iterations}")
     key = jax.random.key(0) if key is None else key

@@ -326,7 +326,7 @@ def windowed_spectrum(
     ``K = 0``, applied matrix-free with FFT correlations: ``(c a beta/2) W C^T C W``
     for ``linear``; plus ``(c^2/4) s'(b) Ibar Ibar^T`` with ``a = s(b) - y`` for
     ``nonconstant`` and ``nonlinear`` (eq 29); ``(c^2/2) s'(b) Ibar Ibar^T`` for
-    ``activated``. Lanczos in float64, ``min(w^2, 256)`` iterations by default.
+    ``activated``. Lanczos in float64, ``min(w^2, 128)`` iterations by default.
     """
     v.check_choice("model", model, MODELS)
     with jax.enable_x64(True):
