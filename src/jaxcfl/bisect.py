@@ -18,6 +18,7 @@ from jax.typing import ArrayLike
 
 from jaxcfl import _validate as v
 from jaxcfl.classify import STABLE, Rule
+from jaxcfl.problem import make_hyper
 from jaxcfl.sweeps import classify_metrics, run_configs, setup_configs
 
 
@@ -218,8 +219,6 @@ def empirical_bounds(
         label=label, bias=bias, momentum=momentum, steps=steps, compare_k=None, key=key, kernel=kernel,
         record_points=100, chunk_size=chunk_size, operator=operator,
     )
-    from jaxcfl.problem import make_hyper
-
     screen = max(1, min(spec["steps"], screen_steps if screen_steps is not None else spec["steps"] // 5))
 
     def stable_after(n_steps: int) -> Callable[[np.ndarray], np.ndarray]:

@@ -45,7 +45,7 @@ from jaxcfl._version import __version__
 from jaxcfl import _validate as v
 from jaxcfl.classify import STATUSES, Rule, classify
 from jaxcfl.determinism import divergence, fingerprint
-from jaxcfl.integration import diagnose
+from jaxcfl.integration import diagnose, map_configs
 from jaxcfl.problem import MODELS, Hyper, Problem, gradient_fn, make_hyper, make_problem, with_dense_operator
 from jaxcfl.schemes import canonical_scheme, get_scheme, init
 
@@ -161,22 +161,6 @@ def _run_batch(problem, kernel0, hypers, compare_k, *, scheme, model, steps, str
     run = functools.partial(_run_one, problem, kernel0, scheme=scheme, model=model, steps=steps, stride=stride, tail=tail,
                             compare=compare, with_loss=with_loss)
     return map_configs(lambda args: run(*args), (hypers, compare_k), groups=groups, map_batch=map_batch)
-
-
-def map_configs(fn, xs, *, groups: int = 1, map_batch: int | None = None):
-    """Apply ``fn`` to every configuration (leading axis of ``xs``).
-
-    ``map_batch=None``: one ``vmap`` over all (best when a step is a GEMM, as with
-    the dense operator). Otherwise the configurations are split into ``groups``
-    (one per device; this axis is ``vmap``-ed and can be sharded) and each group
-    is processed ``map_batch`` at a time with ``lax.map``: on CPU this keeps an FFT
-    step's working set in cache and is faster than one wide ``vmap``.
-    """
-    if map_batch is None:
-        return jax.vmap(fn)(xs)
-    grouped = jax.tree.map(lambda x: x.reshape(groups, -1, *x.shape[1:]), xs)
-    out = jax.vmap(lambda g: lax.map(fn, g, batch_size=map_batch))(grouped)
-    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), out)
 
 
 FFT_MAP_BATCH = 8  # configurations per vmapped group on the FFT path
