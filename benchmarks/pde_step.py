@@ -32,7 +32,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -47,6 +46,7 @@ except ImportError:  # pragma: no cover - convenience for running from a checkou
 import jax
 import jax.numpy as jnp
 import jaxcfl
+from _machine import OtherLoad, loadavg, machine_info
 
 try:
     import torch
@@ -69,37 +69,6 @@ _LOG_STREAM = sys.stdout
 
 # --- machine details --------------------------------------------------------------
 
-def machine_info() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        with open("/proc/loadavg") as fh:
-            load = fh.read().split()[:3]
-    except OSError:
-        load = None
-    info = {
-        "cpu_model": cpu,
-        "nproc": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jax_backend": jax.default_backend(),
-        "jax_devices": [str(d) for d in jax.devices()],
-        "numpy": np.__version__,
-        "torch": torch.__version__ if torch is not None else None,
-        "torch_threads": torch.get_num_threads() if torch is not None else None,
-        "loadavg_at_start": load,
-    }
-    return info
-
-
 def cpu_busy_fraction(seconds: float = 1.0):
     """Fraction of all CPUs busy over ``seconds`` while this process sleeps (other load)."""
     def snap():
@@ -115,41 +84,6 @@ def cpu_busy_fraction(seconds: float = 1.0):
     return 1.0 - (i2 - i1) / max(t2 - t1, 1)
 
 
-class OtherLoad:
-    """CPU used by *other* processes between ``start()`` and ``stop()`` (fraction of all CPUs).
-
-    Total busy time from /proc/stat minus this process's own CPU time.
-    """
-
-    def __init__(self):
-        try:
-            self.tick = os.sysconf("SC_CLK_TCK")
-        except (ValueError, OSError, AttributeError):
-            self.tick = 100
-
-    def _snap(self):
-        with open("/proc/stat") as fh:
-            vals = [int(x) for x in fh.readline().split()[1:9]]
-        t = os.times()
-        return sum(vals), sum(vals) - vals[3] - vals[4], (t.user + t.system) * self.tick
-
-    def start(self):
-        try:
-            self._s = self._snap()
-        except (OSError, ValueError):
-            self._s = None
-
-    def stop(self):
-        if self._s is None:
-            return None
-        try:
-            tot, busy, own = self._snap()
-        except (OSError, ValueError):
-            return None
-        t0, b0, o0 = self._s
-        return max(0.0, ((busy - b0) - (own - o0)) / max(tot - t0, 1))
-
-
 def wait_quiet(timeout: float, threshold: float = 0.05, windows: int = 2) -> float:
     """Wait (up to ``timeout`` s) until ``windows`` consecutive 1-s windows show < ``threshold`` other load."""
     t0 = time.perf_counter()
@@ -162,14 +96,6 @@ def wait_quiet(timeout: float, threshold: float = 0.05, windows: int = 2) -> flo
         if quiet >= windows:
             break
     return time.perf_counter() - t0
-
-
-def loadavg():
-    try:
-        with open("/proc/loadavg") as fh:
-            return fh.read().split()[:3]
-    except OSError:
-        return None
 
 
 # --- problem data shared by every implementation ----------------------------------

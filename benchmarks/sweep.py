@@ -64,7 +64,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 
@@ -78,6 +77,7 @@ except ImportError:  # pragma: no cover - convenience for running from a checkou
 import jax
 import jax.numpy as jnp
 import jaxcfl
+from _machine import OtherLoad, loadavg, machine_info
 
 try:
     import torch
@@ -98,77 +98,6 @@ def progress(msg: str) -> None:
 
 
 # --- machine and load ---------------------------------------------------------------
-
-def machine_info() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu_model": cpu,
-        "nproc": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jax_backend": jax.default_backend(),
-        "jax_devices": [str(d) for d in jax.devices()],
-        "jaxcfl": jaxcfl.__version__,
-        "numpy": np.__version__,
-        "torch": torch.__version__ if torch is not None else None,
-        "torch_threads": torch.get_num_threads() if torch is not None else None,
-        "loadavg_at_start": _loadavg(),
-    }
-
-
-def _loadavg():
-    try:
-        with open("/proc/loadavg") as fh:
-            return [float(x) for x in fh.read().split()[:3]]
-    except (OSError, ValueError):
-        return None
-
-
-class OtherLoad:
-    """Fraction of all CPUs used by *other* processes between ``start`` and ``stop``.
-
-    Busy time of the whole machine (/proc/stat) minus this process's own CPU time.
-    """
-
-    def __init__(self):
-        try:
-            self.tick = os.sysconf("SC_CLK_TCK")
-        except (ValueError, OSError, AttributeError):
-            self.tick = 100
-        self._s = None
-
-    def _snap(self):
-        with open("/proc/stat") as fh:
-            vals = [int(x) for x in fh.readline().split()[1:9]]
-        t = os.times()
-        return sum(vals), sum(vals) - vals[3] - vals[4], (t.user + t.system) * self.tick
-
-    def start(self) -> "OtherLoad":
-        try:
-            self._s = self._snap()
-        except (OSError, ValueError):
-            self._s = None
-        return self
-
-    def stop(self):
-        if self._s is None:
-            return None
-        try:
-            tot, busy, own = self._snap()
-        except (OSError, ValueError):
-            return None
-        t0, b0, o0 = self._s
-        return max(0.0, ((busy - b0) - (own - o0)) / max(tot - t0, 1))
-
 
 class CompileMeter:
     """Sums the trace, lowering and XLA compile durations that ``jax.monitoring`` reports."""
@@ -652,7 +581,7 @@ def main(argv=None) -> int:
         log(render_table5(rows, args.table5_size, args.table5_steps))
         log("")
     payload["total_s"] = time.perf_counter() - start
-    payload["loadavg_at_end"] = _loadavg()
+    payload["loadavg_at_end"] = loadavg()
     log(f"total {payload['total_s']:.0f} s; loadavg at end: {payload['loadavg_at_end']}")
     if args.json:
         print(json.dumps(_strict(payload), indent=1, default=_json_default, allow_nan=False))
