@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -11,28 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from jaxcfl._cli_types import positive_float as _positive_float
+from jaxcfl._cli_types import positive_int as _positive_int
 from jaxcfl._text import table as table_text
 from jaxcfl._version import __version__
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not np.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}")
-    return value
+from jaxcfl.experiments import EXPERIMENTS
 
 
 def _load_image(spec: str, size: int) -> np.ndarray:
@@ -163,14 +148,10 @@ def cmd_heat(args: argparse.Namespace) -> int:
 # --- jaxcfl reproduce ------------------------------------------------------------------------
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    if args.experiment == "table5":
-        from jaxcfl.experiments import table5
-
-        payload = table5.run(kernel_sizes=tuple(args.kernel_size), steps=args.steps, rtol=args.rtol, out=args.out,
-                             stability_map=not args.no_map, size=args.size)
-        _emit(payload, args.json, lambda p: print(table5.render(p)))
-        return 0
-    raise SystemExit(f"jaxcfl: error: unknown experiment {args.experiment!r}")  # pragma: no cover
+    module = importlib.import_module(EXPERIMENTS[args.experiment][0])
+    payload = module.main(args)
+    _emit(payload, args.json, lambda p: print(module.render(p)))
+    return 0
 
 
 # --- parser ------------------------------------------------------------------------------------
@@ -182,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"jaxcfl {__version__}")
     parser.add_argument("--x64", action="store_true", help="compute in float64 (jax_enable_x64)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="bit-reproducible mode: single-threaded Eigen on CPU, deterministic GPU ops, no autotuning, "
+                             "highest matmul precision (see jaxcfl.determinism); also JAXCFL_DETERMINISTIC=1")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     th = sub.add_parser("theory", help="CFL bounds on alpha: paper formulas and exact windowed bounds",
@@ -211,17 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     he.add_argument("--json", action="store_true", help="print JSON on stdout")
     he.set_defaults(func=cmd_heat)
 
-    rep = sub.add_parser("reproduce", help="reproduce an experiment of the paper (table5)",
+    rep = sub.add_parser("reproduce", help="reproduce an experiment of the paper (" + ", ".join(EXPERIMENTS) + ")",
                          description="Reproduce one of the paper's experiments; results go to --out as they finish.")
-    rep.add_argument("experiment", choices=["table5"], help="table5: appendix E's empirical alpha bounds (default data: the checkerboard)")
-    rep.add_argument("--kernel-size", type=_positive_int, nargs="+", default=[16, 32, 64], help="kernel sizes (default 16 32 64)")
-    rep.add_argument("--size", type=_positive_int, default=256, help="checkerboard side (default 256)")
-    rep.add_argument("--steps", type=_positive_int, default=1000, help="iterations per run (default 1000)")
-    rep.add_argument("--rtol", type=_positive_float, default=1e-3, help="relative precision of each bound (default 1e-3)")
-    rep.add_argument("--out", default="jaxcfl-table5", help="output directory (default ./jaxcfl-table5); finished rows are reused")
-    rep.add_argument("--no-map", action="store_true", help="skip the stability-map sweep and PNG")
-    rep.add_argument("--json", action="store_true", help="print pure JSON on stdout (progress on stderr)")
-    rep.set_defaults(func=cmd_reproduce)
+    experiments = rep.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
+    for name, (module_name, help_text) in EXPERIMENTS.items():
+        module = importlib.import_module(module_name)
+        ex = experiments.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
+        module.add_arguments(ex)
+        ex.add_argument("--json", action="store_true", help="print pure JSON on stdout (progress on stderr)")
+        ex.set_defaults(func=cmd_reproduce)
     return parser
 
 
@@ -231,6 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if args.deterministic or os.environ.get("JAXCFL_DETERMINISTIC") == "1":
+        from jaxcfl.determinism import enable_deterministic_mode
+
+        enable_deterministic_mode()
     if args.x64:
         import jax
 

@@ -1,1 +1,18 @@
-"""The paper's experiments, behind ``jaxcfl reproduce``."""
+"""The paper's experiments, behind ``jaxcfl reproduce NAME``.
+
+Each experiment is one module with three functions, so that the command line
+stays argument parsing only:
+
+* ``add_arguments(parser)``: its options (defaults: the paper's set-up at a size
+  that fits a laptop CPU);
+* ``main(args) -> dict``: run it from parsed arguments, return a JSON-able payload;
+* ``render(payload) -> str``: the human-readable table.
+
+:data:`EXPERIMENTS` maps each command name to its module and one-line help.
+"""
+
+from __future__ import annotations
+
+EXPERIMENTS: dict[str, tuple[str, str]] = {
+    "table5": ("jaxcfl.experiments.table5", "appendix E, Table 5: empirical alpha bounds beside the CFL theory"),
+}

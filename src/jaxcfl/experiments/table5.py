@@ -11,6 +11,7 @@ when the command is run again with the same settings.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -156,3 +157,22 @@ def render(payload: dict[str, Any]) -> str:
         lines.append("files: " + ", ".join(payload["files"].values()))
     lines.append(f"total {payload['seconds']:.0f}s")
     return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from jaxcfl._cli_types import positive_float, positive_int
+
+    parser.add_argument("--kernel-size", type=positive_int, nargs="+", default=[16, 32, 64],
+                        help="kernel sizes (default 16 32 64)")
+    parser.add_argument("--size", type=positive_int, default=256, help="checkerboard side (default 256)")
+    parser.add_argument("--steps", type=positive_int, default=1000, help="iterations per run (default 1000)")
+    parser.add_argument("--rtol", type=positive_float, default=1e-3,
+                        help="relative precision of each bound (default 1e-3)")
+    parser.add_argument("--out", default="jaxcfl-table5",
+                        help="output directory (default ./jaxcfl-table5); finished rows are reused")
+    parser.add_argument("--no-map", action="store_true", help="skip the stability-map sweep and PNG")
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    return run(kernel_sizes=tuple(args.kernel_size), steps=args.steps, rtol=args.rtol, out=args.out,
+               stability_map=not args.no_map, size=args.size)
