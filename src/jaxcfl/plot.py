@@ -98,6 +98,12 @@ def stability_map(result, *, ax=None, theory: bool = True, title: str | None = N
     return fig
 
 
+def panels(n: int, *, width: float = 6.4, height: float = 4.8):
+    """A figure of ``n`` side-by-side axes (Agg when headless); returns ``(fig, axes)``."""
+    fig, axes = _pyplot().subplots(1, n, figsize=(width * n, height), squeeze=False)
+    return fig, list(axes[0])
+
+
 def loss_curves(iterations: np.ndarray, curves: np.ndarray, labels: Sequence[str], *, statuses: Sequence[str] | None = None,
                 ax=None, title: str = "", ylabel: str = "loss", loglog: bool = True):
     """Loss (or any positive quantity) against iteration, one line per run, coloured by status."""

@@ -9,8 +9,8 @@ stable, restrained or divergent (:mod:`jaxcfl.classify`).
   :class:`~jaxcfl.problem.Hyper`, compiled once per chunk shape. Hyperparameters
   are traced, so new values never recompile.
 * **Bounded memory.** The configuration list is cut into chunks of
-  ``chunk_size``; only per-run summaries and ``record_points`` samples of the loss
-  and deviation curves are kept.
+  ``chunk_size``; only per-run summaries and ``record_points`` samples of the loss,
+  deviation and (with ``compare_k``) divergence curves are kept.
 * **Sharded.** Each chunk's configuration axis is laid on a 1-D
   ``jax.sharding.Mesh`` over all devices (axis name ``"config"``); the problem
   is replicated. The same code runs on one CPU, one GPU or several devices.
@@ -29,7 +29,6 @@ import dataclasses
 import functools
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from jax.typing import ArrayLike
 from jaxcfl._version import __version__
 from jaxcfl import _validate as v
 from jaxcfl.classify import STATUSES, Rule, classify
+from jaxcfl._io import atomic_open as _atomic_open
 from jaxcfl.determinism import divergence, fingerprint
 from jaxcfl.integration import diagnose, map_configs
 from jaxcfl.problem import MODELS, Hyper, Problem, gradient_fn, make_hyper, make_problem, with_dense_operator
@@ -61,7 +61,7 @@ SUMMARY_FIELDS = (
     "loss_oscillation",
     "divergence",
 )
-CURVE_FIELDS = ("loss", "update_norm")
+CURVE_FIELDS = ("loss", "update_norm", "divergence")
 MANIFEST = "manifest.json"
 
 
@@ -102,27 +102,34 @@ def _run_one(problem: Problem, kernel0: Array, hyper: Hyper, compare_k: Array, *
     state0 = jax.tree.map(lambda x: jnp.broadcast_to(x, (copies, *x.shape)), init(kernel0))
     paired_step = jax.vmap(lambda s, h: step(s, grad_fn, h))
 
+    zero = jnp.zeros((), kernel0.dtype)
+
     def body(_, carry):
-        state, div_sum = carry
+        state, div_sum, block_sum = carry
         state = paired_step(state, hyps)
         if compare:
+            div = divergence(state.kernel[0], state.kernel[1])
             in_tail = state.iteration[0] > steps - tail
-            div_sum = div_sum + jnp.where(in_tail, divergence(state.kernel[0], state.kernel[1]), 0.0)
-        return state, div_sum
+            div_sum = div_sum + jnp.where(in_tail, div, 0.0)
+            # The recorded curve is NaN once a copy is non-finite (`divergence` counts NaN entries as 0).
+            block_sum = block_sum + jnp.where(jnp.all(jnp.isfinite(state.kernel)), div, jnp.nan)
+        return state, div_sum, block_sum
 
     def advance(carry, n):
         return lax.fori_loop(0, n, body, carry)
 
     def chunk(carry, _):
-        carry = advance(carry, stride)
-        first = jax.tree.map(lambda x: x[0], carry[0])
-        return carry, diagnose(problem, first, hyper, with_loss=with_loss)
+        state, div_sum, block_sum = advance((*carry, zero), stride)
+        first = jax.tree.map(lambda x: x[0], state)
+        # Divergence curve: the mean over the `stride` iterations since the previous record, so that a
+        # moving average over a multiple of `stride` iterations is exact at every record.
+        return (state, div_sum), (diagnose(problem, first, hyper, with_loss=with_loss), block_sum / stride)
 
     n_records, rest = divmod(steps, stride)
-    carry = (state0, jnp.zeros((), kernel0.dtype))
+    carry = (state0, zero)
     if rest:
-        carry = advance(carry, rest)
-    carry, rec = lax.scan(chunk, carry, None, length=n_records)
+        carry = advance((*carry, zero), rest)[:2]
+    carry, (rec, div_curve) = lax.scan(chunk, carry, None, length=n_records)
     state, div_sum = carry
 
     it = rec.iteration.astype(kernel0.dtype)
@@ -152,6 +159,7 @@ def _run_one(problem: Problem, kernel0: Array, hyper: Hyper, compare_k: Array, *
         divergence=div_sum / tail if compare else jnp.full((), jnp.nan, kernel0.dtype),
         curve_loss=rec.loss,
         curve_update_norm=rec.update_norm,
+        curve_divergence=div_curve if compare else jnp.full_like(rec.loss, jnp.nan),
         record_iterations=rec.iteration,
     )
 
@@ -179,7 +187,10 @@ class SweepResult:
         ``final_loss``, ``growth_rate`` (per iteration, of the deviation
         ``||K^n - K^{n-1}||``), ``max_abs_kernel``, ``loss_oscillation``,
         ``divergence`` (NaN without ``compare_k``), ...
-      curves: ``loss`` and ``update_norm`` at ``record_iterations``, shape ``(len(lr), len(alpha), R)``.
+      curves: ``loss`` and ``update_norm`` at ``record_iterations``, and ``divergence`` (with
+        ``compare_k``, else NaN): the divergence averaged over the iterations since the previous
+        record (every iteration when ``record_points >= steps``), NaN once a copy is non-finite;
+        shape ``(len(lr), len(alpha), R)``.
       spec: everything that defines the sweep (JSON-serialisable).
       rule: the classification thresholds used.
     """
@@ -252,27 +263,6 @@ def classify_metrics(metrics: dict[str, np.ndarray], rule: Rule, spec: dict[str,
 
 
 # --- persistence -------------------------------------------------------------------------------
-
-class _atomic_open:
-    """Write to a temporary file in the same directory, then ``os.replace`` it into place."""
-
-    def __init__(self, path: Path, mode: str, **kw):
-        self.path, self.mode, self.kw = Path(path), mode, kw
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        self.fh = os.fdopen(fd, self.mode, **self.kw)
-        return self.fh
-
-    def __exit__(self, exc_type, exc, tb):
-        self.fh.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            os.unlink(self.tmp)
-        return False
-
 
 def _chunk_path(out: Path, index: int) -> Path:
     return out / f"chunk_{index:05d}.npz"
@@ -444,11 +434,13 @@ def sweep(
       steps: iterations per run.
       compare_k: also run each configuration with perturbation factor ``k`` in
         the same program; ``metrics["divergence"]`` is then the paper's
-        ``2 mean(|w1 - w2| / (|w1| + |w2|))`` averaged over the last 100 iterations.
+        ``2 mean(|w1 - w2| / (|w1| + |w2|))`` averaged over the last 100 iterations,
+        and ``curves["divergence"]`` its curve (per record interval).
       key: PRNG key of the initial kernel, drawn N(0, 1) (the paper's
         initialisation); default ``jax.random.key(0)``. Ignored if ``kernel`` is given.
       kernel: an explicit initial kernel.
-      record_points: samples of the loss and deviation curves per run.
+      record_points: samples of the loss, deviation and divergence curves per run
+        (``steps`` or more: every iteration).
       chunk_size: configurations per compiled call (bounds memory).
       mesh: a 1-D :class:`jax.sharding.Mesh` named ``"config"``; default all devices.
       out: directory for incremental, resumable results.

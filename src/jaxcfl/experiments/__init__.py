@@ -15,4 +15,5 @@ from __future__ import annotations
 
 EXPERIMENTS: dict[str, tuple[str, str]] = {
     "table5": ("jaxcfl.experiments.table5", "appendix E, Table 5: empirical alpha bounds beside the CFL theory"),
+    "fig4": ("jaxcfl.experiments.fig4", "Section 5, Figure 4: restrained instabilities of the nonlinear CNN, by lr"),
 }

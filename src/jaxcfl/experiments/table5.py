@@ -24,7 +24,7 @@ from jaxcfl._text import table
 from jaxcfl import theory
 from jaxcfl.bisect import empirical_bounds
 from jaxcfl.images import checkerboard
-from jaxcfl.sweeps import _atomic_open
+from jaxcfl._io import atomic_open as _atomic_open
 
 PAPER_EMPIRICAL = {16: (3.9e6, 1.42e8), 32: (1.3e7, 1.42e8), 64: (3.9e7, 1.42e8)}  # Table 5, Nesterov
 SETTINGS = {"nesterov": 1e-4, "gd": 1e-8}

@@ -1,0 +1,32 @@
+"""File helpers shared by everything that writes results as it goes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+class atomic_open:
+    """Write to a temporary file in the same directory, then ``os.replace`` it into place.
+
+    A reader (or a resumed run) sees either the old file or the complete new one,
+    never a partial write, even if the process is killed mid-write.
+    """
+
+    def __init__(self, path: str | os.PathLike, mode: str, **kw):
+        self.path, self.mode, self.kw = Path(path), mode, kw
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        self.fh = os.fdopen(fd, self.mode, **self.kw)
+        return self.fh
+
+    def __exit__(self, exc_type, exc, tb):
+        self.fh.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            os.unlink(self.tmp)
+        return False
