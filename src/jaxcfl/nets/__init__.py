@@ -1,0 +1,102 @@
+"""Flax NNX networks for the CIFAR-10 / MNIST-size experiments.
+
+``create(name, ...)`` builds one of :data:`MODELS`: the CIFAR ResNets of He et
+al. (2016) (``resnet20`` ... ``resnet110``, option-B projection shortcuts) and
+VGG-11/13/16/19 with BatchNorm (Simonyan & Zisserman 2015, CIFAR variant with a
+single linear classifier). All take NHWC inputs (32x32x3 or 28x28x1, or any
+other size) and return logits; all take ``activation="relu"`` or ``"swish"``
+(x * sigmoid(beta x)).
+
+Models follow the NNX convention for BatchNorm: built in training mode;
+``model.eval()`` / ``model.train()`` switch it. For pure functions of the
+parameters (``jit``, ``vmap`` over k copies, ``grad``) use
+:func:`jaxcfl.nets.functional.split` and :func:`jaxcfl.nets.functional.apply`.
+
+References:
+  He, Zhang, Ren & Sun, "Deep residual learning for image recognition", CVPR 2016.
+  Simonyan & Zisserman, "Very deep convolutional networks for large-scale image
+  recognition", ICLR 2015.
+  Ioffe & Szegedy, "Batch normalization", ICML 2015.
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from jaxcfl._validate import check_choice
+from jaxcfl.nets import functional
+from jaxcfl.nets._layers import ACTIVATIONS, Activation
+from jaxcfl.nets.functional import apply, count_params, merge, split, stack
+from jaxcfl.nets.resnet import ResNet
+from jaxcfl.nets.vgg import VGG
+
+_REGISTRY: dict[str, tuple[type[nnx.Module], int]] = {
+    "resnet20": (ResNet, 20),
+    "resnet32": (ResNet, 32),
+    "resnet44": (ResNet, 44),
+    "resnet56": (ResNet, 56),
+    "resnet110": (ResNet, 110),
+    "vgg11": (VGG, 11),
+    "vgg13": (VGG, 13),
+    "vgg16": (VGG, 16),
+    "vgg19": (VGG, 19),
+}
+
+MODELS: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def create(
+    name: str,
+    *,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    activation: str = "relu",
+    beta: float = 1.0,
+    rngs: nnx.Rngs | int | None = None,
+) -> nnx.Module:
+    """Build the network ``name`` (one of :data:`MODELS`).
+
+    Args:
+      name: ``"resnet20"``, ``"resnet32"``, ``"resnet44"``, ``"resnet56"``,
+        ``"resnet110"``, ``"vgg11"``, ``"vgg13"``, ``"vgg16"`` or ``"vgg19"``.
+      num_classes: number of logits (>= 1).
+      in_channels: input channels (3 for CIFAR, 1 for 28x28 greyscale).
+      activation: ``"relu"`` or ``"swish"``.
+      beta: Swish's beta, > 0 (the paper uses 5); ignored by ReLU.
+      rngs: ``nnx.Rngs`` for the initialisation, an int seed, or ``None``
+        for ``nnx.Rngs(0)`` (a fresh one per call: equal calls give equal
+        models).
+
+    Returns:
+      The ``nnx.Module`` (BatchNorm in training mode).
+
+    Raises:
+      ValueError: unknown ``name`` or ``activation``, ``beta <= 0``,
+        ``num_classes < 1`` or ``in_channels < 1``.
+    """
+    check_choice("model name", name, MODELS)
+    cls, depth = _REGISTRY[name]
+    return cls(
+        depth,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        activation=activation,
+        beta=beta,
+        rngs=rngs,
+    )
+
+
+__all__ = [
+    "ACTIVATIONS",
+    "MODELS",
+    "VGG",
+    "Activation",
+    "ResNet",
+    "apply",
+    "count_params",
+    "create",
+    "functional",
+    "merge",
+    "split",
+    "stack",
+]
