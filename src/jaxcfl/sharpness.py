@@ -1,0 +1,534 @@
+"""Sharpness (the largest Hessian eigenvalue of a loss) and the largest stable learning rate.
+
+Appendix F of Sun et al. (JMLR 2024) ties the stability of full-batch gradient
+descent with weight decay ``alpha`` to ``dt < 2 / (alpha + l)``, ``l`` an
+eigenvalue of the loss Hessian; Cohen et al. (2021) observed that the
+*sharpness* (the largest eigenvalue) rises during training until it reaches
+``2 / lr`` and then hovers there (the Edge of Stability). This module measures
+both sides of that relation for any loss ``loss_fn(params, *args)`` on any
+pytree of float arrays:
+
+* :func:`sharpness`: Lanczos (:func:`jaxcfl.spectral.lanczos_extremes`) on
+  Hessian-vector products (forward-over-reverse, ``jax.jvp`` of ``jax.grad``);
+  no Hessian is ever formed.
+* :func:`sharpness_trajectory`: sharpness and loss every ``every`` steps of
+  full-batch gradient descent, beside ``2 / lr``; :func:`integrate_sharpness`
+  does the same along :func:`jaxcfl.integrate` for the one-layer CNN
+  (:func:`one_layer_loss`).
+* :func:`max_stable_lr`: the largest learning rate whose gradient-descent run
+  stays stable, by :func:`jaxcfl.bisect.log_bisect`; every round runs all its
+  candidate learning rates in one vmapped, compiled program.
+
+Everything numeric (params, data ``args``, ``alpha``, ``lr``) is traced; only
+the number of steps of :func:`max_stable_lr` is static. New values of the same
+shapes reuse the compiled programs, as long as ``loss_fn`` is the same Python
+object (a fresh ``lambda`` or ``functools.partial`` per call compiles anew).
+``args`` are arrays or pytrees of arrays (e.g. a
+:class:`~jaxcfl.problem.Problem` and a :class:`~jaxcfl.problem.Hyper`).
+
+References:
+  Sun et al., "A PDE-based Explanation of Extreme Numerical Sensitivities and
+  Edge of Stability in Training Neural Networks", JMLR 2024, appendix F.
+  Cohen et al., "Gradient Descent on Neural Networks Typically Occurs at the
+  Edge of Stability", ICLR 2021.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array, lax
+from jax.flatten_util import ravel_pytree
+from jax.tree_util import Partial
+from jax.typing import ArrayLike
+
+from jaxcfl import _validate as v
+from jaxcfl.bisect import Bracket, _plain, log_bisect
+from jaxcfl.integration import integrate
+from jaxcfl.problem import Hyper, Problem, check_kernel, loss
+from jaxcfl.schemes import canonical_scheme, init
+from jaxcfl.spectral import Extremes, lanczos_extremes
+
+LossFn = Callable[..., Array]
+
+#: Default Krylov dimension of :func:`sharpness`: ``min(n, DEFAULT_ITERATIONS)``.
+DEFAULT_ITERATIONS = 64
+
+
+# --- the objective, its Hessian-vector product and a gradient-descent step ---------------
+# Module-level functions of a `Partial(loss_fn)`: their compiled programs are cached
+# on the loss function's identity and the shapes of params/args, never on values.
+
+def _objective(loss_fn: Partial, params, args: tuple, alpha: Array) -> Array:
+    """``loss_fn(params, *args) + alpha/2 ||params||^2``."""
+    squares = sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(params))
+    return loss_fn(params, *args) + 0.5 * alpha * squares
+
+
+_objective_jit = jax.jit(_objective)
+
+
+def _hvp(loss_fn: Partial, params, args: tuple, alpha: Array, vec: Array) -> Array:
+    """``H vec`` on flat vectors (forward-over-reverse: the JVP of the gradient)."""
+    _, unravel = ravel_pytree(params)
+    grad = functools.partial(jax.grad(_objective, argnums=1), loss_fn, args=args, alpha=alpha)
+    _, tangent = jax.jvp(grad, (params,), (unravel(vec),))
+    return ravel_pytree(tangent)[0]
+
+
+def _gd_step(loss_fn: Partial, args: tuple, alpha: Array, lr: Array, params):
+    """One step ``p - lr grad f(p)``; returns the new params and ``f(p)``."""
+    value, grad = jax.value_and_grad(_objective, argnums=1)(loss_fn, params, args, alpha)
+    new = jax.tree.map(lambda p, g: (p - lr * g).astype(p.dtype), params, grad)
+    return new, value
+
+
+@jax.jit
+def _descend(loss_fn: Partial, params, args: tuple, alpha: Array, lr: Array, n: Array):
+    """``n`` (traced) gradient-descent steps."""
+    return lax.fori_loop(0, n, lambda _, p: _gd_step(loss_fn, args, alpha, lr, p)[0], params)
+
+
+@functools.partial(jax.jit, static_argnames=("steps",))
+def _run_lrs(loss_fn: Partial, params, args: tuple, alpha: Array, lrs: Array, *, steps: int):
+    """For every ``lr`` of ``lrs`` (vmapped): ``steps`` GD steps from ``params``.
+
+    Returns the final objective and whether every objective value on the way was finite.
+    """
+
+    def run(lr):
+        def body(carry, _):
+            p, finite = carry
+            p, value = _gd_step(loss_fn, args, alpha, lr, p)
+            return (p, finite & jnp.isfinite(value)), None
+
+        (p, finite), _ = lax.scan(body, (params, jnp.array(True)), None, length=steps)
+        final = _objective(loss_fn, p, args, alpha)
+        return final, finite & jnp.isfinite(final)
+
+    return jax.vmap(run)(lrs)
+
+
+# --- inputs ----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    loss_fn: Partial
+    params: Any
+    args: tuple
+    alpha: Array
+    dtype: Any
+    size: int
+    value: float  # the objective at params
+
+
+def _setup(loss_fn: LossFn, params, args: tuple, alpha: float) -> _Setup:
+    """Validate the common inputs; evaluate the objective at ``params`` (it must be a finite scalar)."""
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    if not leaves:
+        raise ValueError("params holds no arrays; give a pytree of float arrays")
+    leaves = [jnp.asarray(x) for x in leaves]
+    for path, leaf in zip(jax.tree_util.tree_flatten_with_path(params)[0], leaves):
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise TypeError(f"params must hold floating arrays; params{jax.tree_util.keystr(path[0])} has dtype {leaf.dtype}")
+    params = jax.tree_util.tree_unflatten(treedef, leaves)
+    flat, _ = ravel_pytree(params)
+    if flat.size == 0:
+        raise ValueError("params holds no entries; give a pytree of non-empty float arrays")
+    v.check_nonnegative("alpha", alpha)
+    alpha = jnp.asarray(alpha, flat.dtype)
+    loss_fn = loss_fn if isinstance(loss_fn, Partial) else Partial(loss_fn)
+    value = _objective_jit(loss_fn, params, tuple(args), alpha)
+    if np.shape(value) != ():
+        raise ValueError(f"loss_fn must return a scalar, got shape {np.shape(value)}")
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"the loss (loss_fn(params, *args) + alpha/2 ||params||^2) is not finite at params: {value}")
+    return _Setup(loss_fn, params, tuple(args), alpha, flat.dtype, int(flat.size), value)
+
+
+def _spectrum(s: _Setup, params, iterations: int | None, key: Array | None) -> Extremes:
+    """Extreme Hessian eigenvalues of the objective at ``params`` (no checks)."""
+    key = jax.random.key(0) if key is None else key
+    start_key, restart_key = jax.random.split(key)
+    start = jax.random.normal(start_key, (s.size,), s.dtype)
+    iterations = min(s.size, DEFAULT_ITERATIONS) if iterations is None else iterations
+    matvec = Partial(_hvp, s.loss_fn, params, s.args, s.alpha)
+    return lanczos_extremes(matvec, start, iterations=iterations, key=restart_key)
+
+
+# --- sharpness ---------------------------------------------------------------------------------
+
+def sharpness(
+    loss_fn: LossFn,
+    params: Any,
+    *args: Any,
+    alpha: float = 0.0,
+    iterations: int | None = None,
+    key: Array | None = None,
+    return_extremes: bool = False,
+) -> float | Extremes:
+    """The largest eigenvalue of the Hessian of ``loss_fn(params, *args) + alpha/2 ||params||^2``.
+
+    Lanczos with full re-orthogonalisation on Hessian-vector products
+    (``jax.jvp`` of ``jax.grad``), on the flattened params
+    (``jax.flatten_util.ravel_pytree``). Memory is ``iterations + 1`` vectors of
+    the size of ``params``; the Hessian is never formed. The compiled solver is
+    reused for new params/data of the same shapes.
+
+    Args:
+      loss_fn: ``loss_fn(params, *args) -> scalar``; keep the same function object
+        across calls to reuse the compiled solver.
+      params: any pytree of floating arrays (their promoted dtype is the working precision).
+      *args: data, arrays or pytrees of arrays (traced).
+      alpha: weight decay added to the loss (its Hessian adds ``alpha``).
+      iterations: Krylov dimension; default ``min(n, 64)`` with ``n`` the number of
+        parameters. The extreme eigenvalues converge first (the residual bound in
+        :class:`~jaxcfl.spectral.Extremes` says how far); ``iterations = n`` is exact.
+      key: PRNG key of the random start vector (default ``jax.random.key(0)``).
+      return_extremes: return the :class:`~jaxcfl.spectral.Extremes` (smallest and
+        largest eigenvalue with residual bounds) instead of the largest only.
+
+    Returns:
+      The sharpness as a float, or the :class:`~jaxcfl.spectral.Extremes`.
+
+    Raises:
+      ValueError: the loss is not a scalar or not finite at ``params``, ``params`` is
+        empty, ``alpha < 0`` or ``iterations`` is outside ``[1, n]``.
+      TypeError: ``params`` holds non-floating arrays.
+
+    References:
+      Cohen et al. (2021), section 2 (sharpness); Sun et al., JMLR 2024, appendix F.
+    """
+    s = _setup(loss_fn, params, args, alpha)
+    ext = _spectrum(s, s.params, iterations, key)
+    return ext if return_extremes else ext.maximum
+
+
+# --- sharpness along a run -----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SharpnessTrajectory:
+    """Sharpness and loss recorded along a run.
+
+    Attributes:
+      step: iteration of each record (0, ``every``, ``2 every``, ..., ``steps``).
+      loss: the objective at each record.
+      sharpness: the largest Hessian eigenvalue of the objective at each record.
+      lr: the learning rate.
+      threshold: the stability limit of the largest eigenvalue, ``2 / lr`` for gradient
+        descent (the Edge of Stability line); for Nesterov ``4 / ((1 + 2 mu) lr^2)``.
+      params: the final params (the one-layer kernel for :func:`integrate_sharpness`).
+      diverged: the loss became non-finite; the records stop at the first such record
+        (its sharpness is NaN).
+    """
+
+    step: np.ndarray
+    loss: np.ndarray
+    sharpness: np.ndarray
+    lr: float
+    threshold: float
+    params: Any
+    diverged: bool
+
+
+def _track(s: _Setup, advance, state, params_of, *, lr: float, threshold: float, steps: int, every: int,
+           iterations: int | None, key: Array | None) -> SharpnessTrajectory:
+    """Record (step, loss, sharpness) at 0, every ``every`` steps of ``advance`` and at ``steps``."""
+    records: list[tuple[int, float, float]] = []
+    done, diverged = 0, False
+    while True:
+        params = params_of(state)
+        value = float(_objective_jit(s.loss_fn, params, s.args, s.alpha))
+        if not np.isfinite(value):
+            records.append((done, value, float("nan")))
+            diverged = True
+            break
+        records.append((done, value, _spectrum(s, params, iterations, key).maximum))
+        if done >= steps:
+            break
+        n = min(every, steps - done)
+        state = advance(state, n)
+        done += n
+    step, values, sharp = (np.array(x) for x in zip(*records))
+    return SharpnessTrajectory(step=step, loss=values, sharpness=sharp, lr=float(lr), threshold=float(threshold),
+                               params=params_of(state), diverged=diverged)
+
+
+def sharpness_trajectory(
+    loss_fn: LossFn,
+    params0: Any,
+    *args: Any,
+    lr: float,
+    steps: int,
+    every: int = 10,
+    alpha: float = 0.0,
+    iterations: int | None = None,
+    key: Array | None = None,
+) -> SharpnessTrajectory:
+    """Full-batch gradient descent on ``loss_fn``, recording loss and sharpness every ``every`` steps.
+
+    The Edge of Stability plot (Cohen et al. 2021): under gradient descent
+    with step ``lr`` the sharpness typically rises until it reaches ``2 / lr``
+    (``threshold``) and then hovers there, while the loss keeps decreasing
+    non-monotonically. The steps run compiled in chunks of ``every`` (``lr``
+    traced); each record is one :func:`sharpness` call (same compiled solver).
+
+    Args:
+      loss_fn, params0, *args, alpha, iterations, key: as in :func:`sharpness`
+        (the objective is ``loss_fn(params, *args) + alpha/2 ||params||^2``).
+      lr: the learning rate (> 0).
+      steps: number of gradient-descent steps (>= 1).
+      every: record stride (>= 1); records at 0, ``every``, ... and at ``steps``.
+
+    Returns:
+      :class:`SharpnessTrajectory`. A diverging run is not an error: recording
+      stops at the first non-finite loss and ``diverged`` is True.
+
+    References:
+      Cohen et al., ICLR 2021, figure 1; Sun et al., JMLR 2024, appendix F.
+    """
+    v.check_positive("lr", lr)
+    steps = v.check_int("steps", steps, minimum=1)
+    every = v.check_int("every", every, minimum=1)
+    s = _setup(loss_fn, params0, args, alpha)
+    lr_arr = jnp.asarray(lr, s.dtype)
+    advance = lambda p, n: _descend(s.loss_fn, p, s.args, s.alpha, lr_arr, jnp.asarray(n, jnp.int32))
+    return _track(s, advance, s.params, lambda p: p, lr=lr, threshold=2.0 / lr, steps=steps, every=every,
+                  iterations=iterations, key=key)
+
+
+def one_layer_loss(kernel: Array, problem: Problem, hyper: Hyper) -> Array:
+    """The one-layer CNN's loss (eq 2, with weight decay ``hyper.alpha``) as ``loss_fn(params, *args)``.
+
+    ``jaxcfl.problem.loss(problem, kernel, hyper)`` with the kernel first, for
+    :func:`sharpness`, :func:`sharpness_trajectory` and :func:`max_stable_lr`:
+    ``sharpness(one_layer_loss, kernel, problem, hyper)`` (``hyper`` unbatched;
+    its ``alpha`` is the weight decay, so pass no ``alpha`` to those functions).
+    """
+    return loss(problem, kernel, hyper)
+
+
+def integrate_sharpness(
+    problem: Problem,
+    kernel: ArrayLike,
+    hyper: Hyper,
+    *,
+    scheme: str = "gd",
+    model: str = "nonlinear",
+    steps: int = 1000,
+    every: int = 10,
+    iterations: int | None = None,
+    key: Array | None = None,
+) -> SharpnessTrajectory:
+    """Sharpness of the one-layer CNN's loss along :func:`jaxcfl.integrate`.
+
+    Runs :func:`jaxcfl.integrate` in chunks of ``every`` steps (continuing from
+    its state) and records the loss of eq 2 and its sharpness
+    (:func:`one_layer_loss`). For ``model="nonlinear"`` with ``scheme="gd"`` the
+    stepped gradient is exactly that loss's gradient; for the linearised models
+    the stepped operator's spectrum is :func:`jaxcfl.theory.windowed_spectrum`,
+    and the sharpness here is still that of the true loss.
+
+    Args:
+      problem: from :func:`jaxcfl.make_problem`.
+      kernel: the initial ``w x w`` kernel.
+      hyper: one (unbatched) configuration from :func:`jaxcfl.make_hyper`.
+      scheme, model: as in :func:`jaxcfl.integrate`.
+      steps, every, iterations, key: as in :func:`sharpness_trajectory`.
+
+    Returns:
+      :class:`SharpnessTrajectory`; ``threshold`` is the scheme's stability limit
+      (:func:`jaxcfl.theory.stability_limit`: ``2 / lr`` for ``gd``) and ``params``
+      the final kernel.
+    """
+    from jaxcfl.theory import stability_limit
+
+    scheme = canonical_scheme(scheme)
+    steps = v.check_int("steps", steps, minimum=1)
+    every = v.check_int("every", every, minimum=1)
+    if not isinstance(hyper, Hyper):
+        raise TypeError(f"hyper must be a jaxcfl.Hyper (use jaxcfl.make_hyper), got {type(hyper).__name__}")
+    if np.ndim(hyper.lr) != 0:
+        raise ValueError(f"hyper must be one configuration (scalar fields), got lr of shape {np.shape(hyper.lr)}")
+    kernel = jnp.asarray(kernel, problem.dtype)
+    check_kernel(problem, kernel)
+    s = _setup(one_layer_loss, kernel, (problem, hyper), 0.0)
+    lr = float(hyper.lr)
+
+    def advance(state, n):
+        return integrate(problem, state, hyper, scheme=scheme, model=model, steps=n, record_every=n).state
+
+    return _track(s, advance, init(kernel), lambda state: state.kernel, lr=lr,
+                  threshold=stability_limit(scheme, lr, float(hyper.mu)), steps=steps, every=every,
+                  iterations=iterations, key=key)
+
+
+# --- the largest stable learning rate -------------------------------------------------------
+
+FOUND, BELOW_RANGE, ABOVE_RANGE = "found", "below_range", "above_range"
+
+
+@dataclasses.dataclass
+class MaxStableLR:
+    """Result of :func:`max_stable_lr`.
+
+    Attributes:
+      max_lr: the estimate, the geometric midpoint of ``bracket`` (within ``rtol/2``
+        of the transition); NaN unless ``status == "found"``.
+      bracket: ``(lo, hi)``: ``lo`` was run and found stable, ``hi`` unstable, and
+        ``hi / lo - 1 <= rtol``; ``None`` unless found.
+      status: ``"found"``; ``"below_range"`` (even ``lr_range[0]`` is unstable: the
+        largest stable lr lies below the range); ``"above_range"`` (every point of the
+        initial grid, ``lr_range[1]`` included, is stable).
+      alpha, steps, rtol, growth, lr_range: the inputs.
+      rounds: vectorised evaluations (one compiled call per round, grid included).
+      evaluations: gradient-descent runs.
+      seconds: wall time.
+      notes: anything unusual (e.g. the stable set is not an interval on the grid).
+    """
+
+    max_lr: float
+    bracket: tuple[float, float] | None
+    status: str
+    alpha: float
+    steps: int
+    rtol: float
+    growth: float
+    lr_range: tuple[float, float]
+    rounds: int
+    evaluations: int
+    seconds: float
+    notes: list[str]
+
+    @property
+    def found(self) -> bool:
+        return self.status == FOUND
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _plain(val) for k, val in dataclasses.asdict(self).items()}
+
+
+def max_stable_lr(
+    loss_fn: LossFn,
+    params: Any,
+    *args: Any,
+    lr_range: tuple[float, float] = (1e-6, 1e3),
+    alpha: float = 0.0,
+    steps: int = 500,
+    rtol: float = 1e-2,
+    growth: float = 1.0,
+    initial_points: int = 16,
+    candidates: int = 15,
+    max_rounds: int = 20,
+) -> MaxStableLR:
+    """The largest stable learning rate of full-batch gradient descent from ``params``.
+
+    *Stable* (the predicate): gradient descent ``p <- p - lr grad f(p)`` on
+    ``f = loss_fn(params, *args) + alpha/2 ||params||^2``, run ``steps`` steps from
+    ``params``, keeps every ``f`` value finite and ends with
+    ``f(p_steps) - f(p_0) <= (growth - 1) |f(p_0)|`` (``f(p_steps) <= growth f(p_0)``
+    for a non-negative loss; by default: it did not end higher than it started).
+    Why: below ``2 / (alpha + l_max)`` a quadratic's every mode contracts
+    (factor ``|1 - lr (alpha + l)| < 1``), so ``f`` decreases; above it the top mode
+    grows by that factor each step and, after enough steps, dominates ``f``.
+    The transition found lies within about ``log(1/s) / (4 steps)`` (relative) of
+    ``2 / (alpha + l_max)``, ``s`` the top mode's share of ``f(p_0)``; take
+    ``steps`` well above ``log(1/s) / rtol``. Away from a quadratic, the
+    predicate states what it states: a catapult or a bounded oscillation (Edge of
+    Stability, restrained instability) that ends lower counts as stable, and near
+    the edge such runs are chaotic, so single verdicts there depend on rounding
+    (the bracket is that of this implementation's runs). ``params`` must not be a
+    stationary point (nothing moves there).
+
+    Method: ``initial_points`` log-spaced lrs over ``lr_range`` (ends included),
+    then :func:`jaxcfl.bisect.log_bisect` (``candidates`` per round) on the
+    bracket around the first unstable point, down to relative width ``rtol``.
+    Each round is one call of a compiled program: ``lax.scan`` of the steps,
+    vmapped over the round's lrs (padded to a fixed width); lrs and ``alpha``
+    are traced, so new values never recompile.
+
+    Args:
+      loss_fn, params, *args: as in :func:`sharpness`.
+      lr_range: ``(lo, hi)``, finite, ``0 < lo < hi``.
+      alpha: weight decay (>= 0, traced). Appendix F: with ``alpha`` dominant the
+        limit tends to ``2 / alpha``.
+      steps: gradient-descent steps per run (>= 1; static: a new value compiles anew).
+      rtol: relative width of the final bracket (> 0).
+      growth: the allowed final-loss factor of the predicate (> 0).
+      initial_points: grid size (>= 2); candidates, max_rounds: as in :func:`log_bisect`.
+
+    Returns:
+      :class:`MaxStableLR`. When ``lr_range[0]`` is already unstable or the whole
+      grid is stable, no exception is raised: ``status`` says which, ``max_lr`` is
+      NaN and ``notes`` explains.
+
+    Raises:
+      ValueError: naming the argument, for bad ``lr_range``, ``steps < 1``,
+        ``rtol``/``growth`` not > 0, ``alpha < 0``, or a loss that is not a finite
+        scalar at ``params``.
+
+    References:
+      Sun et al., JMLR 2024, appendix F (eqs 50-51); Cohen et al., ICLR 2021.
+    """
+    start_time = time.perf_counter()
+    try:
+        lo, hi = (float(x) for x in lr_range)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"lr_range must be two numbers (lo, hi), got {lr_range!r}") from err
+    if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo < hi):
+        raise ValueError(f"lr_range must be two finite numbers 0 < lo < hi, got {lr_range!r}")
+    steps = v.check_int("steps", steps, minimum=1)
+    v.check_positive("rtol", rtol)
+    v.check_positive("growth", growth)
+    initial_points = v.check_int("initial_points", initial_points, minimum=2)
+    candidates = v.check_int("candidates", candidates, minimum=1)
+    s = _setup(loss_fn, params, args, alpha)
+    width = max(initial_points, candidates)  # one batch shape for every call: compiled once
+    allowed = s.value + (growth - 1.0) * abs(s.value)
+
+    def stable(lrs: np.ndarray) -> np.ndarray:
+        out = []
+        for i in range(0, lrs.size, width):
+            chunk = lrs[i:i + width]
+            padded = np.concatenate([chunk, np.full(width - chunk.size, lo)])
+            final, finite = jax.device_get(_run_lrs(s.loss_fn, s.params, s.args, s.alpha,
+                                                    jnp.asarray(padded, s.dtype), steps=steps))
+            with np.errstate(invalid="ignore"):
+                out.append((finite & (final <= allowed))[:chunk.size])
+        return np.concatenate(out)
+
+    grid = np.geomspace(lo, hi, initial_points)
+    ok = stable(grid)
+    rounds, evaluations, notes = 1, grid.size, []
+    result = dict(max_lr=float("nan"), bracket=None)
+    if not ok[0]:
+        status = BELOW_RANGE
+        notes.append(f"unstable at lr_range's lower end {lo:g}: the largest stable lr lies below the range")
+    elif ok.all():
+        status = ABOVE_RANGE
+        notes.append(f"stable at every lr of the grid up to lr_range's upper end {hi:g}: the largest stable lr lies above")
+    else:
+        status = FOUND
+        first_bad = int(np.argmin(ok))
+        if ok[first_bad:].any():
+            notes.append("the stable set is not an interval on the initial grid; the edge of the stable interval "
+                         "starting at lr_range's lower end is returned")
+        start = Bracket(float(grid[first_bad - 1]), float(grid[first_bad]), ok_lo=True)
+        (bracket,), more_rounds, more = log_bisect(stable, [start], candidates=candidates, rtol=rtol, max_rounds=max_rounds)
+        rounds, evaluations = rounds + more_rounds, evaluations + more
+        if bracket.width > rtol:
+            notes.append(f"max_rounds={max_rounds} reached before the bracket narrowed to rtol")
+        result = dict(max_lr=bracket.boundary, bracket=(bracket.lo, bracket.hi))
+    return MaxStableLR(**result, status=status, alpha=float(alpha), steps=steps, rtol=float(rtol), growth=float(growth),
+                       lr_range=(lo, hi), rounds=rounds, evaluations=evaluations,
+                       seconds=time.perf_counter() - start_time, notes=notes)
