@@ -89,7 +89,7 @@ def _leaves(tree):
 
 
 def test_models_tuple():
-    assert nets.MODELS == tuple(RESNET_DEPTHS) + tuple(VGG_CONVS)
+    assert nets.MODELS == tuple(RESNET_DEPTHS) + tuple(VGG_CONVS) + ("cnn",)
     assert isinstance(nets.MODELS, tuple)
 
 

@@ -40,6 +40,7 @@ _REGISTRY: dict[str, tuple[type[nnx.Module], int]] = {
     "vgg13": (VGG, 13),
     "vgg16": (VGG, 16),
     "vgg19": (VGG, 19),
+    "cnn": (VGG, 4),
 }
 
 MODELS: tuple[str, ...] = tuple(_REGISTRY)
@@ -58,7 +59,10 @@ def create(
 
     Args:
       name: ``"resnet20"``, ``"resnet32"``, ``"resnet44"``, ``"resnet56"``,
-        ``"resnet110"``, ``"vgg11"``, ``"vgg13"``, ``"vgg16"`` or ``"vgg19"``.
+        ``"resnet110"``, ``"vgg11"``, ``"vgg13"``, ``"vgg16"``, ``"vgg19"``, or
+        ``"cnn"``: a small VGG-style network (three 3x3 conv-BN-act blocks of
+        16/32/64 channels, each followed by a max-pool, then the linear
+        classifier), for the determinism benchmark and quick checks.
       num_classes: number of logits (>= 1).
       in_channels: input channels (3 for CIFAR, 1 for 28x28 greyscale).
       activation: ``"relu"`` or ``"swish"``.

@@ -37,6 +37,7 @@ CONFIGS: dict[int, tuple[int | str, ...]] = {
     13: (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),  # B
     16: (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),  # D
     19: (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"),  # E
+    4: (16, "M", 32, "M", 64, "M"),  # jaxcfl's "cnn": three conv-BN-act blocks, for quick checks on a CPU
 }
 
 
@@ -81,7 +82,7 @@ class VGG(nnx.Module):
         beta: float = 1.0,
         rngs: nnx.Rngs | int | None = None,
     ):
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth not in CONFIGS:
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth not in CONFIGS:  # 4: the small "cnn"
             raise ValueError(f"depth must be one of {tuple(CONFIGS)}, got {depth!r}")
         num_classes, in_channels, activation, beta = check_common(num_classes, in_channels, activation, beta)
         rngs = as_rngs(rngs)

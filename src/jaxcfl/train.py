@@ -1,0 +1,517 @@
+"""Lockstep training of k perturbed copies of a Flax network (Section 4, appendix C).
+
+The copies share one initialisation and the same batches, and differ only in the
+perturbation factor ``k`` of :func:`jaxcfl.perturb.perturbed_sgd`: one vmapped,
+jit-compiled step trains all of them. Everything that could vary between two
+runs is fixed by the seeds: the initialisation by ``init_seed``, the batch order
+by ``seed`` and the epoch, the augmentation by ``seed``, the epoch and the step.
+With the deterministic mode (:mod:`jaxcfl.determinism`) a run is reproducible bit
+for bit, and a run killed and resumed from its checkpoint ends with the same
+bytes as one that never stopped.
+
+Optimiser (the paper's): SGD with Nesterov momentum 0.9, weight decay 5e-4, lr
+0.1 divided by 10 at 20/40/60/80% of the epochs (epochs 40, 80, 120, 160 of 200),
+batch 128, random crop with padding 4 and horizontal flips.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax import Array
+
+from jaxcfl import _validate as v
+from jaxcfl import data as datasets
+from jaxcfl import nets
+from jaxcfl._io import atomic_open
+from jaxcfl.determinism import divergence, fingerprint
+from jaxcfl.perturb import perturbed_sgd
+
+PAPER_MILESTONES = (0.2, 0.4, 0.6, 0.8)
+"""lr drops at these fractions of the epochs: epochs 40, 80, 120 and 160 of 200."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What is trained, on what, and how. Every field is part of a run's identity.
+
+    Attributes:
+      model: one of :data:`jaxcfl.nets.MODELS`.
+      dataset: one of :data:`jaxcfl.data.DATASETS` (``"builtin"`` needs no files).
+      data_root: where the dataset's files are (see :func:`jaxcfl.data.load`).
+      activation, beta: ``"relu"`` or ``"swish"`` with Swish's beta.
+      epochs, batch_size: training length and batch (the last partial batch is dropped).
+      lr, momentum, nesterov, weight_decay: the optimiser.
+      milestones: epochs after which lr is multiplied by ``gamma``; ``None``: the
+        paper's schedule scaled to ``epochs`` (:data:`PAPER_MILESTONES`).
+      gamma: lr decay factor at each milestone.
+      augment: random crop (pad 4) and, if ``flip``, horizontal flips.
+      flip: ``None``: flips for CIFAR-10 and Fashion-MNIST, none for digits.
+      init_seed: seed of the shared initialisation.
+      train_size, test_size: use only the first n examples (``None``: all).
+      eval_batch_size: test examples per evaluation batch.
+      probe: substring of the parameter path whose divergence is logged every step
+        (Figure 2: "one conv layer"); ``None``: the first convolution kernel.
+    """
+
+    model: str = "resnet20"
+    dataset: str = "builtin"
+    data_root: str | None = None
+    activation: str = "relu"
+    beta: float = 1.0
+    epochs: int = 1
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    milestones: tuple[int, ...] | None = None
+    gamma: float = 0.1
+    augment: bool = True
+    flip: bool | None = None
+    init_seed: int = 0
+    train_size: int | None = None
+    test_size: int | None = None
+    eval_batch_size: int = 500
+    probe: str | None = None
+
+    def __post_init__(self) -> None:
+        v.check_choice("model", self.model, nets.MODELS)
+        v.check_choice("dataset", self.dataset, datasets.DATASETS)
+        v.check_choice("activation", self.activation, ("relu", "swish"))
+        v.check_positive("beta", self.beta)
+        v.check_int("epochs", self.epochs)
+        v.check_int("batch_size", self.batch_size)
+        v.check_int("eval_batch_size", self.eval_batch_size)
+        v.check_int("init_seed", self.init_seed, minimum=0)
+        v.check_positive("lr", self.lr)
+        v.check_unit_interval("momentum", self.momentum)
+        v.check_nonnegative("weight_decay", self.weight_decay)
+        v.check_positive("gamma", self.gamma)
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov=True needs momentum > 0")
+        for name in ("train_size", "test_size"):
+            if getattr(self, name) is not None:
+                v.check_int(name, getattr(self, name))
+        if self.milestones is not None:
+            object.__setattr__(self, "milestones", tuple(v.check_int("milestones", int(m), minimum=1)
+                                                         for m in self.milestones))
+
+    @property
+    def milestone_epochs(self) -> tuple[int, ...]:
+        if self.milestones is not None:
+            return self.milestones
+        return tuple(sorted({m for f in PAPER_MILESTONES if 0 < (m := int(round(f * self.epochs))) < self.epochs}))
+
+    @property
+    def uses_flip(self) -> bool:
+        return self.flip if self.flip is not None else self.dataset in ("cifar10", "fashion_mnist")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(self.milestone_epochs)
+        return d
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LockstepState:
+    """The k copies, stacked along axis 0 of every leaf."""
+
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+def _optimizer(lr: Array, k: Array, momentum: Array, weight_decay: Array, gamma: Array,
+               boundaries: tuple[int, ...], nesterov: bool) -> optax.GradientTransformation:
+    """perturbed_sgd with a step-decay schedule; every number traced."""
+    edges = jnp.asarray(boundaries if boundaries else (np.iinfo(np.int32).max,), jnp.int32)
+
+    def schedule(count):
+        return lr * gamma ** jnp.sum(count >= edges).astype(lr.dtype)
+
+    return perturbed_sgd(schedule, k, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+
+
+def cross_entropy(logits: Array, labels: Array) -> Array:
+    """Mean softmax cross-entropy of integer labels."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def _probe_mask(params: Any, probe: str | None) -> tuple[bool, ...]:
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    paths = [jax.tree_util.keystr(path) for path, _ in flat]
+    if probe is None:
+        hits = [i for i, (_, leaf) in enumerate(flat) if np.ndim(leaf) == 4][:1]
+    else:
+        hits = [i for i, p in enumerate(paths) if probe in p]
+    if not hits:
+        raise ValueError(f"probe {probe!r} matches no parameter; paths are e.g. {paths[:5]}")
+    return tuple(i in hits for i in range(len(flat)))
+
+
+def _divergence_to_first(stacked: Any, mask: tuple[bool, ...] | None = None) -> Array:
+    """Divergence of every copy's (masked) parameters from copy 0's, shape ``(copies,)``."""
+    leaves = jax.tree.leaves(stacked)
+    if mask is not None:
+        leaves = [leaf for leaf, keep in zip(leaves, mask) if keep]
+    flat = jnp.concatenate([leaf.reshape(leaf.shape[0], -1) for leaf in leaves], axis=1)
+    return jax.vmap(divergence, in_axes=(None, 0))(flat[0], flat)
+
+
+COPIES_MODES = ("auto", "vmap", "unroll")
+
+
+def resolve_copies_mode(mode: str) -> str:
+    """``"auto"``: ``"vmap"`` on GPU/TPU, ``"unroll"`` on CPU.
+
+    Both run the k copies in ONE jit-compiled step. ``vmap`` batches them; for a
+    convolutional network with different weights per copy, XLA turns each
+    convolution into a grouped convolution, which cuDNN runs well and XLA's CPU
+    backend runs several times slower than the separate convolutions
+    (``benchmarks/train_step.py`` measures it). ``unroll`` traces the copies one
+    after the other inside the same compiled step: ordinary convolutions, k
+    times the compile time.
+    """
+    v.check_choice("copies_mode", mode, COPIES_MODES)
+    if mode == "auto":
+        return "unroll" if jax.default_backend() == "cpu" else "vmap"
+    return mode
+
+
+def over_copies(fn: Callable, in_axes: tuple[int | None, ...], mode: str) -> Callable:
+    """``jax.vmap(fn, in_axes)``, or the same signature with the copies unrolled (``mode="unroll"``)."""
+    if mode == "vmap":
+        return jax.vmap(fn, in_axes=in_axes)
+
+    def unrolled(*args):
+        batched = [a for a, ax in zip(args, in_axes) if ax == 0]
+        copies = jax.tree.leaves(batched[0])[0].shape[0]
+        outs = [fn(*[jax.tree.map(lambda t, i=i: t[i], a) if ax == 0 else a for a, ax in zip(args, in_axes)])
+                for i in range(copies)]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+    return unrolled
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyper:
+    """Traced optimiser numbers: new values never recompile the step."""
+
+    lr: float
+    momentum: float
+    weight_decay: float
+    gamma: float
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> Hyper:
+        return cls(config.lr, config.momentum, config.weight_decay, config.gamma)
+
+    def arrays(self) -> tuple[Array, ...]:
+        return tuple(jnp.asarray(x, jnp.float32) for x in (self.lr, self.momentum, self.weight_decay, self.gamma))
+
+
+@functools.lru_cache(maxsize=16)
+def make_train_step(graphdef: nnx.GraphDef, *, nesterov: bool, boundaries: tuple[int, ...],
+                    probe_mask: tuple[bool, ...] | None = None, copies_mode: str = "auto") -> Callable:
+    """The jitted lockstep step ``(state, ks, x, y, hyper) -> (state, metrics)``.
+
+    ``ks`` has one perturbation factor per copy; ``x, y`` are one batch shared by
+    all copies; ``hyper`` is ``(lr, momentum, weight_decay, gamma)`` as arrays.
+    ``metrics`` holds each copy's loss, the divergence of all its parameters from
+    copy 0 and the divergence of the probed layer. Cached: runs that differ only
+    in numbers (lr, k, seeds, data) share one compiled step.
+    """
+
+    def one(params, batch_stats, opt_state, k, x, y, lr, momentum, weight_decay, gamma):
+        def loss_fn(p):
+            logits, new_stats = nets.apply(graphdef, p, batch_stats, x, train=True)
+            return cross_entropy(logits, y), new_stats
+
+        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        opt = _optimizer(lr, k, momentum, weight_decay, gamma, boundaries, nesterov)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_stats, opt_state, loss
+
+    batched = over_copies(one, (0, 0, 0, 0, None, None, None, None, None, None), resolve_copies_mode(copies_mode))
+
+    @jax.jit
+    def step(state: LockstepState, ks: Array, x: Array, y: Array, hyper: tuple[Array, ...]):
+        params, stats, opt_state, loss = batched(state.params, state.batch_stats, state.opt_state, ks, x, y, *hyper)
+        metrics = {"loss": loss, "divergence": _divergence_to_first(params)}
+        if probe_mask is not None:
+            metrics["probe_divergence"] = _divergence_to_first(params, probe_mask)
+        return LockstepState(params, stats, opt_state), metrics
+
+    return step
+
+
+@functools.lru_cache(maxsize=16)
+def make_eval_step(graphdef: nnx.GraphDef, copies_mode: str = "auto") -> Callable:
+    """Jitted ``(state, x, y, mask) -> correct`` per copy (BatchNorm on running statistics)."""
+
+    def one(params, batch_stats, x, y, mask):
+        logits, _ = nets.apply(graphdef, params, batch_stats, x, train=False)
+        return jnp.sum((jnp.argmax(logits, -1) == y) & mask)
+
+    batched = over_copies(one, (0, 0, None, None, None), resolve_copies_mode(copies_mode))
+    return jax.jit(lambda state, x, y, mask: batched(state.params, state.batch_stats, x, y, mask))
+
+
+@functools.lru_cache(maxsize=16)
+def _initialiser(model: str, in_channels: int, num_classes: int, activation: str, beta: float):
+    """``(graphdef, seed -> (params, batch_stats))``: one compiled program draws every weight
+    (eagerly, each new weight shape would compile its own random-number kernel)."""
+
+    def build(seed):
+        return nets.create(model, num_classes=num_classes, in_channels=in_channels, activation=activation,
+                           beta=beta, rngs=nnx.Rngs(jax.random.key(seed)))
+
+    graphdef = nets.split(nnx.eval_shape(lambda: build(0)))[0]
+    return graphdef, jax.jit(lambda seed: nets.split(build(seed))[1:])
+
+
+def init_lockstep(config: TrainConfig, ks: Sequence[float], in_channels: int, num_classes: int):
+    """Build the model once and stack ``len(ks)`` identical copies of it.
+
+    Returns:
+      ``(graphdef, state)``.
+    """
+    graphdef, initialise = _initialiser(config.model, in_channels, num_classes, config.activation, config.beta)
+    params, stats = initialise(jnp.uint32(config.init_seed))
+    copies = len(ks)
+    stack = lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (copies, *a.shape)).copy(), tree)
+    lr, momentum, wd, gamma = Hyper.of(config).arrays()
+    opt_state = _optimizer(lr, jnp.float32(1.0), momentum, wd, gamma, (), config.nesterov).init(params)
+    return graphdef, LockstepState(stack(params), stack(stats), stack(opt_state))
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """History of a lockstep run. Arrays have one column per copy (``ks``)."""
+
+    config: TrainConfig
+    ks: tuple[float, ...]
+    seed: int
+    epochs_done: int
+    test_accuracy: np.ndarray  # (epochs, copies)
+    train_loss: np.ndarray  # (epochs, copies)
+    divergence: np.ndarray  # (epochs, copies): all parameters, end of epoch
+    step_divergence: np.ndarray  # (steps, copies): all parameters, after every step
+    probe_divergence: np.ndarray  # (steps, copies): the probed layer, after every step
+    lr: np.ndarray  # (epochs,) lr in force during each epoch
+    fingerprints: tuple[str, ...]  # final parameters and batch statistics of each copy
+    seconds: float
+    compile_seconds: float
+
+    def final_accuracy(self, last: int = 10) -> np.ndarray:
+        """Mean test accuracy over the last ``min(last, epochs)`` epochs, per copy (appendix C)."""
+        n = min(last, self.epochs_done)
+        return self.test_accuracy[-n:].mean(axis=0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(), "ks": list(self.ks), "seed": self.seed, "epochs_done": self.epochs_done,
+            "test_accuracy": self.test_accuracy.tolist(), "train_loss": self.train_loss.tolist(),
+            "divergence": self.divergence.tolist(), "lr": self.lr.tolist(),
+            "final_accuracy": self.final_accuracy().tolist(), "fingerprints": list(self.fingerprints),
+            "seconds": self.seconds, "compile_seconds": self.compile_seconds,
+        }
+
+
+def _copy_fingerprints(state: LockstepState) -> tuple[str, ...]:
+    host = jax.device_get((state.params, state.batch_stats))
+    copies = jax.tree.leaves(host)[0].shape[0]
+    return tuple(fingerprint(jax.tree.map(lambda a, i=i: a[i], host)) for i in range(copies))
+
+
+def _save_checkpoint(out: Path, state: LockstepState, meta: dict[str, Any], curves: dict[str, np.ndarray]) -> None:
+    leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(jax.device_get(state))]
+    with atomic_open(out / "checkpoint.npz", "wb") as fh:
+        np.savez(fh, **curves, **{f"leaf_{i}": leaf for i, leaf in enumerate(leaves)})
+    with atomic_open(out / "checkpoint.json", "w") as fh:
+        json.dump(meta, fh, indent=1)
+
+
+def _load_checkpoint(out: Path, template: LockstepState, identity: dict[str, Any]):
+    meta_path = out / "checkpoint.json"
+    if not meta_path.exists():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("identity") != identity:
+        raise ValueError(f"out={str(out)!r} holds a checkpoint of a different run ({meta.get('identity')}); "
+                         f"use another directory or delete it")
+    with np.load(out / "checkpoint.npz") as z:
+        leaves, treedef = jax.tree.flatten(template)
+        saved = [z[f"leaf_{i}"] for i in range(len(leaves))]
+        curves = {name: z[name] for name in _CURVES}
+    for new, old in zip(saved, leaves):
+        if new.shape != old.shape or new.dtype != old.dtype:
+            raise ValueError(f"checkpoint in {str(out)!r} does not match the model ({new.shape} vs {old.shape})")
+    return jax.tree.unflatten(treedef, [jnp.asarray(a) for a in saved]), meta, curves
+
+
+_CURVES = ("step_divergence", "probe_divergence")
+
+
+def _write_metrics(out: Path, result: TrainResult) -> None:
+    lines = ["epoch,k,lr,train_loss,test_accuracy,divergence"]
+    for e in range(result.epochs_done):
+        for c, k in enumerate(result.ks):
+            lines.append(f"{e + 1},{k:g},{result.lr[e]:.8g},{result.train_loss[e, c]:.8g},"
+                         f"{result.test_accuracy[e, c]:.6f},{result.divergence[e, c]:.8g}")
+    with atomic_open(out / "metrics.csv", "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    with atomic_open(out / "metrics.json", "w") as fh:
+        json.dump(result.to_dict(), fh, indent=1)
+
+
+def load_data(config: TrainConfig):
+    """The dataset of ``config``, trimmed to ``train_size`` / ``test_size``, with its normalisation."""
+    x_train, y_train, x_test, y_test = datasets.load(config.dataset, config.data_root)
+    x_train, y_train = x_train[: config.train_size], y_train[: config.train_size]
+    x_test, y_test = x_test[: config.test_size], y_test[: config.test_size]
+    if config.batch_size > len(x_train):
+        raise ValueError(f"batch_size must be <= the number of training examples ({len(x_train)}), "
+                         f"got {config.batch_size}")
+    return x_train, y_train, x_test, y_test, datasets.info(config.dataset)
+
+
+def train(
+    config: TrainConfig,
+    ks: Sequence[float] = (1.0,),
+    *,
+    seed: int = 1,
+    out: str | Path | None = None,
+    progress: bool | None = None,
+    on_epoch: Callable[[int, TrainResult], None] | None = None,
+    copies_mode: str = "auto",
+) -> TrainResult:
+    """Train ``len(ks)`` perturbed copies in lockstep for ``config.epochs`` epochs.
+
+    Args:
+      config: the run (:class:`TrainConfig`).
+      ks: one perturbation factor per copy (all ``> 0``); the copies share the
+        initialisation and every batch.
+      seed: the batch order and augmentation (appendix C's "seed").
+      out: directory for ``checkpoint.npz``/``.json`` (written after every epoch,
+        atomically) and ``metrics.csv``/``.json``. An existing checkpoint of the
+        same run is resumed; one of a different run is refused.
+      progress: tqdm bar over the steps (``None``: when stderr is a terminal).
+      on_epoch: called as ``on_epoch(epoch, partial_result)`` after each epoch's
+        checkpoint is written.
+      copies_mode: how the copies share the compiled step (:func:`resolve_copies_mode`);
+        it changes speed, not results.
+
+    Returns:
+      :class:`TrainResult`.
+    """
+    ks = tuple(float(k) for k in ks)
+    if not ks:
+        raise ValueError("ks is empty; give at least one perturbation factor")
+    v.check_positive("ks", ks)
+    seed = v.check_int("seed", seed, minimum=0)
+    start = time.perf_counter()
+    x_train, y_train, x_test, y_test, meta = load_data(config)
+    steps_per_epoch = datasets.num_batches(len(x_train), config.batch_size)
+    boundaries = tuple(m * steps_per_epoch for m in config.milestone_epochs)
+    graphdef, state = init_lockstep(config, ks, meta.image_shape[-1], meta.num_classes)
+    mask = _probe_mask(jax.tree.map(lambda a: a[0], state.params), config.probe)
+    step_fn = make_train_step(graphdef, nesterov=config.nesterov, boundaries=boundaries, probe_mask=mask,
+                              copies_mode=copies_mode)
+    eval_fn = make_eval_step(graphdef, copies_mode)
+    hyper = Hyper.of(config).arrays()
+    ks_arr = jnp.asarray(ks, jnp.float32)
+    copies = len(ks)
+
+    history = {"test_accuracy": [], "train_loss": [], "divergence": [], "lr": []}
+    curves = {name: np.zeros((0, copies)) for name in _CURVES}
+    first_epoch = 0
+    identity = {"config": config.to_dict(), "ks": list(ks), "seed": seed}
+    out = Path(out) if out is not None else None
+    if out is not None:
+        restored = _load_checkpoint(out, state, identity)
+        if restored is not None:
+            state, ckpt, curves = restored
+            history = ckpt["history"]
+            first_epoch = ckpt["epochs_done"]
+
+    def result(epochs_done: int) -> TrainResult:
+        arr = lambda name: np.asarray(history[name], np.float64).reshape(epochs_done, -1)
+        return TrainResult(config, ks, seed, epochs_done, arr("test_accuracy"), arr("train_loss"),
+                           arr("divergence"), curves["step_divergence"], curves["probe_divergence"], np.asarray(history["lr"], np.float64),
+                           _copy_fingerprints(state), time.perf_counter() - start, compile_seconds)
+
+    def lr_at(epoch: int) -> float:
+        return config.lr * config.gamma ** sum(epoch >= m for m in config.milestone_epochs)
+
+    compile_seconds = 0.0
+    bar = None
+    if first_epoch < config.epochs:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=(config.epochs - first_epoch) * steps_per_epoch, disable=progress is False if progress
+                   is not None else None, desc=f"{config.model} seed {seed}", unit="step", leave=False)
+    for epoch in range(first_epoch, config.epochs):
+        losses, divs, probes = [], [], []
+        for i, (xb, yb) in enumerate(datasets.batches(x_train, y_train, config.batch_size, seed=seed, epoch=epoch)):
+            if config.augment:
+                xb = datasets.augment(xb, seed=seed, epoch=epoch, step=i, flip=config.uses_flip)
+            xb = datasets.normalize(xb, meta.mean, meta.std)
+            t0 = time.perf_counter()
+            state, metrics = step_fn(state, ks_arr, jnp.asarray(xb), jnp.asarray(yb), hyper)
+            if epoch == first_epoch and i == 0:
+                jax.block_until_ready(state)
+                compile_seconds = time.perf_counter() - t0
+            losses.append(metrics["loss"])
+            divs.append(metrics["divergence"])
+            probes.append(metrics["probe_divergence"])
+            if bar is not None:
+                bar.update()
+        losses = np.asarray(jax.device_get(losses))
+        for name, new in (("step_divergence", divs), ("probe_divergence", probes)):
+            curves[name] = np.concatenate([curves[name], np.asarray(jax.device_get(new))], axis=0)
+        history["train_loss"].append(losses.mean(axis=0).tolist())
+        history["test_accuracy"].append(evaluate(eval_fn, state, x_test, y_test, meta, config.eval_batch_size).tolist())
+        history["divergence"].append(np.asarray(_divergence_to_first(state.params)).tolist())
+        history["lr"].append(lr_at(epoch))
+        partial = result(epoch + 1)
+        if out is not None:
+            _save_checkpoint(out, state, {"identity": identity, "epochs_done": epoch + 1, "history": history}, curves)
+            _write_metrics(out, partial)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, partial)
+    if bar is not None:
+        bar.close()
+    return result(config.epochs)
+
+
+def evaluate(eval_fn: Callable, state: LockstepState, x: np.ndarray, y: np.ndarray, meta, batch_size: int) -> np.ndarray:
+    """Test accuracy of every copy, in fixed-size (padded) batches: one compilation."""
+    n = len(x)
+    if n == 0:
+        return np.full(jax.tree.leaves(state.params)[0].shape[0], np.nan)
+    size = min(batch_size, n)
+    correct = 0
+    for s in range(0, n, size):
+        xb, yb = x[s : s + size], y[s : s + size]
+        valid = len(xb)
+        if valid < size:
+            xb = np.concatenate([xb, np.zeros((size - valid, *xb.shape[1:]), xb.dtype)])
+            yb = np.concatenate([yb, np.zeros(size - valid, yb.dtype)])
+        mask = jnp.arange(size) < valid
+        correct = correct + eval_fn(state, jnp.asarray(datasets.normalize(xb, meta.mean, meta.std)),
+                                    jnp.asarray(yb), mask)
+    return np.asarray(correct, np.float64) / n

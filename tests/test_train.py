@@ -1,0 +1,135 @@
+"""The lockstep trainer: perturbed copies, determinism, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from jaxcfl import train as tr
+from jaxcfl.train import TrainConfig, train
+
+SMALL = dict(model="cnn", epochs=2, batch_size=64, train_size=192, test_size=64, eval_batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def lockstep():
+    return train(TrainConfig(**SMALL), ks=(1.0, 2.0, 4.0, 3.0), seed=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def alone():
+    return train(TrainConfig(**SMALL), ks=(3.0,), seed=1, progress=False)
+
+
+def test_powers_of_two_identical_odd_k_differs(lockstep):
+    f = lockstep.fingerprints
+    assert f[0] == f[1] == f[2]
+    assert f[3] != f[0]
+    assert np.all(lockstep.step_divergence[:, :3] == 0)
+    assert lockstep.step_divergence[-1, 3] > 0
+    assert lockstep.probe_divergence.shape == lockstep.step_divergence.shape == (2 * 3, 4)
+
+
+def test_history_shapes_and_schedule(lockstep):
+    r = lockstep
+    assert r.epochs_done == 2
+    assert r.test_accuracy.shape == r.train_loss.shape == r.divergence.shape == (2, 4)
+    assert np.all((r.test_accuracy >= 0) & (r.test_accuracy <= 1))
+    assert np.all(np.isfinite(r.train_loss))
+    assert r.final_accuracy().shape == (4,)
+    np.testing.assert_allclose(r.final_accuracy(1), r.test_accuracy[-1])
+    # 2 epochs: the paper's milestones (20/40/60/80%) scale to epoch 1 only... after rounding.
+    cfg = TrainConfig(**SMALL)
+    assert cfg.milestone_epochs == (1,)
+    np.testing.assert_allclose(r.lr, [0.1, 0.1 * 0.1])
+    assert TrainConfig(epochs=200).milestone_epochs == (40, 80, 120, 160)
+
+
+def test_lockstep_copy_equals_separate_run(lockstep, alone):
+    """A copy trained in lockstep is bit-identical to the same k trained alone (same compiled step per copy)."""
+    assert alone.fingerprints[0] == lockstep.fingerprints[3]
+    np.testing.assert_array_equal(alone.test_accuracy[:, 0], lockstep.test_accuracy[:, 3])
+
+
+def test_seed_changes_batch_order_not_initialisation(alone):
+    other = train(TrainConfig(**SMALL), ks=(3.0,), seed=2, progress=False)
+    assert other.fingerprints != alone.fingerprints
+    g1, s1 = tr.init_lockstep(TrainConfig(**SMALL), (1.0,), 1, 10)
+    g2, s2 = tr.init_lockstep(TrainConfig(**SMALL), (1.0,), 1, 10)
+    from jaxcfl.determinism import fingerprint
+
+    assert fingerprint(s1.params) == fingerprint(s2.params)
+
+
+def test_no_recompilation_for_new_numbers(alone, caplog):
+    """New lr, momentum, weight decay, k, seed and init seed reuse every compiled program."""
+    import jax
+
+    caplog.set_level(logging.WARNING)
+    with jax.log_compiles(True):
+        train(TrainConfig(**dict(SMALL, lr=0.05, momentum=0.5, weight_decay=1e-3, init_seed=7)), ks=(5.0,), seed=4,
+              progress=False)
+    compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    assert not [m for m in compiles if "step" in m or "lambda" in m or "one" in m], compiles
+
+
+def test_resume_after_interruption_gives_the_same_bytes(tmp_path, lockstep):
+    class Killed(Exception):
+        pass
+
+    def kill_after_first(epoch, partial):
+        if epoch == 1:
+            raise Killed
+
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        train(TrainConfig(**SMALL), ks=(1.0, 2.0, 4.0, 3.0), seed=1, out=out, progress=False, on_epoch=kill_after_first)
+    assert json.loads((out / "checkpoint.json").read_text())["epochs_done"] == 1
+    resumed = train(TrainConfig(**SMALL), ks=(1.0, 2.0, 4.0, 3.0), seed=1, out=out, progress=False)
+    assert resumed.fingerprints == lockstep.fingerprints
+    np.testing.assert_array_equal(resumed.test_accuracy, lockstep.test_accuracy)
+    np.testing.assert_array_equal(resumed.step_divergence, lockstep.step_divergence)
+    metrics = (out / "metrics.csv").read_text().splitlines()
+    assert metrics[0] == "epoch,k,lr,train_loss,test_accuracy,divergence" and len(metrics) == 1 + 2 * 4
+    assert json.loads((out / "metrics.json").read_text())["fingerprints"] == list(lockstep.fingerprints)
+    # A finished run is not recomputed, and a different run is refused.
+    again = train(TrainConfig(**SMALL), ks=(1.0, 2.0, 4.0, 3.0), seed=1, out=out, progress=False)
+    assert again.fingerprints == lockstep.fingerprints
+    with pytest.raises(ValueError, match="different run"):
+        train(TrainConfig(**SMALL), ks=(1.0, 3.0), seed=1, out=out, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(model="resnet7"), "model"),
+        (dict(dataset="imagenet"), "dataset"),
+        (dict(lr=-0.1), "lr"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(momentum=1.5), "momentum"),
+        (dict(epochs=0), "epochs"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(activation="gelu"), "activation"),
+        (dict(momentum=0.0, nesterov=True), "nesterov"),
+    ],
+)
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_bad_run_arguments():
+    cfg = TrainConfig(**SMALL)
+    with pytest.raises(ValueError, match="ks"):
+        train(cfg, ks=(), progress=False)
+    with pytest.raises(ValueError, match="ks"):
+        train(cfg, ks=(1.0, -3.0), progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        train(TrainConfig(**dict(SMALL, batch_size=512)), ks=(1.0,), progress=False)
+    with pytest.raises(ValueError, match="copies_mode"):
+        train(cfg, ks=(1.0,), progress=False, copies_mode="threads")
+    with pytest.raises(ValueError, match="probe"):
+        train(TrainConfig(**dict(SMALL, probe="no-such-layer")), ks=(1.0,), progress=False)
