@@ -147,6 +147,22 @@ def cmd_heat(args: argparse.Namespace) -> int:
 
 # --- jaxcfl reproduce ------------------------------------------------------------------------
 
+COMMANDS: dict[str, tuple[str, str]] = {
+    "variance": ("jaxcfl.experiments.variance",
+                 "appendix C: accuracy spread from last-bit perturbations (k) against batch order (seeds)"),
+    "determinism": ("jaxcfl.experiments.determinism_check",
+                    "bit-exact determinism: repeated processes, k vs k*2^n, odd k, deterministic mode on/off"),
+}
+"""Top-level commands that run one experiment module (same contract as :data:`EXPERIMENTS`)."""
+
+
+def cmd_module(args: argparse.Namespace) -> int:
+    module = importlib.import_module(args.module)
+    payload = module.main(args)
+    _emit(payload, args.json, lambda p: print(module.render(p)))
+    return 0
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     module = importlib.import_module(EXPERIMENTS[args.experiment][0])
     payload = module.main(args)
@@ -204,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(ex)
         ex.add_argument("--json", action="store_true", help="print pure JSON on stdout (progress on stderr)")
         ex.set_defaults(func=cmd_reproduce)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        cmd = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(cmd)
+        cmd.add_argument("--json", action="store_true", help="print pure JSON on stdout (progress on stderr)")
+        cmd.set_defaults(func=cmd_module, module=module_name)
     return parser
 
 

@@ -315,6 +315,7 @@ class TrainResult:
     fingerprints: tuple[str, ...]  # final parameters and batch statistics of each copy
     seconds: float
     compile_seconds: float
+    state: LockstepState | None = dataclasses.field(default=None, repr=False)  # the final copies (not serialised)
 
     def final_accuracy(self, last: int = 10) -> np.ndarray:
         """Mean test accuracy over the last ``min(last, epochs)`` epochs, per copy (appendix C)."""
@@ -452,7 +453,7 @@ def train(
         arr = lambda name: np.asarray(history[name], np.float64).reshape(epochs_done, -1)
         return TrainResult(config, ks, seed, epochs_done, arr("test_accuracy"), arr("train_loss"),
                            arr("divergence"), curves["step_divergence"], curves["probe_divergence"], np.asarray(history["lr"], np.float64),
-                           _copy_fingerprints(state), time.perf_counter() - start, compile_seconds)
+                           _copy_fingerprints(state), time.perf_counter() - start, compile_seconds, state)
 
     def lr_at(epoch: int) -> float:
         return config.lr * config.gamma ** sum(epoch >= m for m in config.milestone_epochs)

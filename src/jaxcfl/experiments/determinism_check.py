@@ -1,0 +1,169 @@
+"""``jaxcfl determinism``: is training bit-exact, and does k = 2^n change nothing (appendix B)?
+
+A small real network trains on the built-in digits with perturbed SGD, and the
+command reports:
+
+* whether the same lockstep run, repeated in separate processes, ends with the
+  same bytes: once with the deterministic mode on and once with it off
+  (:mod:`jaxcfl.determinism`), to show what the mode buys on this machine;
+* whether ``k`` and ``k 2^n`` give bit-identical weights (Table 2), both as copies
+  of one lockstep run and as separate runs;
+* that odd ``k`` differ from ``k = 1``;
+* the divergence between ``k = 1`` and ``k = 3`` after every step (Figure 2's
+  measure), written as a plot with its moving average.
+
+On a GPU: ``jaxcfl --deterministic determinism --model resnet20 --epochs 2`` (and
+the same without ``--deterministic``); the child processes inherit the mode's
+XLA flags (``--xla_gpu_deterministic_ops`` and friends) either way, since the
+check sets them per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxcfl._io import atomic_open
+from jaxcfl._text import table
+
+POWERS = (1.0, 2.0, 4.0)
+ODD = (3.0, 5.0)
+
+
+def _config(model: str, epochs: int, train_size: int | None, batch_size: int):
+    from jaxcfl.train import TrainConfig
+
+    return TrainConfig(model=model, epochs=epochs, train_size=train_size, test_size=256, batch_size=batch_size)
+
+
+def lockstep_weights(model: str, epochs: int, train_size: int | None, batch_size: int, seed: int) -> Any:
+    """Train the copies ``POWERS + ODD`` in lockstep; return their final weights and statistics.
+
+    Module level, so that :func:`jaxcfl.determinism.run_in_processes` can run it in a new process.
+    """
+    from jaxcfl.train import train
+
+    res = train(_config(model, epochs, train_size, batch_size), POWERS + ODD, seed=seed, progress=False)
+    return res.state.params, res.state.batch_stats
+
+
+def run(
+    *,
+    model: str = "cnn",
+    epochs: int = 2,
+    train_size: int | None = 640,
+    batch_size: int = 128,
+    seed: int = 1,
+    processes: int = 2,
+    out: str | Path | None = "jaxcfl-determinism",
+    log=lambda msg: print(msg, file=sys.stderr, flush=True),
+) -> dict[str, Any]:
+    """Run every check; returns the JSON payload."""
+    from jaxcfl.determinism import deterministic_mode_enabled, run_in_processes
+    from jaxcfl.train import train
+
+    start = time.perf_counter()
+    args = dict(model=model, epochs=epochs, train_size=train_size, batch_size=batch_size, seed=seed)
+    repeats = {}
+    for mode in (True, False):
+        log(f"[determinism] {processes} separate processes, deterministic mode {'on' if mode else 'off'} ...")
+        check = run_in_processes("jaxcfl.experiments.determinism_check:lockstep_weights", processes, kwargs=args,
+                                 deterministic=mode)
+        repeats["on" if mode else "off"] = check.to_dict()
+        log(f"[determinism]   identical: {check.identical}  [{sum(check.seconds):.1f}s]")
+
+    log(f"[determinism] this process: lockstep copies k={list(POWERS + ODD)}, and separate runs k=1, 2, 3 ...")
+    config = _config(model, epochs, train_size, batch_size)
+    lock = train(config, POWERS + ODD, seed=seed, progress=False)
+    ks = POWERS + ODD
+    prints = dict(zip(ks, lock.fingerprints))
+    separate = {k: train(config, (k,), seed=seed, progress=False).fingerprints[0] for k in (1.0, 2.0, 3.0)}
+    i3 = ks.index(3.0)
+    curve = lock.step_divergence[:, i3]
+    payload = {
+        "model": model, "epochs": epochs, "seed": seed, "steps": int(len(curve)),
+        "deterministic_mode_in_this_process": deterministic_mode_enabled(),
+        "repeated_processes": repeats,
+        "k_fingerprints": {f"{k:g}": prints[k] for k in ks},
+        "powers_of_two_identical": all(prints[k] == prints[1.0] for k in POWERS),
+        "odd_k_differ": all(prints[k] != prints[1.0] for k in ODD),
+        "separate_runs": {f"{k:g}": f for k, f in separate.items()},
+        "separate_k1_equals_k2": separate[1.0] == separate[2.0],
+        "separate_k3_differs": separate[3.0] != separate[1.0],
+        "separate_equals_lockstep": all(separate[k] == prints[k] for k in separate),
+        "divergence_k1_k3": curve.tolist(),
+        "seconds": time.perf_counter() - start,
+        "files": {},
+    }
+    if out is not None:
+        out = Path(out)
+        with atomic_open(out / "determinism.json", "w") as fh:
+            json.dump(payload, fh, indent=1)
+        payload["files"] = {"json": str(out / "determinism.json"), "plot": _plot(out / "determinism.png", curve)}
+    return payload
+
+
+def _plot(path: Path, curve: np.ndarray) -> str:
+    from jaxcfl.plot import _pyplot, moving_average, save
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    steps = np.arange(1, len(curve) + 1)
+    ax.plot(steps, curve, color="0.7", lw=0.8, label="after each step")
+    window = max(1, min(100, len(curve) // 5))
+    ax.plot(steps[window - 1:], moving_average(curve, window), color="C3", label=f"moving average ({window})")
+    if np.any(curve > 0):
+        ax.set_yscale("log")
+    ax.set(xlabel="step", ylabel="divergence of all weights", title="k = 1 vs k = 3")
+    ax.legend()
+    return save(fig, path)
+
+
+def render(payload: dict[str, Any]) -> str:
+    yes = lambda b: "yes" if b else "NO"
+    rep = payload["repeated_processes"]
+    rows = [
+        ["repeated processes bit-identical, deterministic mode on", yes(rep["on"]["identical"])],
+        ["repeated processes bit-identical, deterministic mode off", yes(rep["off"]["identical"])],
+        ["k = 1, 2, 4 bit-identical (lockstep copies)", yes(payload["powers_of_two_identical"])],
+        ["k = 3, 5 differ from k = 1 (lockstep copies)", yes(payload["odd_k_differ"])],
+        ["separate runs: k = 2 equals k = 1", yes(payload["separate_k1_equals_k2"])],
+        ["separate runs: k = 3 differs from k = 1", yes(payload["separate_k3_differs"])],
+        ["separate runs equal their lockstep copies", yes(payload["separate_equals_lockstep"])],
+    ]
+    curve = np.asarray(payload["divergence_k1_k3"])
+    marks = sorted({0, len(curve) // 4, len(curve) // 2, len(curve) - 1})
+    text = [f"{payload['model']}, {payload['epochs']} epoch(s) on the built-in digits, seed {payload['seed']}",
+            table(rows, ["check", "result"]),
+            "divergence k=1 vs k=3 after step " + ", ".join(f"{m + 1}: {curve[m]:.3g}" for m in marks),
+            f"[{payload['seconds']:.1f}s]"]
+    if payload["files"]:
+        text.append("files: " + ", ".join(payload["files"].values()))
+    return "\n".join(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from jaxcfl._cli_types import positive_int
+    from jaxcfl.nets import MODELS
+
+    parser.add_argument("--model", choices=MODELS, default="cnn", help="network (default: the small cnn)")
+    parser.add_argument("--epochs", type=positive_int, default=2)
+    parser.add_argument("--train-size", type=positive_int, default=640,
+                        help="first N training images (default 640: 5 steps of 128 per epoch)")
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--processes", type=positive_int, default=2, help="separate processes per mode (default 2)")
+    parser.add_argument("--out", default="jaxcfl-determinism", help="output directory (default ./jaxcfl-determinism)")
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    if args.processes < 2:
+        raise ValueError(f"--processes must be >= 2 to compare runs, got {args.processes}")
+    return run(model=args.model, epochs=args.epochs, train_size=args.train_size, batch_size=args.batch_size,
+               seed=args.seed, processes=args.processes, out=args.out)

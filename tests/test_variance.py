@@ -1,0 +1,96 @@
+"""`jaxcfl variance` (appendix C) and `jaxcfl determinism` at toy sizes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxcfl import cli
+from jaxcfl.determinism import ProcessCheck
+
+TINY = ["--model", "cnn", "--train-size", "128", "--test-size", "64", "--batch-size", "64", "--epochs", "2"]
+
+
+def test_variance_cli_json_and_resume(tmp_path, capsys):
+    out = tmp_path / "var"
+    argv = ["variance", *TINY, "--k", "1", "2", "3", "--seeds", "1", "2", "--out", str(out), "--json"]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    payload = json.loads(captured.out)  # stdout is pure JSON
+    assert "[variance]" in captured.err
+    runs = payload["runs"]
+    assert sorted((r["k"], r["seed"]) for r in runs) == [(k, s) for k in (1.0, 2.0, 3.0) for s in (1, 2)]
+    acc = np.array([[next(r["final_accuracy"] for r in runs if r["k"] == k and r["seed"] == s) for s in (1, 2)]
+                    for k in (1.0, 2.0, 3.0)])
+    assert np.all((acc >= 0) & (acc <= 100))
+    np.testing.assert_array_equal(acc[0], acc[1])  # k = 2 is bit-identical to k = 1
+    # Population std, across k per seed and across seeds per k.
+    np.testing.assert_allclose([payload["std_over_k"][s] for s in ("1", "2")], acc.std(axis=0))
+    np.testing.assert_allclose([payload["std_over_seeds"][k] for k in ("1", "2", "3")], acc.std(axis=1))
+    assert payload["mean_std_over_k"] == pytest.approx(acc.std(axis=0).mean())
+    fp = payload["fingerprints"]
+    assert fp["1"][0] == fp["1"][1] != fp["1"][2]
+    for name in ("variance.csv", "variance.json", "variance.png", "seed1/checkpoint.npz", "seed2/metrics.csv"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "variance.csv").read_text().splitlines()[0] == "k,seed,final_accuracy"
+    # Rerun: every epoch is reused from the checkpoints, same numbers.
+    assert cli.main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["runs"] == runs and again["fingerprints"] == fp
+    # The table layout.
+    assert cli.main(argv[:-1]) == 0
+    text = capsys.readouterr().out
+    assert "std over k" in text and "std over seeds" in text
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [(["--model", "resnet7"], "model"), (["--k", "0"], "k"), (["--lr", "-1"], "lr"), (["--epochs", "0"], "epochs")],
+)
+def test_variance_bad_input(extra, match, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["variance", *extra])
+    assert match in capsys.readouterr().err
+
+
+def test_variance_repeated_values_refused(tmp_path):
+    from jaxcfl.experiments import variance
+
+    with pytest.raises(ValueError, match="repeat"):
+        variance.run(ks=(1, 1), seeds=(1,), out=None)
+
+
+def test_determinism_cli(tmp_path, capsys, monkeypatch):
+    """The in-process checks; the separate processes are replaced (tests/test_determinism.py runs real ones)."""
+    from jaxcfl import determinism
+
+    calls = []
+
+    def fake(target, n, *, kwargs, deterministic):
+        calls.append((target, n, deterministic))
+        return ProcessCheck(target, ("a",) * n, (0.0,) * n, deterministic)
+
+    monkeypatch.setattr(determinism, "run_in_processes", fake)
+    out = tmp_path / "det"
+    argv = ["determinism", "--train-size", "128", "--batch-size", "64", "--out", str(out), "--json"]
+    assert cli.main(argv) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert [c[2] for c in calls] == [True, False]
+    assert calls[0][0] == "jaxcfl.experiments.determinism_check:lockstep_weights"
+    assert payload["powers_of_two_identical"] and payload["odd_k_differ"]
+    assert payload["separate_k1_equals_k2"] and payload["separate_k3_differs"] and payload["separate_equals_lockstep"]
+    assert len(payload["divergence_k1_k3"]) == payload["steps"] == 4
+    assert payload["divergence_k1_k3"][-1] > 0
+    assert (out / "determinism.png").stat().st_size > 0
+    assert json.loads((out / "determinism.json").read_text())["steps"] == 4
+
+
+@pytest.mark.slow
+def test_determinism_cli_real_processes(tmp_path, capsys):
+    argv = ["determinism", "--train-size", "128", "--batch-size", "64", "--out", str(tmp_path), "--json"]
+    assert cli.main(argv) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["repeated_processes"]["on"]["identical"]
+    assert payload["powers_of_two_identical"] and payload["odd_k_differ"]
