@@ -1,9 +1,10 @@
 """jaxcfl: numerical stability of deep-network training as the discretisation of a PDE."""
 
-from jaxcfl import heat, theory
+from jaxcfl import data, heat, nets, perturb, theory
 from jaxcfl.bisect import EmpiricalBounds, empirical_bounds, log_bisect
 from jaxcfl.classify import Rule, classify
-from jaxcfl.determinism import divergence, fingerprint
+from jaxcfl.determinism import divergence, enable_deterministic_mode, fingerprint, run_in_processes
+from jaxcfl.perturb import perturb_update, perturbed_sgd, ulp_perturb
 from jaxcfl.images import checkerboard
 from jaxcfl.integration import Diagnostics, Trajectory, diagnose, integrate, integrate_many
 from jaxcfl.problem import (
@@ -23,6 +24,8 @@ from jaxcfl.rounding import scaled_update
 from jaxcfl.schemes import SCHEMES, State, euler_step, init, nesterov_step
 from jaxcfl.spectral import lanczos_extremes
 from jaxcfl.sweeps import SweepResult, config_mesh, sweep
+from jaxcfl import train  # the module: jaxcfl.train.train(config, ks, ...)
+from jaxcfl.train import TrainConfig, TrainResult
 
 from jaxcfl._version import __version__
 
@@ -44,7 +47,9 @@ __all__ = [
     "correlate",
     "correlate_adjoint",
     "diagnose",
+    "data",
     "divergence",
+    "enable_deterministic_mode",
     "empirical_bounds",
     "euler_step",
     "fingerprint",
@@ -60,7 +65,16 @@ __all__ = [
     "make_hyper",
     "make_problem",
     "nesterov_step",
+    "nets",
+    "perturb",
+    "perturb_update",
+    "perturbed_sgd",
+    "run_in_processes",
     "scaled_update",
     "sweep",
     "theory",
+    "train",
+    "TrainConfig",
+    "TrainResult",
+    "ulp_perturb",
 ]
