@@ -94,3 +94,27 @@ def test_reproduce_table5_small(tmp_path, capsys):
     # A second run reuses the finished rows instead of recomputing them.
     assert cli.main(argv) == 0
     assert "reusing" in capsys.readouterr().err
+
+
+def test_deterministic_flag_enables_the_mode(monkeypatch, capsys):
+    from jaxcfl import determinism
+
+    calls = []
+    monkeypatch.setattr(determinism, "enable_deterministic_mode", lambda: calls.append(1) or {})
+    monkeypatch.delenv("JAXCFL_DETERMINISTIC", raising=False)
+    assert cli.main(["heat", "--json", "--steps", "3"]) == 0
+    assert calls == []
+    assert cli.main(["--deterministic", "heat", "--json", "--steps", "3"]) == 0
+    assert calls == [1]
+    monkeypatch.setenv("JAXCFL_DETERMINISTIC", "1")
+    assert cli.main(["heat", "--json", "--steps", "3"]) == 0
+    assert calls == [1, 1]
+    capsys.readouterr()
+
+
+def test_top_level_commands_have_help(capsys):
+    for command in ("variance", "determinism"):
+        with pytest.raises(SystemExit) as exc:
+            cli.main([command, "--help"])
+        assert exc.value.code == 0
+        assert "--json" in capsys.readouterr().out
