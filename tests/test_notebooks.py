@@ -10,7 +10,7 @@ import pytest
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
-@pytest.mark.parametrize("name", ["table5_figure3.ipynb"])
+@pytest.mark.parametrize("name", ["table5_figure3.ipynb", "restrained_eos_appendix_f.ipynb"])
 def test_notebook_runs_at_small_size(name, monkeypatch, tmp_path):
     matplotlib.use("Agg")
     monkeypatch.setenv("JAXCFL_NOTEBOOK_SMALL", "1")

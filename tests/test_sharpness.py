@@ -259,7 +259,7 @@ def test_one_layer_sharpness_along_integrate():
 def test_plot_sharpness_draws_the_two_over_lr_line(tmp_path):
     pytest.importorskip("matplotlib")
     from jaxcfl import plot
-    from jaxcfl._plot_sharpness import plot_sharpness
+    from jaxcfl.plot import plot_sharpness
 
     params, mat = _quad_setup(jnp.float32)
     traj = sharpness_trajectory(quadratic, params, mat, lr=0.15, steps=20, every=10)

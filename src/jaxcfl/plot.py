@@ -1,4 +1,5 @@
-"""Plots: stability maps with the theoretical CFL curves, loss and divergence curves.
+"""Plots: stability maps with the theoretical CFL curves, loss and divergence curves, sharpness
+(Edge of Stability) and appendix F's max-stable-lr ratio.
 
 matplotlib is imported lazily (the Agg backend is used when no display is set),
 so importing :mod:`jaxcfl` never needs it.
@@ -7,7 +8,7 @@ so importing :mod:`jaxcfl` never needs it.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -135,6 +136,86 @@ def moving_average(values: np.ndarray, window: int = 100) -> np.ndarray:
     window = max(1, min(window, values.size))
     kernel = np.ones(window) / window
     return np.convolve(values, kernel, mode="valid")
+
+
+def _axes(ax=None):
+    """``(figure, axes)``: those of ``ax``, or a new 6.4 x 4.8 figure."""
+    if ax is None:
+        return _pyplot().subplots(figsize=(6.4, 4.8))
+    return ax.figure, ax
+
+
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str):
+    """Axis labels, title and legend; returns the (tightened) figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_sharpness(trajectories, *, labels: Sequence[str] | None = None, ax=None, title: str = "", log: bool = False):
+    """Sharpness against step with the ``2 / lr`` line: the Edge of Stability plot (Cohen et al. 2021).
+
+    Args:
+      trajectories: one :class:`jaxcfl.sharpness.SharpnessTrajectory` or a sequence
+        (e.g. one per learning rate); each is drawn with its ``threshold`` as a dashed
+        horizontal line of the same colour.
+      labels: legend labels (default ``"lr = ..."``).
+      ax: matplotlib axes (a new figure if ``None``).
+      title: the axes title.
+      log: logarithmic sharpness axis.
+
+    Returns:
+      The matplotlib figure.
+    """
+    if not isinstance(trajectories, Sequence):
+        trajectories = [trajectories]
+    fig, ax = _axes(ax)
+    cmap = _pyplot().get_cmap("viridis")
+    for i, traj in enumerate(trajectories):
+        colour = cmap(i / max(1, len(trajectories) - 1)) if len(trajectories) > 1 else "C0"
+        label = labels[i] if labels is not None else f"lr = {traj.lr:g}"
+        ax.plot(traj.step, np.asarray(traj.sharpness, float), color=colour, lw=1.2, label=label)
+        name = "2/lr" if np.isclose(traj.threshold * traj.lr, 2.0) else "stability limit"
+        ax.axhline(traj.threshold, color=colour, ls="--", lw=1.0, label=f"{name} = {traj.threshold:.4g}")
+    if log:
+        ax.set_yscale("log")
+    return _finish(fig, ax, "iteration", "sharpness (largest Hessian eigenvalue)", title)
+
+
+def ratio_vs_alpha(rows: Sequence[Mapping[str, Any]], *, predicted: bool = True, ax=None,
+                   title: str = "Appendix F: largest stable lr / (2/alpha)"):
+    """Appendix F's figure: ``max_lr / (2 / alpha)`` against ``alpha`` (log x), one line per model.
+
+    Args:
+      rows: mappings with ``"model"``, ``"alpha"`` and ``"ratio"`` (``None``/NaN: not found),
+        e.g. the rows of ``jaxcfl reproduce appendix-f``; optionally ``"predicted_ratio"``.
+      predicted: also draw ``predicted_ratio`` (eq 50 for a quadratic, ``alpha / (alpha + l_max)``)
+        dotted in the model's colour, where the rows have it.
+      ax: matplotlib axes (a new figure if ``None``).
+      title: the axes title.
+
+    Returns:
+      The matplotlib figure, with the horizontal line at 1 (eq 51: ``dt < 2 / alpha``).
+
+    References:
+      Sun et al., JMLR 25(174) 2024, appendix F, eqs 50-51 and its figure.
+    """
+    fig, ax = _axes(ax)
+    as_float = lambda x: np.nan if x is None else float(x)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    for i, model in enumerate(models):
+        mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["alpha"])
+        alpha = np.array([r["alpha"] for r in mine], float)
+        ax.plot(alpha, [as_float(r["ratio"]) for r in mine], "o-", color=f"C{i}", lw=1.5, label=model)
+        guess = np.array([as_float(r.get("predicted_ratio")) for r in mine])
+        if predicted and np.isfinite(guess).any():
+            ax.plot(alpha, guess, ":", color=f"C{i}", lw=1.2, label=f"{model}: alpha/(alpha + l_max)")
+    ax.axhline(1.0, color="k", ls="--", lw=1.0, label="2/alpha (eq 51)")
+    ax.set_xscale("log")
+    return _finish(fig, ax, "weight decay alpha", "max stable lr / (2/alpha)", title)
 
 
 def save(fig: Any, path: str | os.PathLike) -> str:
