@@ -3,6 +3,7 @@
 from jaxcfl import data, heat, nets, perturb, theory
 from jaxcfl.bisect import EmpiricalBounds, empirical_bounds, log_bisect
 from jaxcfl.classify import Rule, classify
+from jaxcfl.curvature import MaxStableLR, SharpnessTrajectory, integrate_sharpness, max_stable_lr, sharpness, sharpness_trajectory
 from jaxcfl.determinism import divergence, enable_deterministic_mode, fingerprint, run_in_processes
 from jaxcfl.perturb import perturb_update, perturbed_sgd, ulp_perturb
 from jaxcfl.images import checkerboard
@@ -59,6 +60,9 @@ __all__ = [
     "init",
     "integrate",
     "integrate_many",
+    "integrate_sharpness",
+    "MaxStableLR",
+    "max_stable_lr",
     "lanczos_extremes",
     "log_bisect",
     "loss",
@@ -71,6 +75,9 @@ __all__ = [
     "perturbed_sgd",
     "run_in_processes",
     "scaled_update",
+    "sharpness",
+    "SharpnessTrajectory",
+    "sharpness_trajectory",
     "sweep",
     "theory",
     "train",

@@ -57,7 +57,7 @@ from jaxcfl import _validate as v
 from jaxcfl import data, nets, plot, theory
 from jaxcfl._io import atomic_open
 from jaxcfl._text import table
-from jaxcfl.sharpness import BELOW_RANGE, FOUND, max_stable_lr, sharpness
+from jaxcfl.curvature import BELOW_RANGE, FOUND, max_stable_lr, sharpness
 from jaxcfl.train import cross_entropy
 
 MODELS = ("mlp", "cnn", "resnet20")

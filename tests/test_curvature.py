@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxcfl
-from jaxcfl.sharpness import (
+from jaxcfl.curvature import (
     ABOVE_RANGE,
     BELOW_RANGE,
     FOUND,
