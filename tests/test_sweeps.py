@@ -25,7 +25,7 @@ EXPECTED = ["divergent", "divergent", "stable", "stable", "stable", "divergent",
 
 
 @pytest.mark.parametrize("scheme, lr", [("gd", 1e-4), ("nesterov", 0.01)])
-@pytest.mark.parametrize("operator", ["fft", "dense"])
+@pytest.mark.parametrize("operator", ["fft", "dense", "separable"])
 def test_sweep_statuses_follow_the_windowed_theory(scheme, lr, operator):
     lo, hi = theory.windowed_alpha_bounds(IMG, W, lr, scheme=scheme)
     assert lo < hi
@@ -152,10 +152,13 @@ FOUR_DEVICES = textwrap.dedent(
     """
     import json, numpy as np, jax, jaxcfl
     assert len(jax.devices()) == 4, jax.devices()
-    res = jaxcfl.sweep(np.asarray(jaxcfl.checkerboard(32)), 8, [1e-4, 5e-5], np.geomspace(5e3, 5e4, 5),
-                       steps=200, chunk_size=6, progress=False, operator="fft", compare_k=3.0)
-    print(json.dumps(dict(status=res.status.tolist(), norm=res.metrics["final_norm"].tolist(),
-                          div=res.metrics["divergence"].tolist())))
+    out = {}
+    for op in ("fft", "separable"):
+        res = jaxcfl.sweep(np.asarray(jaxcfl.checkerboard(32)), 8, [1e-4, 5e-5], np.geomspace(5e3, 5e4, 5),
+                           steps=200, chunk_size=6, progress=False, operator=op, compare_k=3.0)
+        out[op] = dict(status=res.status.tolist(), norm=res.metrics["final_norm"].tolist(),
+                       div=res.metrics["divergence"].tolist())
+    print(json.dumps(out))
     """
 )
 
@@ -164,9 +167,10 @@ def test_four_host_devices_give_the_same_results():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", FOUR_DEVICES], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    sharded = json.loads(out.stdout.strip().splitlines()[-1])
-    res = jaxcfl.sweep(IMG, W, [1e-4, 5e-5], np.geomspace(5e3, 5e4, 5), steps=200, chunk_size=6, progress=False,
-                       operator="fft", compare_k=3.0)
-    assert sharded["status"] == res.status.tolist()
-    np.testing.assert_allclose(np.array(sharded["norm"], float), res.metrics["final_norm"], rtol=1e-5)
-    np.testing.assert_allclose(np.array(sharded["div"], float), res.metrics["divergence"], rtol=1e-4, atol=1e-7)
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    for op, sharded in results.items():
+        res = jaxcfl.sweep(IMG, W, [1e-4, 5e-5], np.geomspace(5e3, 5e4, 5), steps=200, chunk_size=6, progress=False,
+                           operator=op, compare_k=3.0)
+        assert sharded["status"] == res.status.tolist()
+        np.testing.assert_allclose(np.array(sharded["norm"], float), res.metrics["final_norm"], rtol=1e-5)
+        np.testing.assert_allclose(np.array(sharded["div"], float), res.metrics["divergence"], rtol=1e-4, atol=1e-7)

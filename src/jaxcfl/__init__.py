@@ -20,6 +20,11 @@ from jaxcfl.problem import (
     loss,
     make_hyper,
     make_problem,
+    normal_operator,
+    separable_factors,
+    separable_pays,
+    with_dense_operator,
+    with_separable_operator,
 )
 from jaxcfl.rounding import scaled_update
 from jaxcfl.schemes import SCHEMES, State, euler_step, init, nesterov_step
@@ -70,11 +75,14 @@ __all__ = [
     "make_problem",
     "nesterov_step",
     "nets",
+    "normal_operator",
     "perturb",
     "perturb_update",
     "perturbed_sgd",
     "run_in_processes",
     "scaled_update",
+    "separable_factors",
+    "separable_pays",
     "sharpness",
     "SharpnessTrajectory",
     "sharpness_trajectory",
@@ -84,4 +92,6 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "ulp_perturb",
+    "with_dense_operator",
+    "with_separable_operator",
 ]

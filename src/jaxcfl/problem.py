@@ -37,12 +37,26 @@ paper's own amplifier, eq 23):
 * The constant (forcing) term is the exact windowed ``Ibar = C^T 1``; the
   reference code uses ``mean(I)``. It does not enter any stability bound.
 
-Correlations are computed by real FFTs of the image's size. For a valid
-correlation no padding is needed: the circular correlation agrees with the
-valid one on every output the valid one has. The image transform is computed
-once, in :func:`make_problem`. The 2-D transforms are split into row and
-column passes so that the rows known to be zero (a ``w x w`` kernel inside an
-``N x N`` grid) or not needed (a ``w x w`` adjoint output) are never transformed.
+Correlations are computed in one of two ways (``operator`` of :func:`make_problem`):
+
+* ``"fft"``, for any image: real FFTs of the image's size. For a valid
+  correlation no padding is needed: the circular correlation agrees with the
+  valid one on every output the valid one has. The image transform is computed
+  once, in :func:`make_problem`. The 2-D transforms are split into row and
+  column passes so that the rows known to be zero (a ``w x w`` kernel inside an
+  ``N x N`` grid) or not needed (a ``w x w`` adjoint output) are never transformed.
+* ``"separable"``, for an image of low rank ``r``, ``I = sum_j u_j v_j^T`` (the
+  checkerboard has ``r = 1``): with the Toeplitz matrices ``T_u[x, z] = u[x + z]``,
+  ``C K = sum_j T_{u_j} K T_{v_j}^T`` and ``C^T R = sum_j T_{u_j}^T R T_{v_j}``,
+  and the windowed normal operator is ``W C^T C W K = sum_{i,j} (T_{u_i}^T T_{u_j})
+  K (T_{v_j}^T T_{v_i})``. These are small matrix products
+  (``2 r (w^2 M + w M^2)`` multiply-adds per correlation pair, ``2 r^2 w^3`` for the
+  normal operator) instead of four ``N x N`` FFTs. The factors come from
+  :func:`separable_factors` (Gaussian elimination with complete pivoting, exact
+  for integer images such as the checkerboard). Same scheme, different rounding.
+
+``"auto"`` (the default) takes ``"separable"`` when the image is concrete, has
+such factors and the products cost less than the FFTs (:func:`separable_pays`).
 """
 
 from __future__ import annotations
@@ -61,6 +75,12 @@ from jaxcfl import _validate as v
 
 POOLS = ("sum", "mean")
 MODELS = ("nonlinear", "linear", "nonconstant", "activated")
+OPERATORS = ("auto", "fft", "separable")
+# Break-even of "auto": separable products are used while their multiply-adds per
+# correlation stay below FFT_COST_FACTOR * N0 N1 log2(N0 N1). Measured on CPU with
+# benchmarks/operator_choice.py (benchmarks/README.md): the break-even lies at 7-15;
+# 6 keeps a margin, so that "auto" never picks the slower path.
+FFT_COST_FACTOR = 6.0
 
 
 @jax.tree_util.register_dataclass
@@ -74,6 +94,11 @@ class Problem:
     ``W C^T C W`` as a dense ``w^2 x w^2`` matrix: the linearised models then
     apply it by a matrix product, which for many configurations at once is a
     single GEMM and much faster than two FFT correlations per configuration.
+    ``toeplitz``, when set (``operator="separable"``), holds the Toeplitz
+    stacks ``(T_u, T_v)`` of the image's rank-``r`` factors, shapes
+    ``(r, M0, w)`` and ``(r, M1, w)``, and ``gram`` the products
+    ``(T_{u_i}^T T_{u_j}, T_{v_i}^T T_{v_j})``, shapes ``(r, r, w, w)``; every
+    correlation is then a few small matrix products (module docstring).
     """
 
     image: Array
@@ -82,6 +107,18 @@ class Problem:
     kernel_size: int = dataclasses.field(metadata=dict(static=True))
     pool: str = dataclasses.field(metadata=dict(static=True))
     normal_matrix: Array | None = None
+    toeplitz: tuple[Array, Array] | None = None
+    gram: tuple[Array, Array] | None = None
+
+    @property
+    def operator(self) -> str:
+        """How correlations are computed: ``"separable"`` or ``"fft"`` (see :func:`make_problem`)."""
+        return "separable" if self.toeplitz is not None else "fft"
+
+    @property
+    def rank(self) -> int | None:
+        """The number of separable factors of the image, or ``None`` on the FFT path."""
+        return None if self.toeplitz is None else int(self.toeplitz[0].shape[0])
 
     @property
     def image_shape(self) -> tuple[int, int]:
@@ -167,7 +204,15 @@ def make_hyper(
     return Hyper(**{name: jnp.broadcast_to(x, shape) for name, x in arrays.items()})
 
 
-def make_problem(image: ArrayLike, kernel_size: int, *, pool: str = "sum", dtype: DTypeLike | None = None) -> Problem:
+def make_problem(
+    image: ArrayLike,
+    kernel_size: int,
+    *,
+    pool: str = "sum",
+    dtype: DTypeLike | None = None,
+    operator: str = "auto",
+    max_rank: int | None = None,
+) -> Problem:
     """Set up the one-layer CNN problem for ``image`` and a ``kernel_size`` window.
 
     Args:
@@ -175,14 +220,23 @@ def make_problem(image: ArrayLike, kernel_size: int, *, pool: str = "sum", dtype
       kernel_size: ``w``; the kernel and its window are ``w x w``.
       pool: ``"sum"`` (the equations) or ``"mean"`` (Figure 4).
       dtype: floating dtype; defaults to the image's floating dtype, else JAX's default.
+      operator: ``"fft"`` (any image), ``"separable"`` (a low-rank image; module
+        docstring) or ``"auto"``: separable when the image is concrete, has at
+        most ``max_rank`` separable factors and :func:`separable_pays`, else FFT.
+      max_rank: the most factors to look for (default: the largest rank for
+        which the separable products are cheaper than the FFTs).
 
     Raises:
       ValueError: for a non-2-D or non-finite image, a kernel larger than the
-        image, or an unknown pool.
+        image, an unknown pool or operator, or ``operator="separable"`` with an
+        image that is traced or has no factorisation of rank ``<= max_rank``.
     """
     v.check_image(image)
     kernel_size = v.check_int("kernel_size", kernel_size, minimum=1)
     v.check_choice("pool", pool, POOLS)
+    v.check_choice("operator", operator, OPERATORS)
+    if max_rank is not None:
+        max_rank = v.check_int("max_rank", max_rank, minimum=1)
     shape = np.shape(image)
     if kernel_size > min(shape):
         raise ValueError(f"kernel_size={kernel_size} is larger than the image of shape {shape}; it must be <= {min(shape)}")
@@ -194,7 +248,109 @@ def make_problem(image: ArrayLike, kernel_size: int, *, pool: str = "sum", dtype
     image_hat = jnp.fft.rfft2(img)
     ones = jnp.ones((shape[0] - kernel_size + 1, shape[1] - kernel_size + 1), dtype)
     window_sum = _adjoint(image_hat, ones, shape, kernel_size)
-    return Problem(image=img, image_hat=image_hat, window_sum=window_sum, kernel_size=kernel_size, pool=pool)
+    problem = Problem(image=img, image_hat=image_hat, window_sum=window_sum, kernel_size=kernel_size, pool=pool)
+    if operator == "fft":
+        return problem
+    concrete = v.is_concrete(image)
+    if not concrete:
+        if operator == "separable":
+            raise ValueError("operator='separable' needs a concrete image (its factors are found on the host); "
+                             "this one is traced: build the problem outside jit, or use operator='fft'")
+        return problem
+    limit = max_rank if max_rank is not None else _cheapest_rank(shape, kernel_size)
+    factors = separable_factors(image, max_rank=limit, dtype=dtype) if limit >= 1 else None
+    if factors is None:
+        if operator == "separable":
+            raise ValueError(f"operator='separable': the image has no separable factorisation of rank <= {limit} "
+                             f"(max_rank) to the precision of {np.dtype(dtype).name}; use operator='fft'")
+        return problem
+    return with_separable_operator(problem, *factors)
+
+
+# --- separable (low-rank) images ----------------------------------------------------
+
+def separable_factors(image: ArrayLike, *, max_rank: int = 8, dtype: DTypeLike | None = None,
+                      rtol: float | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Factors ``U (N0 x r)``, ``V (N1 x r)`` with ``image = U V^T`` to rounding, or ``None``.
+
+    Gaussian elimination with complete pivoting (a skeleton / cross
+    decomposition), in float64: each step takes the largest remaining entry
+    ``R[i, j]`` as pivot and removes the rank-1 term ``R[:, j] R[i, :] / R[i, j]``.
+    It stops when every entry of the remainder is at most ``rtol * max|image|``
+    (default ``4 eps`` of ``dtype``, i.e. below the rounding of the image in the
+    working precision) and returns ``None`` if that takes more than ``max_rank``
+    steps. For an integer image such as the checkerboard the factors are exact.
+    Cost ``O(N0 N1 r)``.
+    """
+    max_rank = v.check_int("max_rank", max_rank, minimum=1)
+    rest = np.array(image, dtype=np.float64)
+    if rest.ndim != 2:
+        raise ValueError(f"image must be 2-D, got shape {rest.shape}")
+    eps = float(np.finfo(np.dtype(jax.dtypes.canonicalize_dtype(dtype if dtype is not None else float))).eps)
+    tol = (4 * eps if rtol is None else float(rtol)) * float(np.max(np.abs(rest), initial=0.0))
+    cols, rows = [], []
+    while True:
+        i, j = np.unravel_index(np.argmax(np.abs(rest)), rest.shape)
+        pivot = rest[i, j]
+        if abs(pivot) <= tol:
+            break
+        if len(cols) == max_rank:
+            return None
+        scale = np.sqrt(abs(pivot))
+        col, row = rest[:, j] / scale, rest[i, :] / (np.sign(pivot) * scale)
+        rest -= np.outer(col, row)
+        cols.append(col)
+        rows.append(row)
+    if not cols:  # the zero image: one zero factor keeps shapes non-empty
+        return np.zeros((rest.shape[0], 1)), np.zeros((rest.shape[1], 1))
+    return np.stack(cols, axis=1), np.stack(rows, axis=1)
+
+
+def separable_pays(image_shape: tuple[int, int], kernel_size: int, rank: int) -> bool:
+    """Whether rank-``rank`` separable correlations cost less than the FFT ones.
+
+    Compares the multiply-adds of the products, ``r (w^2 M1 + w M0 M1)`` per
+    correlation, with ``FFT_COST_FACTOR * N0 N1 log2(N0 N1)``.
+    """
+    n0, n1 = image_shape
+    m0, m1 = n0 - kernel_size + 1, n1 - kernel_size + 1
+    w = kernel_size
+    separable = rank * (w * w * m1 + w * m0 * m1)
+    fft = FFT_COST_FACTOR * n0 * n1 * np.log2(max(2, n0 * n1))
+    return bool(separable <= fft)
+
+
+def _cheapest_rank(image_shape: tuple[int, int], kernel_size: int) -> int:
+    """The largest rank for which :func:`separable_pays` (0 if none)."""
+    rank = 0
+    while rank < 64 and separable_pays(image_shape, kernel_size, rank + 1):
+        rank += 1
+    return rank
+
+
+def _toeplitz(factors: np.ndarray, w: int) -> np.ndarray:
+    """``T[j, x, z] = factors[x + z, j]`` for the valid positions ``x``: shape ``(r, N - w + 1, w)``."""
+    n = factors.shape[0]
+    index = np.arange(n - w + 1)[:, None] + np.arange(w)[None, :]
+    return np.moveaxis(factors[index], -1, 0)
+
+
+def with_separable_operator(problem: Problem, u: ArrayLike, v_: ArrayLike) -> Problem:
+    """``problem`` with correlations by separable products, for ``image = u @ v_.T``.
+
+    ``u`` is ``N0 x r`` and ``v_`` is ``N1 x r`` (e.g. from :func:`separable_factors`).
+    The caller vouches for the factorisation; :func:`make_problem` finds and checks it.
+    """
+    u, v_ = np.asarray(u, np.float64), np.asarray(v_, np.float64)
+    n0, n1 = problem.image_shape
+    if u.ndim != 2 or v_.ndim != 2 or u.shape[0] != n0 or v_.shape[0] != n1 or u.shape[1] != v_.shape[1]:
+        raise ValueError(f"factors must be N0 x r and N1 x r for an image of shape {(n0, n1)}, got {u.shape} and {v_.shape}")
+    w = problem.kernel_size
+    tu, tv = _toeplitz(u, w), _toeplitz(v_, w)
+    gu = np.einsum("ixa,jxb->ijab", tu, tu)  # T_{u_i}^T T_{u_j}
+    gv = np.einsum("ixa,jxb->ijab", tv, tv)  # T_{v_i}^T T_{v_j}
+    as_dtype = lambda x: jnp.asarray(x, problem.dtype)
+    return dataclasses.replace(problem, toeplitz=(as_dtype(tu), as_dtype(tv)), gram=(as_dtype(gu), as_dtype(gv)))
 
 
 # --- correlations --------------------------------------------------------------
@@ -216,8 +372,15 @@ def _adjoint(image_hat: Array, u: Array, shape: tuple[int, int], w: int) -> Arra
     return _irfft2_block(jnp.conj(u_hat) * image_hat, shape, (w, w)).astype(u.dtype)
 
 
+_HIGHEST = lax.Precision.HIGHEST  # full float32 products on GPU too (no TF32)
+
+
 def correlate(problem: Problem, kernel: Array) -> Array:
     """``C K``: the valid cross-correlation ``(K * I)(x)``, shape :attr:`Problem.output_shape`."""
+    if problem.toeplitz is not None:
+        tu, tv = problem.toeplitz
+        rows = jnp.einsum("ab,jyb->jay", kernel, tv, precision=_HIGHEST)  # K T_{v_j}^T
+        return jnp.einsum("jxa,jay->xy", tu, rows, precision=_HIGHEST)
     shape = problem.image_shape
     k_hat = _rfft2_block(kernel, shape)
     return _irfft2_block(jnp.conj(k_hat) * problem.image_hat, shape, problem.output_shape).astype(kernel.dtype)
@@ -225,13 +388,21 @@ def correlate(problem: Problem, kernel: Array) -> Array:
 
 def correlate_adjoint(problem: Problem, u: Array) -> Array:
     """``C^T u`` for ``u`` of shape :attr:`Problem.output_shape`; returns ``w x w``."""
+    if problem.toeplitz is not None:
+        tu, tv = problem.toeplitz
+        cols = jnp.einsum("xy,jyb->jxb", u, tv, precision=_HIGHEST)  # u T_{v_j}
+        return jnp.einsum("jxa,jxb->ab", tu, cols, precision=_HIGHEST)
     return _adjoint(problem.image_hat, u, problem.image_shape, problem.kernel_size)
 
 
 def normal_operator(problem: Problem, kernel: Array) -> Array:
     """``W C^T C W K``: the windowed normal operator behind every linearised model."""
     if problem.normal_matrix is not None:
-        return (problem.normal_matrix @ kernel.reshape(-1)).reshape(kernel.shape)
+        return jnp.matmul(problem.normal_matrix, kernel.reshape(-1), precision=_HIGHEST).reshape(kernel.shape)
+    if problem.gram is not None:
+        gu, gv = problem.gram
+        left = jnp.einsum("ijab,bc->ijac", gu, kernel, precision=_HIGHEST)
+        return jnp.einsum("ijac,jicd->ad", left, gv, precision=_HIGHEST)
     return correlate_adjoint(problem, correlate(problem, kernel))
 
 

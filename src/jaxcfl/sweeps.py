@@ -171,7 +171,7 @@ def _run_batch(problem, kernel0, hypers, compare_k, *, scheme, model, steps, str
     return map_configs(lambda args: run(*args), (hypers, compare_k), groups=groups, map_batch=map_batch)
 
 
-FFT_MAP_BATCH = 8  # configurations per vmapped group on the FFT path
+FFT_MAP_BATCH = 8  # configurations per vmapped group when a step is correlation-bound (FFT or separable)
 
 
 # --- results ---------------------------------------------------------------------------------
@@ -348,8 +348,10 @@ def run_configs(
     # varying batch sizes (the bisection) reuse one compiled program.
     width = -(-max(min(chunk_size, n), width or 0) // n_dev) * n_dev
     hypers = jax.tree.map(np.asarray, hypers)  # gather chunks on the host: no per-shape device ops
-    dense = problem.normal_matrix is not None and model != "nonlinear"
-    map_batch = None if dense else min(FFT_MAP_BATCH, width // n_dev)
+    # A linearised step by matrix products (dense or separable normal operator) is best as one
+    # wide vmap; correlation-bound steps run FFT_MAP_BATCH configurations at a time.
+    by_products = model != "nonlinear" and (problem.normal_matrix is not None or problem.gram is not None)
+    map_batch = None if by_products else min(FFT_MAP_BATCH, width // n_dev)
     n_chunks = -(-n // chunk_size)
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec("config"))
@@ -446,10 +448,15 @@ def sweep(
       out: directory for incremental, resumable results.
       progress: show a progress bar (``None``: only on a terminal).
       rule: classification thresholds (:class:`jaxcfl.classify.Rule`).
-      operator: how the linearised models apply ``W C^T C W``: ``"fft"`` (two
-        FFT correlations), ``"dense"`` (an assembled ``w^2 x w^2`` matrix, one
-        GEMM for a whole chunk), or ``"auto"`` (dense for linearised models with
-        ``w <= 64``). Same scheme, different rounding.
+      operator: how correlations (and the linearised models' ``W C^T C W``) are
+        applied: ``"fft"`` (FFT correlations, any image), ``"separable"``
+        (products with the Toeplitz matrices of a low-rank image's factors, see
+        :func:`jaxcfl.make_problem`), ``"dense"`` (linearised models only: an
+        assembled ``w^2 x w^2`` matrix, one GEMM for a whole chunk), or
+        ``"auto"``: separable when the image has cheap separable factors (the
+        checkerboard has rank 1) unless the dense matrix is cheaper still, else
+        dense for linearised models with ``w <= 64``, else FFT. Same scheme,
+        different rounding; ``spec["operator"]`` records the choice.
 
     Returns:
       :class:`SweepResult`.
@@ -483,8 +490,27 @@ def sweep(
     return result
 
 
-OPERATORS = ("auto", "fft", "dense")
+OPERATORS = ("auto", "fft", "dense", "separable")
 DENSE_LIMIT = 64 * 64  # largest w^2 for which "auto" assembles the dense operator
+
+
+def _choose_operator(operator: str, image, kernel_size: int, pool: str, model: str) -> tuple[Problem, str]:
+    """The problem with the correlation operator that ``operator`` names (resolving ``"auto"``)."""
+    if operator == "dense" and model == "nonlinear":
+        raise ValueError("operator='dense' applies to the linearised models only; the nonlinear model needs "
+                         "operator='fft' or 'separable'")
+    problem = make_problem(image, kernel_size, pool=pool, operator="fft" if operator == "dense" else operator)
+    if operator == "auto":
+        w2 = problem.kernel_size**2
+        linear = model != "nonlinear" and w2 <= DENSE_LIMIT
+        if problem.rank is not None:
+            # Normal operator: 2 r^2 w^3 multiply-adds (separable) against w^4 (dense).
+            operator = "dense" if linear and w2 < 2 * problem.rank**2 * problem.kernel_size else "separable"
+        else:
+            operator = "dense" if linear else "fft"
+    if operator == "dense":
+        problem = with_dense_operator(problem)
+    return problem, operator
 
 
 def setup_configs(image, kernel_size, lr_flat, alpha_flat, *, scheme, model, pool, beta, a, label, bias, momentum, steps,
@@ -499,13 +525,7 @@ def setup_configs(image, kernel_size, lr_flat, alpha_flat, *, scheme, model, poo
     if compare_k is not None:
         v.check_positive("compare_k", compare_k)
     v.check_unit_interval("momentum", momentum)
-    problem = make_problem(image, kernel_size, pool=pool)
-    if operator == "auto":
-        operator = "dense" if model != "nonlinear" and problem.kernel_size**2 <= DENSE_LIMIT else "fft"
-    if operator == "dense":
-        if model == "nonlinear":
-            raise ValueError("operator='dense' applies to the linearised models only; the nonlinear model needs operator='fft'")
-        problem = with_dense_operator(problem)
+    problem, operator = _choose_operator(operator, image, kernel_size, pool, model)
     if kernel is None:
         key = jax.random.key(0) if key is None else key
         kernel0 = jax.random.normal(key, problem.kernel_shape, problem.dtype)
