@@ -21,10 +21,11 @@ the same process:
     which is the number reported. Compile time = first - second (scaled to the
     grid size when ``--first-call chunk``), and separately the trace + lowering
     + XLA compile durations that ``jax.monitoring`` reports.
-``jaxcfl.sweep operator=fft`` (linear only)
-    the same with the FFT normal operator instead of the dense ``w^2 x w^2``
-    matrix that ``operator="auto"`` picks; by default timed (steady state) on
-    one chunk and extrapolated.
+``jaxcfl.sweep operator=dense/fft``
+    the same with the operators that ``operator="auto"`` did not pick (on the
+    rank-1 checkerboard it picks the separable products): the dense
+    ``w^2 x w^2`` normal matrix (linear model only) and the FFT correlations;
+    by default timed (steady state) on one chunk and extrapolated.
 ``A: python loop, jaxcfl.integrate``
     one ``jaxcfl.integrate(..., record_every=steps)`` call per configuration
     (compiled once; new hyperparameter values are traced), timed on an evenly
@@ -272,7 +273,7 @@ def bench_workload(name: str, wl: dict, args) -> dict:
     with CompileMeter() as cm_steady:
         t_steady, result, load_steady = timed(lambda: jaxcfl.sweep(image, w, lr_grid, alpha_grid, **common))
     progress(f"[{name}]   {t_steady:.2f} s")
-    op = "auto -> dense" if model != "nonlinear" else "auto -> fft"
+    op = f"auto -> {result.spec['operator']}"
     main_impl = f"jaxcfl.sweep (operator={op})"
     add_row(main_impl, t_steady, n_total, True, load_steady)
     steady_share = t_steady * chunks(n_first) / chunks(n_total)
@@ -283,20 +284,21 @@ def bench_workload(name: str, wl: dict, args) -> dict:
     )
     res["counts"] = result.counts()
 
-    # -- jaxcfl.sweep with the FFT operator (linear models only).
-    if model != "nonlinear" and args.linear_fft != "skip":
+    # -- jaxcfl.sweep with the other operators (dense: linear models only).
+    others = [op for op in (("dense", "fft") if model != "nonlinear" else ("fft",)) if op != result.spec["operator"]]
+    for other in others if args.linear_fft != "skip" else ():
         if args.linear_fft == "chunk" and n_total > chunk:
-            lr_fft = lr_grid[: -(-chunk // alpha_grid.size)]
+            lr_other = lr_grid[: -(-chunk // alpha_grid.size)]
         else:
-            lr_fft = lr_grid
-        n_fft = lr_fft.size * alpha_grid.size
-        progress(f"[{name}] jaxcfl.sweep operator=fft ({n_fft} configs, compile + steady) ...")
-        with CompileMeter() as cm_fft:
-            t_fft_first, _, _ = timed(lambda: jaxcfl.sweep(image, w, lr_fft * (1 + 1e-3), alpha_grid, operator="fft", **common))
-        t_fft, _, load_fft = timed(lambda: jaxcfl.sweep(image, w, lr_fft, alpha_grid, operator="fft", **common))
-        progress(f"[{name}]   {t_fft_first:.2f} s, {t_fft:.2f} s")
-        add_row("jaxcfl.sweep (operator=fft)", t_fft, n_fft, n_fft == n_total, load_fft,
-                first_call_s=t_fft_first, compile_s=t_fft_first - t_fft, monitored_first_call=cm_fft.result)
+            lr_other = lr_grid
+        n_other = lr_other.size * alpha_grid.size
+        progress(f"[{name}] jaxcfl.sweep operator={other} ({n_other} configs, compile + steady) ...")
+        with CompileMeter() as cm_other:
+            t_other_first, _, _ = timed(lambda: jaxcfl.sweep(image, w, lr_other * (1 + 1e-3), alpha_grid, operator=other, **common))
+        t_other, _, load_other = timed(lambda: jaxcfl.sweep(image, w, lr_other, alpha_grid, operator=other, **common))
+        progress(f"[{name}]   {t_other_first:.2f} s, {t_other:.2f} s")
+        add_row(f"jaxcfl.sweep (operator={other})", t_other, n_other, n_other == n_total, load_other,
+                first_call_s=t_other_first, compile_s=t_other_first - t_other, monitored_first_call=cm_other.result)
 
     # -- the configurations the loops time: an even spread over the grid.
     lr_flat = np.repeat(lr_grid, alpha_grid.size)
@@ -521,8 +523,8 @@ def parse_args(argv=None):
                    help="workloads to run (default both; give the flag with no value to run only --table5)")
     p.add_argument("--first-call", choices=("full", "chunk"), default="full",
                    help="the compiling first jaxcfl.sweep call runs the full grid (default) or one chunk's worth of it")
-    p.add_argument("--linear-fft", choices=("chunk", "full", "skip"), default="chunk",
-                   help="time jaxcfl.sweep(operator='fft') for the linear model on one chunk (default), the full grid, or skip")
+    p.add_argument("--other-operators", "--linear-fft", dest="linear_fft", choices=("chunk", "full", "skip"), default="chunk",
+                   help="time jaxcfl.sweep with the operators 'auto' did not pick on one chunk (default), the full grid, or skip")
     p.add_argument("--subset-loop", type=int, default=32, help="configurations timed for baseline A (default 32)")
     p.add_argument("--subset-torch", type=int, default=12, help="configurations timed for baseline B (default 12)")
     p.add_argument("--torch-trial-steps", type=int, default=50, help="steps of the trial that picks the torch variant")

@@ -173,4 +173,7 @@ def test_four_host_devices_give_the_same_results():
                            operator=op, compare_k=3.0)
         assert sharded["status"] == res.status.tolist()
         np.testing.assert_allclose(np.array(sharded["norm"], float), res.metrics["final_norm"], rtol=1e-5)
-        np.testing.assert_allclose(np.array(sharded["div"], float), res.metrics["divergence"], rtol=1e-4, atol=1e-7)
+        # Divergences of stable runs are rounding noise (1e-6 and below). With matrix products their
+        # last bits depend on how the GEMM blocks a batch, which changes with the per-device batch.
+        atol = 1e-7 if op == "fft" else 5e-6
+        np.testing.assert_allclose(np.array(sharded["div"], float), res.metrics["divergence"], rtol=1e-4, atol=atol)
