@@ -499,10 +499,10 @@ def _median_time(fn, n):
 
 
 def breakdown(image, w, K0, batches, n=10):
-    """Per-config times of the pieces of one gradient, jax (jit) vs torch (batched)."""
+    """Per-config times of the pieces of one FFT-path gradient, jax (jit) vs torch (batched)."""
     N = image.shape[0]
     M = N - w + 1
-    prob = jaxcfl.make_problem(jnp.asarray(image), w)
+    prob = jaxcfl.make_problem(np.asarray(image), w, operator="fft")
     Ihat_j = prob.image_hat
     Ihat_t = torch.fft.rfft2(torch.from_numpy(np.array(image)))
     res = {}
@@ -718,7 +718,8 @@ def main(argv=None):
         log("")
         if args.wait_quiet > 0:
             wait_quiet(args.wait_quiet)
-        log("per-operation breakdown: median ms PER CONFIG (time of one call on the whole batch / B);")
+        log("per-operation breakdown of the FFT path (jaxcfl operator='fft' against torch-fft-batched):")
+        log("  median ms PER CONFIG (time of one call on the whole batch / B);")
         log("  jax = jit(vmap) / jnp.fft on the batch, torch = batched torch.fft; 'one config at a time' =")
         log("  jax lax.map over B / torch Python loop (torch timed on min(B, 4) configs)")
         bd = breakdown(image, w, K0, batches)

@@ -78,9 +78,10 @@ MODELS = ("nonlinear", "linear", "nonconstant", "activated")
 OPERATORS = ("auto", "fft", "separable")
 # Break-even of "auto": separable products are used while their multiply-adds per
 # correlation stay below FFT_COST_FACTOR * N0 N1 log2(N0 N1). Measured on CPU with
-# benchmarks/operator_choice.py (benchmarks/README.md): the break-even lies at 7-15;
-# 6 keeps a margin, so that "auto" never picks the slower path.
-FFT_COST_FACTOR = 6.0
+# benchmarks/operator_choice.py (benchmarks/README.md): a least-squares fit of the
+# time differences gives 14 for 256 x 256 images; small images (64 x 64) break even
+# near 4. 8 sits between, so that a wrong pick is close to break-even.
+FFT_COST_FACTOR = 8.0
 
 
 @jax.tree_util.register_dataclass
@@ -379,8 +380,10 @@ def correlate(problem: Problem, kernel: Array) -> Array:
     """``C K``: the valid cross-correlation ``(K * I)(x)``, shape :attr:`Problem.output_shape`."""
     if problem.toeplitz is not None:
         tu, tv = problem.toeplitz
-        rows = jnp.einsum("ab,jyb->jay", kernel, tv, precision=_HIGHEST)  # K T_{v_j}^T
-        return jnp.einsum("jxa,jay->xy", tu, rows, precision=_HIGHEST)
+        # The contraction orders here and in correlate_adjoint (T_u first) were the fastest
+        # under vmap on CPU (benchmarks/README.md, "Choosing the correlation operator").
+        cols = jnp.einsum("jxa,ab->jxb", tu, kernel, precision=_HIGHEST)
+        return jnp.einsum("jxb,jyb->xy", cols, tv, precision=_HIGHEST)
     shape = problem.image_shape
     k_hat = _rfft2_block(kernel, shape)
     return _irfft2_block(jnp.conj(k_hat) * problem.image_hat, shape, problem.output_shape).astype(kernel.dtype)
@@ -390,8 +393,8 @@ def correlate_adjoint(problem: Problem, u: Array) -> Array:
     """``C^T u`` for ``u`` of shape :attr:`Problem.output_shape`; returns ``w x w``."""
     if problem.toeplitz is not None:
         tu, tv = problem.toeplitz
-        cols = jnp.einsum("xy,jyb->jxb", u, tv, precision=_HIGHEST)  # u T_{v_j}
-        return jnp.einsum("jxa,jxb->ab", tu, cols, precision=_HIGHEST)
+        rows = jnp.einsum("jxa,xy->jay", tu, u, precision=_HIGHEST)  # T_{u_j}^T u
+        return jnp.einsum("jay,jyb->ab", rows, tv, precision=_HIGHEST)
     return _adjoint(problem.image_hat, u, problem.image_shape, problem.kernel_size)
 
 
