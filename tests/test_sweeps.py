@@ -56,6 +56,13 @@ def test_divergent_neighbours_do_not_contaminate():
     np.testing.assert_allclose(mixed.metrics["final_norm"][0, [0, 2]], alone.metrics["final_norm"][0, 0], rtol=1e-5)
 
 
+def test_divergence_of_a_blown_up_run_is_nan_not_zero():
+    res = jaxcfl.sweep(IMG, W, LR, [1.5e4, 1e9], compare_k=3.0, steps=300, progress=False)
+    assert res.status[0].tolist() == ["stable", "divergent"]
+    assert np.isfinite(res.metrics["divergence"][0, 0]) and np.isnan(res.metrics["divergence"][0, 1])
+    assert np.isnan(res.curves["divergence"][0, 1, -1])
+
+
 def test_compare_k_power_of_two_is_bit_identical_and_odd_k_is_amplified():
     # Figure 4's set-up at a small size: nonlinear model, mean pooling, alpha = 20.
     kwargs = dict(model="nonlinear", pool="mean", steps=1000, progress=False)

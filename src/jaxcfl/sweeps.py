@@ -108,11 +108,12 @@ def _run_one(problem: Problem, kernel0: Array, hyper: Hyper, compare_k: Array, *
         state, div_sum, block_sum = carry
         state = paired_step(state, hyps)
         if compare:
-            div = divergence(state.kernel[0], state.kernel[1])
+            # NaN once a copy is non-finite (`divergence` itself counts NaN entries as 0), so that
+            # neither the tail mean nor the recorded curve reads a blown-up run as converged.
+            div = jnp.where(jnp.all(jnp.isfinite(state.kernel)), divergence(state.kernel[0], state.kernel[1]), jnp.nan)
             in_tail = state.iteration[0] > steps - tail
             div_sum = div_sum + jnp.where(in_tail, div, 0.0)
-            # The recorded curve is NaN once a copy is non-finite (`divergence` counts NaN entries as 0).
-            block_sum = block_sum + jnp.where(jnp.all(jnp.isfinite(state.kernel)), div, jnp.nan)
+            block_sum = block_sum + div
         return state, div_sum, block_sum
 
     def advance(carry, n):
@@ -437,7 +438,8 @@ def sweep(
       compare_k: also run each configuration with perturbation factor ``k`` in
         the same program; ``metrics["divergence"]`` is then the paper's
         ``2 mean(|w1 - w2| / (|w1| + |w2|))`` averaged over the last 100 iterations,
-        and ``curves["divergence"]`` its curve (per record interval).
+        and ``curves["divergence"]`` its curve (per record interval); both are NaN once
+        a copy is non-finite.
       key: PRNG key of the initial kernel, drawn N(0, 1) (the paper's
         initialisation); default ``jax.random.key(0)``. Ignored if ``kernel`` is given.
       kernel: an explicit initial kernel.
