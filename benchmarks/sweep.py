@@ -325,7 +325,7 @@ def bench_workload(name: str, wl: dict, args) -> dict:
 
     t_a, _, load_a = timed(loop_a)
     progress(f"[{name}]   {t_a:.2f} s")
-    add_row("A: python loop, jaxcfl.integrate (fft)", t_a, idx_a.size, idx_a.size == n_total, load_a,
+    add_row(f"A: python loop, jaxcfl.integrate ({prob.operator})", t_a, idx_a.size, idx_a.size == n_total, load_a,
             first_call_s=t_warm_a, monitored_first_call=cm_a.result,
             subset_counts={s: int(np.sum(status_flat[idx_a] == s)) for s in ("stable", "restrained", "divergent")})
 

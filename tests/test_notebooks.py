@@ -1,7 +1,6 @@
 """The notebooks run end to end at a small size (their code cells, in order, in one namespace)."""
 
 import json
-import os
 from pathlib import Path
 
 import matplotlib
