@@ -7,8 +7,9 @@ separable Toeplitz products, against four ``N x N`` FFTs. This script times
 configurations, ``--steps`` gradient steps inside one ``jit``), on random images of
 exact rank ``r``, and prints the speed ratio FFT time / separable time against
 ``work = r (w^2 M + w M^2) / (N^2 log2 N^2)``. The break-even (ratio 1) sets
-``jaxcfl.problem.FFT_COST_FACTOR``; the last column says what ``separable_pays``
-decides with the current factor.
+``jaxcfl.problem.FFT_COST_FACTOR``; the last column says what ``make_problem``'s
+``operator="auto"`` picks (``separable_pays`` with the current factor, and at most
+``AUTO_MAX_RANK`` factors).
 
     PYTHONPATH=src python benchmarks/operator_choice.py [--json]
 """
@@ -64,7 +65,7 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     info = machine_info()
     print(f"cpu: {info['cpu_model']} (nproc {info['nproc']}), jax {info['jax']} ({info['jax_backend']}); "
-          f"FFT_COST_FACTOR = {pb.FFT_COST_FACTOR}", file=out)
+          f"FFT_COST_FACTOR = {pb.FFT_COST_FACTOR}, AUTO_MAX_RANK = {pb.AUTO_MAX_RANK}", file=out)
     print(f"{'N':>4} {'w':>3} {'fft us/cs':>10} {'r':>3} {'sep us/cs':>10} {'fft/sep':>8} {'work':>6} {'auto':>10}", file=out)
     rows = []
     load = OtherLoad().start()
@@ -79,7 +80,7 @@ def main(argv=None):
             assert prob.rank == r
             sep = seconds_per_config_step(prob, args.batch, args.steps, args.repeats, rng)
             work = r * (w * w * m + w * m * m) / (n * n * np.log2(n * n))
-            auto = "separable" if pb.separable_pays((n, n), w, r) else "fft"
+            auto = pb.make_problem(image, w).operator  # what operator="auto" picks for this image
             rows.append(dict(N=n, w=w, rank=r, fft_us=1e6 * fft, separable_us=1e6 * sep, ratio=fft / sep,
                              work=work, auto=auto))
             print(f"{n:>4} {w:>3} {1e6 * fft:>10.1f} {r:>3} {1e6 * sep:>10.1f} {fft / sep:>8.2f} {work:>6.2f} "

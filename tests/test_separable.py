@@ -50,7 +50,8 @@ def test_factors_recover_the_rank_of_a_random_low_rank_image(rank, n0, n1, seed)
 def test_full_rank_and_zero_images():
     img = np.random.default_rng(0).standard_normal((30, 30))
     assert jaxcfl.separable_factors(img, max_rank=8) is None
-    assert jaxcfl.make_problem(img, 5).operator == "fft"  # auto falls back
+    assert jaxcfl.make_problem(img, 5).operator == "fft"  # auto falls back (it looks for <= 8 factors)
+    assert jaxcfl.make_problem(img, 5, max_rank=30).rank == 30  # a full factorisation, when asked for
     u, v = jaxcfl.separable_factors(np.zeros((6, 7)))
     assert u.shape == (6, 1) and not u.any() and not v.any()
     prob = jaxcfl.make_problem(np.zeros((6, 7)), 3, operator="separable")

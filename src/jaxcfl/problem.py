@@ -78,10 +78,13 @@ MODELS = ("nonlinear", "linear", "nonconstant", "activated")
 OPERATORS = ("auto", "fft", "separable")
 # Break-even of "auto": separable products are used while their multiply-adds per
 # correlation stay below FFT_COST_FACTOR * N0 N1 log2(N0 N1). Measured on CPU with
-# benchmarks/operator_choice.py (benchmarks/README.md): a least-squares fit of the
-# time differences gives 14 for 256 x 256 images; small images (64 x 64) break even
-# near 4. 8 sits between, so that a wrong pick is close to break-even.
-FFT_COST_FACTOR = 8.0
+# benchmarks/operator_choice.py (see benchmarks/README.md): the break-even lies at
+# 14-20 for 256 x 256 images and above 5-10 (the largest measured) for 64-128 pixel
+# images; a least-squares fit of all the time differences gives 15.5.
+FFT_COST_FACTOR = 14.0
+# "auto" looks for at most this many factors: the separable path is for images of low rank,
+# and a generic image (full rank) keeps the FFT path even where a full factorisation would pay.
+AUTO_MAX_RANK = 8
 
 
 @jax.tree_util.register_dataclass
@@ -225,7 +228,8 @@ def make_problem(
         docstring) or ``"auto"``: separable when the image is concrete, has at
         most ``max_rank`` separable factors and :func:`separable_pays`, else FFT.
       max_rank: the most factors to look for (default: the largest rank for
-        which the separable products are cheaper than the FFTs).
+        which the separable products are cheaper than the FFTs, at most
+        ``AUTO_MAX_RANK = 8``).
 
     Raises:
       ValueError: for a non-2-D or non-finite image, a kernel larger than the
@@ -258,7 +262,7 @@ def make_problem(
             raise ValueError("operator='separable' needs a concrete image (its factors are found on the host); "
                              "this one is traced: build the problem outside jit, or use operator='fft'")
         return problem
-    limit = max_rank if max_rank is not None else _cheapest_rank(shape, kernel_size)
+    limit = max_rank if max_rank is not None else min(AUTO_MAX_RANK, _cheapest_rank(shape, kernel_size))
     factors = separable_factors(image, max_rank=limit, dtype=dtype) if limit >= 1 else None
     if factors is None:
         if operator == "separable":
@@ -381,7 +385,7 @@ def correlate(problem: Problem, kernel: Array) -> Array:
     if problem.toeplitz is not None:
         tu, tv = problem.toeplitz
         # The contraction orders here and in correlate_adjoint (T_u first) were the fastest
-        # under vmap on CPU (benchmarks/README.md, "Choosing the correlation operator").
+        # under vmap on CPU of those timed (benchmarks/README.md, operator_choice.py).
         cols = jnp.einsum("jxa,ab->jxb", tu, kernel, precision=_HIGHEST)
         return jnp.einsum("jxb,jyb->xy", cols, tv, precision=_HIGHEST)
     shape = problem.image_shape
