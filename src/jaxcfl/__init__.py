@@ -1,6 +1,6 @@
 """jaxcfl: numerical stability of deep-network training as the discretisation of a PDE."""
 
-from jaxcfl import data, heat, nets, perturb, theory
+from jaxcfl import data, heat, perturb, theory
 from jaxcfl.bisect import EmpiricalBounds, empirical_bounds, log_bisect
 from jaxcfl.classify import Rule, classify
 from jaxcfl.curvature import MaxStableLR, SharpnessTrajectory, integrate_sharpness, max_stable_lr, sharpness, sharpness_trajectory
@@ -30,10 +30,29 @@ from jaxcfl.rounding import scaled_update
 from jaxcfl.schemes import SCHEMES, State, euler_step, init, nesterov_step
 from jaxcfl.spectral import lanczos_extremes
 from jaxcfl.sweeps import SweepResult, config_mesh, sweep
-from jaxcfl import train  # the module: jaxcfl.train.train(config, ks, ...)
-from jaxcfl.train import TrainConfig, TrainResult
-
 from jaxcfl._version import __version__
+
+# The networks and the trainer need Flax, whose import costs most of a second; they load on
+# first use, so that the PDE core starts fast. ``jaxcfl.train`` is the module
+# (``jaxcfl.train.train(config, ks, ...)``).
+_LAZY = {"nets": ("jaxcfl.nets", None), "train": ("jaxcfl.train", None),
+         "TrainConfig": ("jaxcfl.train", "TrainConfig"), "TrainResult": ("jaxcfl.train", "TrainResult")}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'jaxcfl' has no attribute {name!r}")
+    import importlib
+
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "MODELS",
