@@ -94,6 +94,13 @@ def test_reproduce_table5_small(tmp_path, capsys):
     # A second run reuses the finished rows instead of recomputing them.
     assert cli.main(argv) == 0
     assert "reusing" in capsys.readouterr().err
+    # Another operator is another computation (not reused), with the same bounds to within rtol.
+    assert cli.main(argv + ["--operator", "fft", "--no-map"]) == 0
+    captured = capsys.readouterr()
+    assert "reusing" not in captured.err
+    for fft_row, row in zip(json.loads(captured.out)["rows"], rows):
+        assert fft_row["operator"] == "fft" and row["operator"] == "auto"
+        assert fft_row["empirical_alpha_max"] == pytest.approx(row["empirical_alpha_max"], rel=2e-3)
 
 
 def test_deterministic_flag_enables_the_mode(monkeypatch, capsys):
