@@ -48,6 +48,45 @@ def test_history_shapes_and_schedule(lockstep):
     assert TrainConfig(epochs=200).milestone_epochs == (40, 80, 120, 160)
 
 
+def test_test_loss_and_predictions(lockstep):
+    """Predictions of the last epoch reproduce its accuracy; the loss is a finite cross-entropy."""
+    from jaxcfl import data as datasets
+
+    r = lockstep
+    y_test = datasets.load("builtin")[3][: SMALL["test_size"]]
+    assert r.test_predictions.shape == (4, SMALL["test_size"])
+    np.testing.assert_allclose((r.test_predictions == y_test).mean(axis=1), r.test_accuracy[-1])
+    assert r.test_loss.shape == (2, 4) and np.all(np.isfinite(r.test_loss)) and np.all(r.test_loss > 0)
+    np.testing.assert_array_equal(r.test_loss[:, 0], r.test_loss[:, 1])  # k = 2 is k = 1
+    np.testing.assert_allclose(r.final_loss(1), r.test_loss[-1])
+    assert r.param_trace.size == 0  # not asked for
+
+
+def test_final_epochs_keep_the_papers_proportion():
+    assert tr.final_epochs(200) == 10 and tr.final_epochs(15) == 1 and tr.final_epochs(1) == 1
+    assert tr.final_epochs(60) == 3
+    with pytest.raises(ValueError, match="epochs"):
+        tr.final_epochs(0)
+
+
+def test_param_trace_records_copy_0_after_every_step(tmp_path):
+    import jax
+
+    cfg = TrainConfig(**SMALL)
+    r = train(cfg, ks=(1.0, 3.0), seed=1, progress=False, trace_params=500)
+    flat = np.concatenate([np.asarray(leaf[0]).ravel() for leaf in jax.tree.leaves(r.state.params)])
+    idx = tr.trace_indices(flat.size, 500)
+    assert r.param_trace.shape == (6, 500) and len(set(idx)) == 500 and np.all(np.diff(idx) > 0)
+    np.testing.assert_array_equal(r.param_trace[-1], flat[idx])
+    assert np.all(r.param_trace[0] != r.param_trace[-1])
+    np.testing.assert_array_equal(tr.trace_indices(100, 10**6), np.arange(100))
+    # Kept in the checkpoint: a finished run read back has the same trace and predictions.
+    train(cfg, ks=(1.0, 3.0), seed=1, progress=False, trace_params=500, out=tmp_path)
+    again = train(cfg, ks=(1.0, 3.0), seed=1, progress=False, trace_params=500, out=tmp_path)
+    np.testing.assert_array_equal(again.param_trace, r.param_trace)
+    np.testing.assert_array_equal(again.test_predictions, r.test_predictions)
+
+
 def test_lockstep_copy_equals_separate_run(lockstep, alone):
     """A copy trained in lockstep is bit-identical to the same k trained alone (same compiled step per copy)."""
     assert alone.fingerprints[0] == lockstep.fingerprints[3]
@@ -93,7 +132,7 @@ def test_resume_after_interruption_gives_the_same_bytes(tmp_path, lockstep):
     np.testing.assert_array_equal(resumed.test_accuracy, lockstep.test_accuracy)
     np.testing.assert_array_equal(resumed.step_divergence, lockstep.step_divergence)
     metrics = (out / "metrics.csv").read_text().splitlines()
-    assert metrics[0] == "epoch,k,lr,train_loss,test_accuracy,divergence" and len(metrics) == 1 + 2 * 4
+    assert metrics[0] == "epoch,k,lr,train_loss,test_accuracy,test_loss,divergence" and len(metrics) == 1 + 2 * 4
     assert json.loads((out / "metrics.json").read_text())["fingerprints"] == list(lockstep.fingerprints)
     # A finished run is not recomputed, and a different run is refused.
     again = train(TrainConfig(**SMALL), ks=(1.0, 2.0, 4.0, 3.0), seed=1, out=out, progress=False)

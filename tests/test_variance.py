@@ -34,7 +34,31 @@ def test_variance_cli_json_and_resume(tmp_path, capsys):
     assert fp["1"][0] == fp["1"][1] != fp["1"][2]
     for name in ("variance.csv", "variance.json", "variance.png", "seed1/checkpoint.npz", "seed2/metrics.csv"):
         assert (out / name).stat().st_size > 0
-    assert (out / "variance.csv").read_text().splitlines()[0] == "k,seed,final_accuracy"
+    assert (out / "variance.csv").read_text().splitlines()[0] == "k,seed,final_accuracy,final_loss"
+    # The statistics: k = 2 is k = 1 bit for bit, so at least one pair over k never churns,
+    # and the followed pair (the first two k) never diverges.
+    churn = payload["churn"]
+    assert churn["over_k"]["pairs"] == 3 * 2 and churn["over_k"]["min"] == 0 and churn["over_seeds"]["pairs"] == 3
+    assert churn["test_images"] == 64
+    for name in ("accuracy", "loss"):
+        spread = payload["spread"][name]
+        for key in ("over_k", "over_seeds"):
+            d = spread[key]
+            assert 0 <= d["ci_low"] <= d["ci_high"] and d["level"] == 0.95
+        assert spread["verdict"] in ("same size", "smaller", "larger")
+    assert payload["spread"]["accuracy"]["over_k"]["std"] == pytest.approx(acc.std(axis=0).mean())
+    loss = np.array([[next(r["final_loss"] for r in runs if r["k"] == k and r["seed"] == s) for s in (1, 2)]
+                     for k in (1.0, 2.0, 3.0)])
+    assert payload["spread"]["loss"]["over_seeds"]["std"] == pytest.approx(loss.std(axis=1).mean())
+    growth = payload["divergence"]
+    assert (growth["reference_k"], growth["compared_k"]) == (1.0, 2.0)
+    assert all(step is None for per in growth["first_step_above"].values() for step in per.values())
+    assert growth["final"] == {"1": 0.0, "2": 0.0} and growth["steps"] == 2 * 2
+    assert growth["seeds_final_median"] > 0 and growth["traced_weights"] == 4096
+    assert "spread over k is" in payload["answer"] and "Churn" in payload["answer"]
+    curves = np.load(out / "divergence.npz")
+    assert curves["seed_pairs"].shape == (1, 4) and np.all(curves["k_seed1"] == 0)
+    assert (out / "divergence.png").stat().st_size > 0
     # Rerun: every epoch is reused from the checkpoints, same numbers.
     assert cli.main(argv) == 0
     again = json.loads(capsys.readouterr().out)

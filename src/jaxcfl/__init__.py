@@ -1,6 +1,6 @@
 """jaxcfl: numerical stability of deep-network training as the discretisation of a PDE."""
 
-from jaxcfl import data, heat, perturb, theory
+from jaxcfl import data, heat, perturb, statistics, theory
 from jaxcfl.bisect import EmpiricalBounds, empirical_bounds, log_bisect
 from jaxcfl.classify import Rule, classify
 from jaxcfl.curvature import MaxStableLR, SharpnessTrajectory, integrate_sharpness, max_stable_lr, sharpness, sharpness_trajectory
@@ -105,6 +105,7 @@ __all__ = [
     "sharpness",
     "SharpnessTrajectory",
     "sharpness_trajectory",
+    "statistics",
     "sweep",
     "theory",
     "train",

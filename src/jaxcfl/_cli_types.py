@@ -28,3 +28,7 @@ def nonnegative_float(text: str) -> float:
 
 def positive_int(text: str) -> int:
     return _parse(text, int, lambda x: x > 0, "an integer > 0")
+
+
+def nonnegative_int(text: str) -> int:
+    return _parse(text, int, lambda x: x >= 0, "an integer >= 0")

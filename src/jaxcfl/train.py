@@ -150,7 +150,24 @@ def cross_entropy(logits: Array, labels: Array) -> Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def _probe_mask(params: Any, probe: str | None) -> tuple[bool, ...]:
+@functools.lru_cache(maxsize=None)
+def network_loss(graphdef: nnx.GraphDef) -> Callable[..., Array]:
+    """``loss(params, batch_stats, x, y)``: mean cross-entropy of a :mod:`jaxcfl.nets` network,
+    BatchNorm in training mode (normalised by the batch's own statistics).
+
+    One function object per ``graphdef`` (cached), so that the compiled programs of
+    :func:`jaxcfl.sharpness` and :func:`jaxcfl.max_stable_lr` are reused across calls.
+    """
+
+    def loss(params: Any, batch_stats: Any, x: Array, y: Array) -> Array:
+        return cross_entropy(nets.apply(graphdef, params, batch_stats, x, train=True)[0], y)
+
+    return loss
+
+
+def probe_mask(params: Any, probe: str | None) -> tuple[bool, ...]:
+    """Which leaves of ``params`` the probe selects: the leaves whose path contains ``probe``
+    (``None``: the first 4-D leaf, i.e. the first convolution kernel)."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     paths = [jax.tree_util.keystr(path) for path, _ in flat]
     if probe is None:
@@ -223,16 +240,35 @@ class Hyper:
         return tuple(jnp.asarray(x, jnp.float32) for x in (self.lr, self.momentum, self.weight_decay, self.gamma))
 
 
+def trace_indices(num_params: int, size: int) -> np.ndarray:
+    """The ``size`` entries of the flattened parameter vector that ``trace_params`` records.
+
+    A fixed (seed 0), sorted, uniformly random choice without replacement, the same in
+    every run of one architecture: the divergence of two runs' traces is an unbiased
+    estimate of the divergence of all their parameters (a mean over entries).
+    """
+    size = min(int(size), num_params)
+    if size == num_params:
+        return np.arange(num_params)
+    return np.sort(np.random.default_rng(0).choice(num_params, size, replace=False))
+
+
+def _flat(tree: Any) -> Array:
+    return jnp.concatenate([leaf.reshape(-1) for leaf in jax.tree.leaves(tree)])
+
+
 @functools.lru_cache(maxsize=16)
 def make_train_step(graphdef: nnx.GraphDef, *, nesterov: bool, boundaries: tuple[int, ...],
-                    probe_mask: tuple[bool, ...] | None = None, copies_mode: str = "auto") -> Callable:
+                    probe_mask: tuple[bool, ...] | None = None, copies_mode: str = "auto",
+                    trace_params: int = 0) -> Callable:
     """The jitted lockstep step ``(state, ks, x, y, hyper) -> (state, metrics)``.
 
     ``ks`` has one perturbation factor per copy; ``x, y`` are one batch shared by
     all copies; ``hyper`` is ``(lr, momentum, weight_decay, gamma)`` as arrays.
     ``metrics`` holds each copy's loss, the divergence of all its parameters from
-    copy 0 and the divergence of the probed layer. Cached: runs that differ only
-    in numbers (lr, k, seeds, data) share one compiled step.
+    copy 0, the divergence of the probed layer and, if ``trace_params > 0``,
+    ``"trace"``: copy 0's values at the :func:`trace_indices` entries. Cached: runs
+    that differ only in numbers (lr, k, seeds, data) share one compiled step.
     """
 
     def one(params, batch_stats, opt_state, k, x, y, lr, momentum, weight_decay, gamma):
@@ -253,6 +289,9 @@ def make_train_step(graphdef: nnx.GraphDef, *, nesterov: bool, boundaries: tuple
         metrics = {"loss": loss, "divergence": _divergence_to_first(params)}
         if probe_mask is not None:
             metrics["probe_divergence"] = _divergence_to_first(params, probe_mask)
+        if trace_params:
+            first = _flat(jax.tree.map(lambda a: a[0], params))
+            metrics["trace"] = first[trace_indices(first.size, trace_params)]
         return LockstepState(params, stats, opt_state), metrics
 
     return step
@@ -260,7 +299,9 @@ def make_train_step(graphdef: nnx.GraphDef, *, nesterov: bool, boundaries: tuple
 
 @functools.lru_cache(maxsize=16)
 def make_eval_step(graphdef: nnx.GraphDef, copies_mode: str = "auto") -> Callable:
-    """``(state, x, y, mask) -> correct`` per copy (BatchNorm on running statistics).
+    """``(state, x, y, mask) -> (correct, loss_sum, predictions)`` per copy (BatchNorm on
+    running statistics): the number of correct masked examples, the sum of their
+    cross-entropies, and the predicted class of every example.
 
     With ``vmap`` all copies run in one program; otherwise one compiled single-copy
     forward pass is called once per copy (evaluation needs no lockstep, and this
@@ -269,7 +310,9 @@ def make_eval_step(graphdef: nnx.GraphDef, copies_mode: str = "auto") -> Callabl
 
     def one(params, batch_stats, x, y, mask):
         logits, _ = nets.apply(graphdef, params, batch_stats, x, train=False)
-        return jnp.sum((jnp.argmax(logits, -1) == y) & mask)
+        predictions = jnp.argmax(logits, -1)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return jnp.sum((predictions == y) & mask), jnp.sum(jnp.where(mask, losses, 0.0)), predictions
 
     if resolve_copies_mode(copies_mode) == "vmap":
         batched = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, None)))
@@ -279,7 +322,8 @@ def make_eval_step(graphdef: nnx.GraphDef, copies_mode: str = "auto") -> Callabl
     def per_copy(state, x, y, mask):
         copies = jax.tree.leaves(state.params)[0].shape[0]
         pick = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
-        return jnp.stack([single(pick(state.params, i), pick(state.batch_stats, i), x, y, mask) for i in range(copies)])
+        outs = [single(pick(state.params, i), pick(state.batch_stats, i), x, y, mask) for i in range(copies)]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
     return per_copy
 
@@ -312,6 +356,15 @@ def init_lockstep(config: TrainConfig, ks: Sequence[float], in_channels: int, nu
     return graphdef, LockstepState(stack(params), stack(stats), stack(opt_state))
 
 
+def final_epochs(epochs: int) -> int:
+    """How many final epochs a run's final accuracy averages: 5% of them, at least 1.
+
+    The paper averages the last 10 of 200 epochs (appendix C); a short run keeps the
+    proportion, so that the average stays inside the last, lowest learning rate.
+    """
+    return max(1, round(v.check_int("epochs", epochs) / 20))
+
+
 @dataclasses.dataclass
 class TrainResult:
     """History of a lockstep run. Arrays have one column per copy (``ks``)."""
@@ -321,27 +374,42 @@ class TrainResult:
     seed: int
     epochs_done: int
     test_accuracy: np.ndarray  # (epochs, copies)
+    test_loss: np.ndarray  # (epochs, copies): mean cross-entropy on the test set
     train_loss: np.ndarray  # (epochs, copies)
     divergence: np.ndarray  # (epochs, copies): all parameters, end of epoch
     step_divergence: np.ndarray  # (steps, copies): all parameters, after every step
     probe_divergence: np.ndarray  # (steps, copies): the probed layer, after every step
+    param_trace: np.ndarray  # (steps, traced): copy 0's traced parameters after every step (empty: none)
+    test_predictions: np.ndarray  # (copies, test examples): predicted classes after the last epoch
     lr: np.ndarray  # (epochs,) lr in force during each epoch
     fingerprints: tuple[str, ...]  # final parameters and batch statistics of each copy
     seconds: float
     compile_seconds: float
     state: LockstepState | None = dataclasses.field(default=None, repr=False)  # the final copies (not serialised)
 
-    def final_accuracy(self, last: int = 10) -> np.ndarray:
-        """Mean test accuracy over the last ``min(last, epochs)`` epochs, per copy (appendix C)."""
-        n = min(last, self.epochs_done)
-        return self.test_accuracy[-n:].mean(axis=0)
+    def final_accuracy(self, last: int | None = None) -> np.ndarray:
+        """Mean test accuracy over the last ``min(last, epochs)`` epochs, per copy (appendix C).
+
+        ``last=None``: :func:`final_epochs` of the configured epochs (the paper's 10 of 200).
+        """
+        return self._final(self.test_accuracy, last)
+
+    def final_loss(self, last: int | None = None) -> np.ndarray:
+        """Mean test loss over the same epochs as :meth:`final_accuracy`, per copy."""
+        return self._final(self.test_loss, last)
+
+    def _final(self, history: np.ndarray, last: int | None) -> np.ndarray:
+        last = final_epochs(self.config.epochs) if last is None else v.check_int("last", last)
+        return history[-min(last, self.epochs_done):].mean(axis=0)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "config": self.config.to_dict(), "ks": list(self.ks), "seed": self.seed, "epochs_done": self.epochs_done,
-            "test_accuracy": self.test_accuracy.tolist(), "train_loss": self.train_loss.tolist(),
+            "test_accuracy": self.test_accuracy.tolist(), "test_loss": self.test_loss.tolist(),
+            "train_loss": self.train_loss.tolist(),
             "divergence": self.divergence.tolist(), "lr": self.lr.tolist(),
-            "final_accuracy": self.final_accuracy().tolist(), "fingerprints": list(self.fingerprints),
+            "final_accuracy": self.final_accuracy().tolist(), "final_loss": self.final_loss().tolist(),
+            "fingerprints": list(self.fingerprints),
             "seconds": self.seconds, "compile_seconds": self.compile_seconds,
         }
 
@@ -378,15 +446,16 @@ def _load_checkpoint(out: Path, template: LockstepState, identity: dict[str, Any
     return jax.tree.unflatten(treedef, [jnp.asarray(a) for a in saved]), meta, curves
 
 
-_CURVES = ("step_divergence", "probe_divergence")
+_CURVES = ("step_divergence", "probe_divergence", "param_trace", "test_predictions")
+"""Arrays of the checkpoint beside the weights: three per-step curves and the last predictions."""
 
 
 def _write_metrics(out: Path, result: TrainResult) -> None:
-    lines = ["epoch,k,lr,train_loss,test_accuracy,divergence"]
+    lines = ["epoch,k,lr,train_loss,test_accuracy,test_loss,divergence"]
     for e in range(result.epochs_done):
         for c, k in enumerate(result.ks):
             lines.append(f"{e + 1},{k:g},{result.lr[e]:.8g},{result.train_loss[e, c]:.8g},"
-                         f"{result.test_accuracy[e, c]:.6f},{result.divergence[e, c]:.8g}")
+                         f"{result.test_accuracy[e, c]:.6f},{result.test_loss[e, c]:.8g},{result.divergence[e, c]:.8g}")
     with atomic_open(out / "metrics.csv", "w") as fh:
         fh.write("\n".join(lines) + "\n")
     with atomic_open(out / "metrics.json", "w") as fh:
@@ -413,6 +482,7 @@ def train(
     progress: bool | None = None,
     on_epoch: Callable[[int, TrainResult], None] | None = None,
     copies_mode: str = "auto",
+    trace_params: int = 0,
 ) -> TrainResult:
     """Train ``len(ks)`` perturbed copies in lockstep for ``config.epochs`` epochs.
 
@@ -429,6 +499,10 @@ def train(
         checkpoint is written.
       copies_mode: how the copies share the compiled step (:func:`resolve_copies_mode`);
         it changes speed, not results.
+      trace_params: record copy 0's values of this many parameter entries after
+        every step (:func:`trace_indices`; all of them if larger than the model),
+        so that the trajectories of separate runs (other seeds) can be compared
+        step by step (``TrainResult.param_trace``). 0: none.
 
     Returns:
       :class:`TrainResult`.
@@ -438,23 +512,27 @@ def train(
         raise ValueError("ks is empty; give at least one perturbation factor")
     v.check_positive("ks", ks)
     seed = v.check_int("seed", seed, minimum=0)
+    trace_params = v.check_int("trace_params", trace_params, minimum=0)
     start = time.perf_counter()
     x_train, y_train, x_test, y_test, meta = load_data(config)
     steps_per_epoch = datasets.num_batches(len(x_train), config.batch_size)
     boundaries = tuple(m * steps_per_epoch for m in config.milestone_epochs)
     graphdef, state = init_lockstep(config, ks, meta.image_shape[-1], meta.num_classes)
-    mask = _probe_mask(jax.tree.map(lambda a: a[0], state.params), config.probe)
+    mask = probe_mask(jax.tree.map(lambda a: a[0], state.params), config.probe)
     step_fn = make_train_step(graphdef, nesterov=config.nesterov, boundaries=boundaries, probe_mask=mask,
-                              copies_mode=copies_mode)
+                              copies_mode=copies_mode, trace_params=trace_params)
     eval_fn = make_eval_step(graphdef, copies_mode)
     hyper = Hyper.of(config).arrays()
     ks_arr = jnp.asarray(ks, jnp.float32)
     copies = len(ks)
 
-    history = {"test_accuracy": [], "train_loss": [], "divergence": [], "lr": []}
-    curves = {name: np.zeros((0, copies)) for name in _CURVES}
+    history = {"test_accuracy": [], "test_loss": [], "train_loss": [], "divergence": [], "lr": []}
+    traced = len(trace_indices(nets.count_params(jax.tree.map(lambda a: a[0], state.params)), trace_params))
+    curves = {"step_divergence": np.zeros((0, copies)), "probe_divergence": np.zeros((0, copies)),
+              "param_trace": np.zeros((0, traced if trace_params else 0), np.float32),
+              "test_predictions": np.zeros((copies, 0), np.int32)}
     first_epoch = 0
-    identity = {"config": config.to_dict(), "ks": list(ks), "seed": seed}
+    identity = {"config": config.to_dict(), "ks": list(ks), "seed": seed, "trace_params": trace_params}
     out = Path(out) if out is not None else None
     if out is not None:
         restored = _load_checkpoint(out, state, identity)
@@ -465,8 +543,9 @@ def train(
 
     def result(epochs_done: int) -> TrainResult:
         arr = lambda name: np.asarray(history[name], np.float64).reshape(epochs_done, -1)
-        return TrainResult(config, ks, seed, epochs_done, arr("test_accuracy"), arr("train_loss"),
-                           arr("divergence"), curves["step_divergence"], curves["probe_divergence"], np.asarray(history["lr"], np.float64),
+        return TrainResult(config, ks, seed, epochs_done, arr("test_accuracy"), arr("test_loss"), arr("train_loss"),
+                           arr("divergence"), curves["step_divergence"], curves["probe_divergence"],
+                           curves["param_trace"], curves["test_predictions"], np.asarray(history["lr"], np.float64),
                            _copy_fingerprints(state), time.perf_counter() - start, compile_seconds, state)
 
     def lr_at(epoch: int) -> float:
@@ -480,7 +559,7 @@ def train(
         bar = tqdm(total=(config.epochs - first_epoch) * steps_per_epoch, disable=progress is False if progress
                    is not None else None, desc=f"{config.model} seed {seed}", unit="step", leave=False)
     for epoch in range(first_epoch, config.epochs):
-        losses, divs, probes = [], [], []
+        losses, divs, probes, traces = [], [], [], []
         for i, (xb, yb) in enumerate(datasets.batches(x_train, y_train, config.batch_size, seed=seed, epoch=epoch)):
             if config.augment:
                 xb = datasets.augment(xb, seed=seed, epoch=epoch, step=i, flip=config.uses_flip)
@@ -493,13 +572,19 @@ def train(
             losses.append(metrics["loss"])
             divs.append(metrics["divergence"])
             probes.append(metrics["probe_divergence"])
+            if trace_params:
+                traces.append(metrics["trace"])
             if bar is not None:
                 bar.update()
         losses = np.asarray(jax.device_get(losses))
-        for name, new in (("step_divergence", divs), ("probe_divergence", probes)):
-            curves[name] = np.concatenate([curves[name], np.asarray(jax.device_get(new))], axis=0)
+        for name, new in (("step_divergence", divs), ("probe_divergence", probes), ("param_trace", traces)):
+            if new:
+                curves[name] = np.concatenate([curves[name], np.asarray(jax.device_get(new))], axis=0)
+        accuracy, test_loss, curves["test_predictions"] = evaluate(eval_fn, state, x_test, y_test, meta,
+                                                                    config.eval_batch_size)
         history["train_loss"].append(losses.mean(axis=0).tolist())
-        history["test_accuracy"].append(evaluate(eval_fn, state, x_test, y_test, meta, config.eval_batch_size).tolist())
+        history["test_accuracy"].append(accuracy.tolist())
+        history["test_loss"].append(test_loss.tolist())
         history["divergence"].append(np.asarray(_divergence_to_first(state.params)).tolist())
         history["lr"].append(lr_at(epoch))
         partial = result(epoch + 1)
@@ -513,13 +598,19 @@ def train(
     return result(config.epochs)
 
 
-def evaluate(eval_fn: Callable, state: LockstepState, x: np.ndarray, y: np.ndarray, meta, batch_size: int) -> np.ndarray:
-    """Test accuracy of every copy, in fixed-size (padded) batches: one compilation."""
+def evaluate(eval_fn: Callable, state: LockstepState, x: np.ndarray, y: np.ndarray, meta,
+             batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Test accuracy, mean cross-entropy and predicted classes of every copy.
+
+    Fixed-size (padded) batches: one compilation. Returns ``(accuracy (copies,),
+    loss (copies,), predictions (copies, len(x)))``; NaN accuracy and loss when ``x`` is empty.
+    """
     n = len(x)
+    copies = jax.tree.leaves(state.params)[0].shape[0]
     if n == 0:
-        return np.full(jax.tree.leaves(state.params)[0].shape[0], np.nan)
+        return np.full(copies, np.nan), np.full(copies, np.nan), np.zeros((copies, 0), np.int32)
     size = min(batch_size, n)
-    correct = 0
+    correct, loss, predictions = 0, 0, []
     for s in range(0, n, size):
         xb, yb = x[s : s + size], y[s : s + size]
         valid = len(xb)
@@ -527,6 +618,8 @@ def evaluate(eval_fn: Callable, state: LockstepState, x: np.ndarray, y: np.ndarr
             xb = np.concatenate([xb, np.zeros((size - valid, *xb.shape[1:]), xb.dtype)])
             yb = np.concatenate([yb, np.zeros(size - valid, yb.dtype)])
         mask = jnp.arange(size) < valid
-        correct = correct + eval_fn(state, jnp.asarray(datasets.normalize(xb, meta.mean, meta.std)),
-                                    jnp.asarray(yb), mask)
-    return np.asarray(correct, np.float64) / n
+        c, l, p = eval_fn(state, jnp.asarray(datasets.normalize(xb, meta.mean, meta.std)), jnp.asarray(yb), mask)
+        correct, loss = correct + c, loss + l
+        predictions.append(np.asarray(p)[:, :valid])
+    return (np.asarray(correct, np.float64) / n, np.asarray(loss, np.float64) / n,
+            np.concatenate(predictions, axis=1).astype(np.int32))

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import functools
 import json
 import sys
 import time
@@ -58,7 +57,7 @@ from jaxcfl import data, nets, plot, theory
 from jaxcfl._io import atomic_open
 from jaxcfl._text import table
 from jaxcfl.curvature import BELOW_RANGE, FOUND, max_stable_lr, sharpness
-from jaxcfl.train import cross_entropy
+from jaxcfl.train import cross_entropy, network_loss
 
 MODELS = ("mlp", "cnn", "resnet20")
 DEFAULT_ALPHAS = (1.0, 10.0, 100.0, 1000.0)
@@ -129,20 +128,6 @@ def _cnn_loss(p: dict[str, Array], x: Array, y: Array) -> Array:
     return cross_entropy(cnn_logits(p, x), y)
 
 
-@functools.lru_cache(maxsize=None)
-def _nets_loss(graphdef: Any) -> Callable[..., Array]:
-    """``loss(params, batch_stats, x, y)`` of a :mod:`jaxcfl.nets` network, BatchNorm in training mode.
-
-    One function object per ``graphdef`` (cached), so that the compiled programs of
-    :func:`~jaxcfl.sharpness.max_stable_lr` are reused across ``alpha`` and runs.
-    """
-
-    def loss(params: Any, batch_stats: Any, x: Array, y: Array) -> Array:
-        return cross_entropy(nets.apply(graphdef, params, batch_stats, x, train=True)[0], y)
-
-    return loss
-
-
 @dataclasses.dataclass(frozen=True)
 class Workload:
     """One model on its fixed full batch: the objective is ``loss_fn(params, *args) + alpha/2 ||params||^2``."""
@@ -177,7 +162,7 @@ def workload(model: str, *, train_size: int | None = None, seed: int = 0) -> Wor
     y = jnp.asarray(y[:train_size])
     if model == "resnet20":
         graphdef, params, batch_stats = nets.split(nets.create(model, in_channels=1, rngs=seed))
-        loss_fn, args = _nets_loss(graphdef), (batch_stats, x, y)
+        loss_fn, args = network_loss(graphdef), (batch_stats, x, y)
     else:
         init, loss_fn = {"mlp": (_mlp_init, _mlp_loss), "cnn": (_cnn_init, _cnn_loss)}[model]
         params, args = init(np.random.default_rng(seed)), (x, y)

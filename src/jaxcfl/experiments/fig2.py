@@ -38,7 +38,7 @@ from jaxcfl import data as datasets
 from jaxcfl import plot
 from jaxcfl._io import atomic_open
 from jaxcfl._text import table
-from jaxcfl.train import TrainConfig, TrainResult, _probe_mask, init_lockstep, train
+from jaxcfl.train import TrainConfig, TrainResult, init_lockstep, probe_mask, train
 
 PAPER_N = (2, 4, 8, 16, 32, 320, 3200, 32000)
 DEFAULT_N = (1, 2, 4, 8)
@@ -56,7 +56,7 @@ def probe_path(config: TrainConfig) -> str:
     _, state = init_lockstep(config, (1.0,), in_channels, datasets.info(config.dataset).num_classes)
     params = jax.tree.map(lambda a: a[0], state.params)
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    return ", ".join(p for p, keep in zip(paths, _probe_mask(params, config.probe)) if keep)
+    return ", ".join(p for p, keep in zip(paths, probe_mask(params, config.probe)) if keep)
 
 
 def run(

@@ -4,12 +4,28 @@ the spread from the batch order.
 For every seed (the batch order and augmentation), the perturbed copies
 ``k = 1, 3, 5, ...`` train in lockstep from one initialisation on the same
 batches (:func:`jaxcfl.train.train`). A run's final accuracy is its mean test
-accuracy over the last ``min(10, epochs)`` epochs. The table holds one row per
-``k`` and one column per seed; "std over k" is the population standard deviation
-down each column (the perturbation's effect at a fixed batch order), "std over
-seeds" along each row (the batch order's effect at a fixed perturbation). The
-paper finds the two of the same size: a last-bit change of the update is
-amplified as much as a different batch order. Accuracies are in percent.
+accuracy over the last 5% of the epochs (the paper's 10 of 200;
+:func:`jaxcfl.train.final_epochs`). The table holds one row per ``k`` and one
+column per seed; "std over k" is the population standard deviation down each
+column (the perturbation's effect at a fixed batch order), "std over seeds"
+along each row (the batch order's effect at a fixed perturbation). The paper
+finds the two of the same size: a last-bit change of the update is amplified as
+much as a different batch order. Accuracies are in percent.
+
+Beside the table the command reports what a small test set can carry
+(:mod:`jaxcfl.statistics`): both stds with bootstrap 95% intervals, for the
+accuracy and for the final test loss; the churn (fraction of test images whose
+predicted class differs) between pairs of k and pairs of seeds; and how fast the
+perturbation grows: the divergence of all weights between the first two copies
+(k = 1 and k = 3 by default) after every step, the first steps at which it
+passes 1e-3, 1e-2 and 1e-1, and, for comparison, the divergence between the
+seeds' k = 1 copies (estimated on a fixed random subset of the weights,
+``trace_params``).
+
+The default trains the small ``cnn`` (three conv-BN-ReLU blocks, 24k weights)
+on the built-in digits for 15 epochs at batch 32, with the paper's optimiser
+(Nesterov 0.9, weight decay 5e-4, lr 0.1 divided by 10 at 20/40/60/80% of the
+epochs), k in {1, 3, ..., 11} crossed with seeds 1..5.
 
 Each seed's run checkpoints under ``OUT/seed<seed>`` after every epoch; a killed
 command resumes where it stopped.
@@ -21,41 +37,66 @@ import argparse
 import json
 import sys
 import time
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from jaxcfl import statistics as st
 from jaxcfl._io import atomic_open
 from jaxcfl._text import table
+
+DEFAULT_KS = (1.0, 3.0, 5.0, 7.0, 9.0, 11.0)
+DEFAULT_SEEDS = (1, 2, 3, 4, 5)
+DEFAULTS = dict(model="cnn", epochs=15, batch_size=32)
+"""The default run: it trains (about 97% test accuracy) in minutes on a 2-core CPU (docs/training.md)."""
+LEVELS = (1e-3, 1e-2, 1e-1)
+"""Divergence levels whose first crossing is reported."""
+TRACE_PARAMS = 4096
 
 
 def run(
     *,
-    model: str = "resnet20",
+    model: str = DEFAULTS["model"],
     dataset: str = "builtin",
     data_root: str | None = None,
-    epochs: int = 1,
-    ks: tuple[float, ...] = (1, 3, 5),
-    seeds: tuple[int, ...] = (1,),
+    epochs: int = DEFAULTS["epochs"],
+    ks: tuple[float, ...] = DEFAULT_KS,
+    seeds: tuple[int, ...] = DEFAULT_SEEDS,
     out: str | Path | None = "jaxcfl-variance",
     progress: bool | None = None,
     copies_mode: str = "auto",
+    last_epochs: int | None = None,
+    trace_params: int = TRACE_PARAMS,
+    resamples: int = 2000,
     log=lambda msg: print(msg, file=sys.stderr, flush=True),
     **train_options: Any,
 ) -> dict[str, Any]:
-    """Run the k x seed grid; returns the JSON payload (``runs``, ``std_over_k``, ``std_over_seeds``, ...).
+    """Run the k x seed grid; returns the JSON payload.
 
     Args:
       model, dataset, data_root, epochs: see :class:`jaxcfl.train.TrainConfig`.
-      ks: perturbation factors (one lockstep copy each).
+      ks: perturbation factors (one lockstep copy each). The first two are the
+        pair whose divergence is followed step by step.
       seeds: batch-order seeds (one lockstep run each).
       out: output directory (``None``: keep nothing on disk).
       progress: tqdm bars.
       copies_mode: see :func:`jaxcfl.train.resolve_copies_mode`.
+      last_epochs: epochs averaged into the final accuracy and loss (``None``:
+        :func:`jaxcfl.train.final_epochs`, 5% of them).
+      trace_params: weights of the first copy recorded after every step, to follow
+        the divergence between seeds (0: not followed).
+      resamples: bootstrap resamples of each interval.
       log: progress messages (stderr by default).
       **train_options: other :class:`~jaxcfl.train.TrainConfig` fields (``lr``,
         ``batch_size``, ``activation``, ``beta``, ``train_size``, ...).
+
+    Returns:
+      ``runs`` (k, seed, final accuracy and loss), ``std_over_k`` / ``std_over_seeds``
+      (per seed / per k), ``spread`` (the mean stds with intervals and the verdict,
+      for accuracy and loss), ``churn``, ``divergence`` (first crossings), ``answer``,
+      ``fingerprints``, ``files`` and ``seconds``.
     """
     from jaxcfl.train import TrainConfig, train
 
@@ -63,73 +104,195 @@ def run(
         raise ValueError("ks and seeds must each hold at least one value")
     if len(set(seeds)) != len(seeds) or len(set(ks)) != len(ks):
         raise ValueError(f"ks and seeds must not repeat values, got ks={list(ks)} seeds={list(seeds)}")
+    train_options = {"batch_size": DEFAULTS["batch_size"], **train_options}
     config = TrainConfig(model=model, dataset=dataset, data_root=data_root, epochs=epochs, **train_options)
     out = Path(out) if out is not None else None
     start = time.perf_counter()
-    accuracy = np.zeros((len(ks), len(seeds)))
     results = {}
-    for j, seed in enumerate(seeds):
-        log(f"[variance] {model} on {dataset}, seed {seed}: {len(ks)} copies k={list(ks)}, {epochs} epoch(s) ...")
+    for seed in seeds:
+        log(f"[variance] {model} on {dataset}, seed {seed}: {len(ks)} copies k={[f'{k:g}' for k in ks]}, "
+            f"{epochs} epoch(s) ...")
         res = train(config, ks, seed=seed, out=None if out is None else out / f"seed{seed}", progress=progress,
-                    copies_mode=copies_mode)
-        accuracy[:, j] = 100.0 * res.final_accuracy()
+                    copies_mode=copies_mode, trace_params=trace_params)
         results[seed] = res
-        log(f"[variance]   final accuracy {np.array2string(accuracy[:, j], precision=2)}  [{res.seconds:.1f}s]")
-    std_over_k = accuracy.std(axis=0)  # population std, per seed
-    std_over_seeds = accuracy.std(axis=1)  # per k
+        log(f"[variance]   final accuracy {np.array2string(100 * res.final_accuracy(last_epochs), precision=2)}"
+            f"  [{res.seconds:.1f}s]")
+    payload = summarise(config, ks, seeds, results, last_epochs=last_epochs, resamples=resamples)
+    payload["seconds"] = time.perf_counter() - start
+    payload["files"] = {}
+    if out is not None:
+        payload["files"] = _write_outputs(out, payload, results)
+    return payload
+
+
+def summarise(config, ks, seeds, results, *, last_epochs: int | None = None, resamples: int = 2000) -> dict[str, Any]:
+    """The JSON payload of finished runs (``results[seed]``: a :class:`~jaxcfl.train.TrainResult` of all ``ks``)."""
+    from jaxcfl.train import final_epochs
+
+    accuracy = 100.0 * np.stack([results[s].final_accuracy(last_epochs) for s in seeds], axis=1)  # (k, seed)
+    loss = np.stack([results[s].final_loss(last_epochs) for s in seeds], axis=1)
+    predictions = np.stack([results[s].test_predictions for s in seeds], axis=1)  # (k, seed, images)
+    std_over_k, std_over_seeds = accuracy.std(axis=0), accuracy.std(axis=1)
+    spread = {}
+    for name, values in (("accuracy", accuracy), ("loss", loss)):
+        over_k = st.bootstrap_spread(values, 0, resamples=resamples) if len(ks) > 1 else None
+        over_seeds = st.bootstrap_spread(values, 1, resamples=resamples) if len(seeds) > 1 else None
+        spread[name] = {"over_k": over_k and over_k.to_dict(), "over_seeds": over_seeds and over_seeds.to_dict(),
+                        "ratio": (over_k.estimate / over_seeds.estimate if over_k and over_seeds
+                                  and over_seeds.estimate > 0 else None),
+                        "verdict": st.compare_spreads(over_k, over_seeds) if over_k and over_seeds else None}
+    churn = {"over_k": st.pairwise_churn(predictions, 0).to_dict() if len(ks) > 1 else None,
+             "over_seeds": st.pairwise_churn(predictions, 1).to_dict() if len(seeds) > 1 else None,
+             "test_images": int(predictions.shape[2])}
     payload = {
         "config": config.to_dict(),
         "ks": [float(k) for k in ks],
         "seeds": [int(s) for s in seeds],
-        "runs": [{"k": float(k), "seed": int(s), "final_accuracy": float(accuracy[i, j])}
+        "final_epochs": int(last_epochs or final_epochs(config.epochs)),
+        "mean_accuracy": float(accuracy.mean()),
+        "runs": [{"k": float(k), "seed": int(s), "final_accuracy": float(accuracy[i, j]), "final_loss": float(loss[i, j])}
                  for j, s in enumerate(seeds) for i, k in enumerate(ks)],
         "std_over_k": {str(s): float(std_over_k[j]) for j, s in enumerate(seeds)},
         "std_over_seeds": {f"{k:g}": float(std_over_seeds[i]) for i, k in enumerate(ks)},
         "mean_std_over_k": float(std_over_k.mean()),
         "mean_std_over_seeds": float(std_over_seeds.mean()),
-        "mean_accuracy": float(accuracy.mean()),
+        "spread": spread,
+        "churn": churn,
+        "divergence": _growth(ks, seeds, results),
         "fingerprints": {str(s): list(r.fingerprints) for s, r in results.items()},
-        "seconds": time.perf_counter() - start,
-        "files": {},
     }
-    if out is not None:
-        payload["files"] = _write_outputs(out, payload, accuracy)
+    payload["answer"] = answer(payload)
     return payload
 
 
-def _write_outputs(out: Path, payload: dict[str, Any], accuracy: np.ndarray) -> dict[str, str]:
-    lines = ["k,seed,final_accuracy"] + [f"{r['k']:g},{r['seed']},{r['final_accuracy']:.6f}" for r in payload["runs"]]
+def _growth(ks, seeds, results) -> dict[str, Any] | None:
+    """First steps at which the k[0]-vs-k[1] divergence passes :data:`LEVELS`, per seed and as a median."""
+    if len(ks) < 2:
+        return None
+    steps = int(results[seeds[0]].step_divergence.shape[0])
+    first = {f"{level:g}": {} for level in LEVELS}
+    for s in seeds:
+        for level, step in st.first_crossing(results[s].step_divergence[:, 1], LEVELS).items():
+            first[f"{level:g}"][str(s)] = step
+    median = {name: (float(np.median([x for x in per.values() if x is not None]))
+                     if any(x is not None for x in per.values()) else None) for name, per in first.items()}
+    seed_pairs = _seed_divergence(seeds, results)
+    return {"reference_k": float(ks[0]), "compared_k": float(ks[1]), "steps": steps, "levels": list(LEVELS),
+            "first_step_above": first, "median_first_step_above": median,
+            "final": {str(s): float(results[s].step_divergence[-1, 1]) for s in seeds},
+            "seeds_final_median": None if seed_pairs is None else float(np.median(seed_pairs[:, -1])),
+            "seeds_first_step_above": None if seed_pairs is None else {
+                f"{level:g}": step for level, step in st.first_crossing(np.median(seed_pairs, axis=0), LEVELS).items()},
+            "traced_weights": int(results[seeds[0]].param_trace.shape[1]) if results[seeds[0]].param_trace.size else 0}
+
+
+def _seed_divergence(seeds, results) -> np.ndarray | None:
+    """Divergence between the first copies of every pair of seeds after every step, ``(pairs, steps)``."""
+    traces = [results[s].param_trace for s in seeds]
+    if len(seeds) < 2 or traces[0].size == 0:
+        return None
+    return np.stack([st.divergence_curve(traces[i], traces[j]) for i, j in combinations(range(len(seeds)), 2)])
+
+
+def answer(payload: dict[str, Any]) -> str:
+    """Plain words: is the perturbation's spread of the same size as the seeds' spread here?"""
+    acc, loss = payload["spread"]["accuracy"], payload["spread"]["loss"]
+    if acc["verdict"] is None:
+        return "Needs at least two k and two seeds to compare the spreads."
+    words = {"same size": "OF THE SAME SIZE AS", "smaller": "SMALLER THAN", "larger": "LARGER THAN"}
+    fmt = lambda d: f"{d['std']:.3g} [{d['ci_low']:.3g}, {d['ci_high']:.3g}]"
+    churn = payload["churn"]
+    lines = [
+        f"Test accuracy: the spread over k is {words[acc['verdict']]} the spread over seeds: "
+        f"std over k {fmt(acc['over_k'])} against std over seeds {fmt(acc['over_seeds'])} accuracy points "
+        f"(means over the table, bootstrap 95% intervals).",
+        f"Test loss: the spread over k is {words[loss['verdict']]} the spread over seeds: std over k "
+        f"{fmt(loss['over_k'])} against std over seeds {fmt(loss['over_seeds'])}.",
+        f"Churn: {100 * churn['over_k']['mean']:.2f}% of the {churn['test_images']} test images change class between "
+        f"two k, {100 * churn['over_seeds']['mean']:.2f}% between two seeds.",
+    ]
+    return "\n".join(lines)
+
+
+def _write_outputs(out: Path, payload: dict[str, Any], results) -> dict[str, str]:
+    lines = ["k,seed,final_accuracy,final_loss"] + [f"{r['k']:g},{r['seed']},{r['final_accuracy']:.6f},{r['final_loss']:.8g}"
+                                                   for r in payload["runs"]]
     with atomic_open(out / "variance.csv", "w") as fh:
         fh.write("\n".join(lines) + "\n")
-    with atomic_open(out / "variance.json", "w") as fh:
-        json.dump(payload, fh, indent=1)
     files = {"csv": str(out / "variance.csv"), "json": str(out / "variance.json")}
-    files["plot"] = _plot(out / "variance.png", payload, accuracy)
+    files["plot"] = _plot(out / "variance.png", payload)
+    seeds = payload["seeds"]
+    curves = {f"k_seed{s}": results[s].step_divergence[:, 1] for s in seeds} if len(payload["ks"]) > 1 else {}
+    seed_pairs = _seed_divergence(seeds, results)
+    if seed_pairs is not None:
+        curves["seed_pairs"] = seed_pairs
+    if curves:
+        with atomic_open(out / "divergence.npz", "wb") as fh:
+            np.savez(fh, **curves)
+        files["divergence"] = str(out / "divergence.npz")
+        files["divergence_plot"] = _plot_divergence(out / "divergence.png", payload, curves)
+    with atomic_open(out / "variance.json", "w") as fh:
+        json.dump({**payload, "files": files}, fh, indent=1)
     return files
 
 
-def _plot(path: Path, payload: dict[str, Any], accuracy: np.ndarray) -> str:
-    from jaxcfl.plot import _pyplot, save
+def _plot(path: Path, payload: dict[str, Any]) -> str:
+    from jaxcfl.plot import panels, save
 
-    plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, middle, right) = panels(3, width=4.4, height=4.0)
     seeds, ks = payload["seeds"], payload["ks"]
-    for i, k in enumerate(ks):
-        left.plot(range(len(seeds)), accuracy[i], "o", label=f"k={k:g}", alpha=0.8)
+    acc = {(r["k"], r["seed"]): r["final_accuracy"] for r in payload["runs"]}
+    for k in ks:
+        left.plot(range(len(seeds)), [acc[(k, s)] for s in seeds], "o", label=f"k={k:g}", alpha=0.8)
     left.set_xticks(range(len(seeds)), [str(s) for s in seeds])
-    left.set(xlabel="seed (batch order)", ylabel="final test accuracy (%)", title="accuracy of every run")
+    left.set(xlabel="seed (batch order)", ylabel="final test accuracy (%)", title="every run")
     left.legend(fontsize=7)
-    names = ["std over k\n(per seed)", "std over seeds\n(per k)"]
-    values = [list(payload["std_over_k"].values()), list(payload["std_over_seeds"].values())]
-    right.boxplot(values, tick_labels=names)
-    for x, vals in enumerate(values, start=1):
-        right.plot(np.full(len(vals), x), vals, "k.", alpha=0.6)
-    right.set(ylabel="population std (accuracy points)", title="perturbation vs batch order")
+    for ax, name, unit in ((middle, "accuracy", "accuracy points"), (right, "loss", "cross-entropy")):
+        spread = payload["spread"][name]
+        for x, (key, label) in enumerate((("over_k", "over k\n(perturbation)"), ("over_seeds", "over seeds\n(batch order)"))):
+            d = spread[key]
+            if d is not None:
+                ax.errorbar([x], [d["std"]], yerr=[[d["std"] - d["ci_low"]], [d["ci_high"] - d["std"]]], fmt="o",
+                            capsize=6, color=f"C{x}")
+        ax.set_xticks([0, 1], ["over k\n(perturbation)", "over seeds\n(batch order)"])
+        ax.set_xlim(-0.6, 1.6)
+        ax.set(ylabel=f"mean population std ({unit})", title=f"test {name}: std, 95% bootstrap interval")
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def _plot_divergence(path: Path, payload: dict[str, Any], curves: dict[str, np.ndarray]) -> str:
+    from jaxcfl.plot import panels, save
+
+    fig, (ax,) = panels(1, width=7.5, height=4.6)
+    g = payload["divergence"]
+    positive = lambda y: np.where(y > 0, y, np.nan)  # identical copies cannot show on a log axis
+    k_curves = [c for name, c in curves.items() if name.startswith("k_seed")]
+    steps = np.arange(1, len(k_curves[0]) + 1) if k_curves else np.arange(1, curves["seed_pairs"].shape[1] + 1)
+    for i, c in enumerate(k_curves):
+        ax.plot(steps, positive(c), color="C3", lw=0.6, alpha=0.35, label=None if i else
+                f"k = {g['reference_k']:g} vs k = {g['compared_k']:g}, each seed")
+    if k_curves:
+        ax.plot(steps, positive(np.median(k_curves, axis=0)), color="C3", lw=2, label="  median over seeds")
+    if "seed_pairs" in curves:
+        pairs = curves["seed_pairs"]
+        for i, c in enumerate(pairs):
+            ax.plot(steps, positive(c), color="C0", lw=0.6, alpha=0.25,
+                    label=None if i else f"seed vs seed at k = {g['reference_k']:g}, each pair")
+        ax.plot(steps, positive(np.median(pairs, axis=0)), color="C0", lw=2, label="  median over pairs")
+    for level in LEVELS:
+        ax.axhline(level, color="0.6", lw=0.6, ls=":")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set(xlabel="step", ylabel="divergence 2 mean(|w1-w2|/(|w1|+|w2|)) of the weights",
+           title="how fast a last-bit change grows, against a different batch order")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
     return save(fig, path)
 
 
 def render(payload: dict[str, Any]) -> str:
-    """The Table 3/4 layout: k rows, seed columns, stds in the margins."""
+    """The Table 3/4 layout (k rows, seed columns, stds in the margins), then the statistics."""
     seeds, ks = payload["seeds"], payload["ks"]
     acc = {(r["k"], r["seed"]): r["final_accuracy"] for r in payload["runs"]}
     header = ["k \\ seed"] + [str(s) for s in seeds] + ["std over seeds"]
@@ -137,36 +300,68 @@ def render(payload: dict[str, Any]) -> str:
             for k in ks]
     rows.append(["std over k"] + [f"{payload['std_over_k'][str(s)]:.3f}" for s in seeds] + [""])
     cfg = payload["config"]
-    text = [f"{cfg['model']} on {cfg['dataset']}, {cfg['epochs']} epoch(s); final accuracy (%) = mean test accuracy "
-            f"over the last min(10, epochs) epochs", table(rows, header),
+    text = [f"{cfg['model']} on {cfg['dataset']}, {cfg['epochs']} epoch(s), batch {cfg['batch_size']}; final accuracy (%) "
+            f"= mean test accuracy over the last {payload['final_epochs']} epoch(s); mean {payload['mean_accuracy']:.2f}%",
+            table(rows, header),
             f"mean std over k (perturbation): {payload['mean_std_over_k']:.3f}   "
-            f"mean std over seeds (batch order): {payload['mean_std_over_seeds']:.3f}   "
-            f"[{payload['seconds']:.1f}s]"]
+            f"mean std over seeds (batch order): {payload['mean_std_over_seeds']:.3f}"]
+    if payload["spread"]["accuracy"]["verdict"] is not None:
+        cell = lambda d: f"{d['std']:.3g} [{d['ci_low']:.3g}, {d['ci_high']:.3g}]"
+        churn = payload["churn"]
+        body = [[f"test {name}", cell(payload["spread"][name]["over_k"]), cell(payload["spread"][name]["over_seeds"]),
+                 payload["spread"][name]["verdict"]] for name in ("accuracy", "loss")]
+        body.append(["churn (% of images)", *(f"{100 * churn[a]['mean']:.2f} ({100 * churn[a]['min']:.2f}-"
+                                              f"{100 * churn[a]['max']:.2f}), {churn[a]['pairs']} pairs"
+                                              for a in ("over_k", "over_seeds")), ""])
+        text += ["", table(body, ["", "over k (perturbation)", "over seeds (batch order)", "verdict"])]
+    g = payload["divergence"]
+    if g is not None:
+        step = lambda x: "never" if x is None else str(x)
+        cross = [[f"k = {g['reference_k']:g} vs {g['compared_k']:g}, seed {s}"]
+                 + [step(g["first_step_above"][f"{lv:g}"][str(s)]) for lv in g["levels"]] + [f"{g['final'][str(s)]:.3g}"]
+                 for s in seeds]
+        if g["seeds_first_step_above"] is not None:
+            cross.append([f"seed vs seed at k = {g['reference_k']:g} (median of pairs)"]
+                         + [step(g["seeds_first_step_above"][f"{lv:g}"]) for lv in g["levels"]]
+                         + [f"{g['seeds_final_median']:.3g}"])
+        text += ["", f"divergence of the weights: first step above each level ({g['steps']} steps)",
+                 table(cross, ["", *(f"> {lv:g}" for lv in g["levels"]), "at the end"])]
+    text += ["", payload["answer"], f"[{payload['seconds']:.1f}s]"]
     if payload["files"]:
         text.append("files: " + ", ".join(payload["files"].values()))
     return "\n".join(text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jaxcfl._cli_types import nonnegative_float, positive_float, positive_int
+    from jaxcfl._cli_types import nonnegative_float, nonnegative_int, positive_float, positive_int
     from jaxcfl.data import DATASETS
     from jaxcfl.nets import MODELS
 
-    parser.add_argument("--model", choices=MODELS, default="resnet20", help="network (default resnet20)")
+    parser.add_argument("--model", choices=MODELS, default=DEFAULTS["model"],
+                        help="network (default cnn: three conv-BN-ReLU blocks; the paper: resnet56)")
     parser.add_argument("--dataset", choices=tuple(DATASETS), default="builtin",
                         help="dataset (default: the built-in digits, no files needed)")
     parser.add_argument("--data-root", default=None, help="folder with the dataset's files (default $JAXCFL_DATA or ./data)")
-    parser.add_argument("--epochs", type=positive_int, default=1, help="epochs (default 1; the paper: 200)")
-    parser.add_argument("--k", type=positive_float, nargs="+", default=[1, 3, 5],
-                        help="perturbation factors (default 1 3 5; the paper: 1 3 5 7 9 11)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="batch-order seeds (default 1; the paper: 1..6)")
+    parser.add_argument("--epochs", type=positive_int, default=DEFAULTS["epochs"],
+                        help=f"epochs (default {DEFAULTS['epochs']}; the paper: 200)")
+    parser.add_argument("--k", type=positive_float, nargs="+", default=list(DEFAULT_KS),
+                        help="perturbation factors (default 1 3 5 7 9 11, the paper's); the first two are "
+                             "followed step by step")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
+                        help="batch-order seeds (default 1 2 3 4 5; the paper: 1..6)")
     parser.add_argument("--activation", choices=("relu", "swish"), default="relu")
     parser.add_argument("--beta", type=positive_float, default=1.0, help="Swish beta (the paper: 5)")
     parser.add_argument("--lr", type=positive_float, default=0.1)
-    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--batch-size", type=positive_int, default=DEFAULTS["batch_size"],
+                        help=f"default {DEFAULTS['batch_size']} (the paper: 128, on 50000 images)")
     parser.add_argument("--weight-decay", type=nonnegative_float, default=5e-4)
     parser.add_argument("--train-size", type=positive_int, default=None, help="use the first N training images")
     parser.add_argument("--test-size", type=positive_int, default=None, help="use the first N test images")
+    parser.add_argument("--last-epochs", type=positive_int, default=None,
+                        help="epochs averaged into the final accuracy and loss (default 5%% of them, >= 1; the paper: 10 of 200)")
+    parser.add_argument("--trace-params", type=nonnegative_int, default=TRACE_PARAMS,
+                        help=f"weights recorded every step to follow the seeds' divergence (default {TRACE_PARAMS}; 0: off)")
+    parser.add_argument("--resamples", type=positive_int, default=2000, help="bootstrap resamples (default 2000)")
     parser.add_argument("--copies-mode", choices=("auto", "vmap", "unroll"), default="auto",
                         help="how the k copies share one compiled step (auto: vmap on GPU, unroll on CPU)")
     parser.add_argument("--out", default="jaxcfl-variance", help="output directory (default ./jaxcfl-variance); "
@@ -177,4 +372,5 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     return run(model=args.model, dataset=args.dataset, data_root=args.data_root, epochs=args.epochs,
                ks=tuple(args.k), seeds=tuple(args.seeds), out=args.out, activation=args.activation, beta=args.beta,
                lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay, train_size=args.train_size,
-               test_size=args.test_size, copies_mode=args.copies_mode)
+               test_size=args.test_size, copies_mode=args.copies_mode, last_epochs=args.last_epochs,
+               trace_params=args.trace_params, resamples=args.resamples)
