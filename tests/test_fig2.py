@@ -16,7 +16,8 @@ from jaxcfl import cli
 from jaxcfl.experiments import EXPERIMENTS, fig2
 from jaxcfl.train import TrainConfig
 
-TINY = ["--model", "cnn", "--train-size", "128", "--test-size", "64", "--batch-size", "64", "--n", "1", "2"]
+TINY = ["--model", "cnn", "--train-size", "128", "--test-size", "64", "--batch-size", "64", "--n", "1", "2",
+        "--epochs-per-n", "1", "--base-lr", "0.1", "--no-sharpness"]
 STEPS_PER_EPOCH = 2  # 128 images, batch 64
 
 
@@ -70,6 +71,10 @@ def test_json_payload(tiny):
         assert 0 <= r["test_accuracy_k1"] <= 1 and 0 <= r["test_accuracy_k"] <= 1
         assert 0 < r["probe_divergence"] <= r["probe_divergence_max"] <= 2  # k = 3 perturbed the last bits
         assert r["divergence"] > 0
+        assert r["peak_divergence"] >= r["divergence"] and r["accumulation_bound"] > 0
+        assert isinstance(r["amplified"], bool) and r["two_over_sharpness"] is None  # --no-sharpness
+    assert set(payload["threshold"]) >= {"ordered", "bracket", "lr", "amplified_lrs", "not_amplified_lrs"}
+    assert payload["max_stable_lr"] is None and "per scaled iteration" in payload["answer"]
 
 
 def test_each_run_is_the_trainers_with_plain_sgd_and_constant_lr(tiny):
@@ -130,9 +135,58 @@ def test_moving_average_in_scaled_iterations(tiny, tmp_path):
     """``window`` counts scaled iterations: run n is averaged over ``window * n`` of its steps (reuses the runs)."""
     out = tmp_path / "out"
     shutil.copytree(tiny[2], out)
-    fig2.run(n=(1, 2), train_size=128, test_size=64, batch_size=64, window=1, out=out, log=lambda msg: None)
+    fig2.run(n=(1, 2), train_size=128, test_size=64, batch_size=64, epochs_per_n=1, base_lr=0.1, window=1,
+             with_sharpness=False, out=out, log=lambda msg: None)
     with np.load(out / "fig2_curves.npz") as z:
         probe = z["n2_probe"]
         np.testing.assert_allclose(z["n2_smoothed"], (probe[1:] + probe[:-1]) / 2)
         np.testing.assert_allclose(z["n2_smoothed_iteration"], [1.0, 1.5, 2.0])
         np.testing.assert_array_equal(z["n1_smoothed"], z["n1_probe"])
+
+
+def test_amplification_of_synthetic_curves():
+    steps = 200
+    # Rounding re-injected every step and never amplified: a random walk from 1e-9.
+    walk = 1e-9 * np.sqrt(np.arange(1, steps + 1))
+    calm = fig2.amplification(walk, n=1)
+    assert not calm["amplified"] and calm["first_divergence"] == pytest.approx(np.median(walk[:10]))
+    assert calm["accumulation_bound"] == pytest.approx(calm["first_divergence"] * steps)
+    # Amplified 10% per step until it saturates at order one.
+    grown = np.minimum(1e-9 * 1.1 ** np.arange(steps), 0.5)
+    fast = fig2.amplification(grown, n=4)
+    assert fast["amplified"]
+    assert fast["slope"] == pytest.approx(4 * np.log(1.1), rel=1e-6)  # per scaled iteration = per step x n
+    assert fast["slope_points"] == int((grown < fig2.SATURATION).sum())
+    assert fig2.amplification(np.zeros(5), n=1)["slope"] is None
+    assert fig2.amplification(np.array([1e-9, np.nan]), n=1)["amplified"]  # blown up
+
+
+def test_amplification_threshold():
+    rows = [dict(lr=0.3, amplified=True), dict(lr=0.075, amplified=True), dict(lr=0.01875, amplified=False),
+            dict(lr=0.0047, amplified=False)]
+    t = fig2.amplification_threshold(rows)
+    assert t["ordered"] and t["bracket"] == [0.01875, 0.075] and t["lr"] == pytest.approx(np.sqrt(0.01875 * 0.075))
+    assert not fig2.amplification_threshold(rows[:1] + [dict(lr=0.1, amplified=False), dict(lr=0.01, amplified=True)])["ordered"]
+    assert "below" in fig2.amplification_threshold(rows[:2])["note"]
+    assert "above" in fig2.amplification_threshold(rows[2:])["note"]
+
+
+def test_sharpness_along_the_runs_and_max_stable_lr(tiny):
+    """Snapshots once per scaled epoch; the sharpness at each, cached; max_stable_lr from the initialisation."""
+    from jaxcfl.train import train
+
+    _, _, out = tiny
+    assert sorted(p.name for p in (out / "n2" / "snapshots").iterdir()) == ["epoch2.npz"]
+    config = TrainConfig(model="cnn", train_size=128, test_size=64, batch_size=64, epochs=2, lr=0.05, momentum=0.0,
+                         nesterov=False, milestones=(), augment=False, activation="swish", beta=5.0)
+    result = train(config, ks=(1.0, 3.0), seed=1, out=out / "n2", progress=False)  # finished: read back
+    table = fig2.sharpness_along({2: result}, out, batch=32, iterations=8, log=lambda _: None)
+    records = table[2]
+    assert [r["scaled_epoch"] for r in records] == [0, 1] and [r["epoch"] for r in records] == [0, 2]
+    assert all(r["sharpness"] > 0 and r["stable_lr"] == pytest.approx(2 / r["sharpness"]) for r in records)
+    assert records[0]["sharpness"] != records[1]["sharpness"]  # the weights moved
+    cached = json.loads((out / "n2" / "sharpness.json").read_text())
+    assert cached["records"] == records
+    assert fig2.sharpness_along({2: result}, out, batch=32, iterations=8, log=lambda _: None)[2] == records
+    stable = fig2.initial_max_stable_lr(config, batch=8, steps=3)
+    assert stable["status"] in ("found", "below_range", "above_range") and stable["batch"] == 8

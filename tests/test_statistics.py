@@ -114,3 +114,19 @@ def test_first_crossing_and_divergence_curve():
 def test_bad_input(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+def test_log_slope_recovers_an_exponential_and_its_error():
+    x = np.arange(50) / 10.0
+    fit = stats.log_slope(x, 1e-8 * np.exp(2.5 * x))
+    assert fit.slope == pytest.approx(2.5) and fit.stderr == pytest.approx(0, abs=1e-9) and fit.points == 50
+    noisy = 1e-8 * np.exp(2.5 * x + np.random.default_rng(0).normal(0, 0.3, x.size))
+    fit = stats.log_slope(x, noisy)
+    assert abs(fit.slope - 2.5) < 4 * fit.stderr and 0.015 < fit.stderr < 0.045  # sd 0.3 / sqrt(sum dx^2) = 0.029
+    # Zeros and saturated points are left out; too few points give None.
+    y = np.where(x < 1, 0.0, np.minimum(1e-8 * np.exp(2.5 * x), 0.5))
+    capped = stats.log_slope(x, y, cap=0.1)
+    assert capped.slope == pytest.approx(2.5) and capped.points == int(((y > 0) & (y < 0.1)).sum())
+    assert stats.log_slope(x, np.zeros_like(x)) is None
+    with pytest.raises(ValueError, match="1-D"):
+        stats.log_slope(x, x[:3])

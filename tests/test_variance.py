@@ -98,7 +98,7 @@ def test_determinism_cli(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(determinism, "run_in_processes", fake)
     out = tmp_path / "det"
-    argv = ["determinism", "--train-size", "128", "--batch-size", "64", "--out", str(out), "--json"]
+    argv = ["determinism", "--train-size", "128", "--batch-size", "64", "--epochs", "2", "--out", str(out), "--json"]
     assert cli.main(argv) == 0
     payload = json.loads(capsys.readouterr().out)
     assert [c[2] for c in calls] == [True, False]
@@ -107,13 +107,15 @@ def test_determinism_cli(tmp_path, capsys, monkeypatch):
     assert payload["separate_k1_equals_k2"] and payload["separate_k3_differs"] and payload["separate_equals_lockstep"]
     assert len(payload["divergence_k1_k3"]) == payload["steps"] == 4
     assert payload["divergence_k1_k3"][-1] > 0
+    acc = payload["test_accuracy"]
+    assert acc["1"] == acc["2"] == acc["4"] and all(0 <= a <= 1 for a in acc.values())
     assert (out / "determinism.png").stat().st_size > 0
     assert json.loads((out / "determinism.json").read_text())["steps"] == 4
 
 
 @pytest.mark.slow
 def test_determinism_cli_real_processes(tmp_path, capsys):
-    argv = ["determinism", "--train-size", "128", "--batch-size", "64", "--out", str(tmp_path), "--json"]
+    argv = ["determinism", "--train-size", "128", "--batch-size", "64", "--epochs", "2", "--out", str(tmp_path), "--json"]
     assert cli.main(argv) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["repeated_processes"]["on"]["identical"]

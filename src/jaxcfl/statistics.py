@@ -170,6 +170,47 @@ def divergence_curve(a: ArrayLike, b: ArrayLike) -> np.ndarray:
     return np.asarray(jax.vmap(divergence)(a, b), np.float64)
 
 
+@dataclasses.dataclass(frozen=True)
+class GrowthRate:
+    """Least-squares slope of ``ln y`` against ``x``, with its standard error."""
+
+    slope: float
+    stderr: float
+    points: int
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+def log_slope(x: ArrayLike, y: ArrayLike, *, cap: float = np.inf) -> GrowthRate | None:
+    """Exponential growth rate of ``y`` in ``x``: the ordinary least-squares slope of ``ln y``.
+
+    Only points with ``0 < y < cap`` and finite values enter (a divergence that is
+    still exactly zero, or has saturated near its ceiling, says nothing about the
+    growth). The standard error is the OLS one, ``sqrt(rss / (m - 2) / sum (x - mean x)^2)``;
+    for a curve whose residuals are correlated from step to step it is optimistic.
+
+    Returns:
+      :class:`GrowthRate`, or ``None`` with fewer than 3 usable points.
+    """
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"x and y must be 1-D arrays of one shape, got {x.shape} and {y.shape}")
+    with np.errstate(invalid="ignore"):
+        keep = np.isfinite(x) & np.isfinite(y) & (y > 0) & (y < cap)
+    if keep.sum() < 3:
+        return None
+    xs, ly = x[keep], np.log(y[keep])
+    dx = xs - xs.mean()
+    sxx = float(dx @ dx)
+    if sxx == 0:
+        return None
+    slope = float(dx @ (ly - ly.mean()) / sxx)
+    residual = ly - ly.mean() - slope * dx
+    stderr = float(np.sqrt(residual @ residual / (xs.size - 2) / sxx))
+    return GrowthRate(slope, stderr, int(xs.size))
+
+
 def first_crossing(curve: ArrayLike, levels: Sequence[float]) -> dict[float, int | None]:
     """For each level, the first step (1-based) at which ``curve`` exceeds it; ``None``: never.
 
@@ -193,6 +234,8 @@ __all__ = [
     "compare_spreads",
     "divergence_curve",
     "first_crossing",
+    "GrowthRate",
+    "log_slope",
     "pairwise_churn",
     "spread",
 ]

@@ -32,17 +32,22 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jaxcfl import _validate as v
 from jaxcfl import data as datasets
+from jaxcfl import statistics as st
 from jaxcfl import plot
 from jaxcfl._io import atomic_open
 from jaxcfl._text import table
 from jaxcfl.train import TrainConfig, TrainResult, init_lockstep, probe_mask, train
 
 PAPER_N = (2, 4, 8, 16, 32, 320, 3200, 32000)
-DEFAULT_N = (1, 2, 4, 8)
-BASE_LR = 0.1
+DEFAULT_N = (1, 4, 16, 64, 256)
+BASE_LR = 0.3
+PAPER_BASE_LR = 0.1
+EPOCHS_PER_N = 4
 PAPER_BETA = 5.0
 
 
@@ -63,22 +68,24 @@ def run(
     *,
     n: Sequence[int] = DEFAULT_N,
     base_lr: float = BASE_LR,
+    epochs_per_n: int = EPOCHS_PER_N,
     k: float = 3.0,
     model: str = "cnn",
     dataset: str = "builtin",
     data_root: str | None = None,
-    train_size: int | None = 1024,
+    train_size: int | None = None,
     test_size: int | None = None,
-    batch_size: int = 128,
+    batch_size: int = 16,
     activation: str = "swish",
     beta: float = PAPER_BETA,
     weight_decay: float = 5e-4,
-    augment: bool = True,
+    augment: bool = False,
     probe: str | None = None,
     seed: int = 1,
     init_seed: int = 0,
     window: int = 0,
     copies_mode: str = "auto",
+    with_sharpness: bool = True,
     out: str | Path | None = "jaxcfl-fig2",
     progress: bool | None = None,
     log: Callable[[str], None] = _stderr,
@@ -86,8 +93,9 @@ def run(
     """Run Figure 2; returns ``{"rows": [...], "files": {...}, ...}`` (JSON-able).
 
     Args:
-      n: lr = ``base_lr / n``, trained for ``n`` epochs (one lockstep run per n).
+      n: lr = ``base_lr / n``, trained for ``n * epochs_per_n`` epochs (one lockstep run per n).
       base_lr: the lr of n = 1 (the paper's 0.1).
+      epochs_per_n: E, the epochs of run n = 1 (the paper's 1).
       k: perturbation factor of the second copy (k = 1 is the first).
       model, dataset, data_root, train_size, test_size, batch_size: what is trained
         on what (:class:`jaxcfl.train.TrainConfig`).
@@ -100,6 +108,8 @@ def run(
       window: moving average of each curve over ``window`` scaled iterations
         (``window * n`` iterations of run n); 0: none.
       copies_mode: how the trainer runs the two copies (:func:`jaxcfl.train.resolve_copies_mode`).
+      with_sharpness: measure the sharpness along every run (:func:`sharpness_along`, needs
+        ``out``) and :func:`initial_max_stable_lr`, to compare with the threshold lr.
       out: directory: ``n{n}/`` per run (the trainer's checkpoints and metrics),
         ``fig2.png``, ``fig2.csv``, ``fig2.json``, ``fig2_curves.npz``. ``None``:
         nothing written and nothing resumed.
@@ -118,39 +128,62 @@ def run(
     if window < 0:
         raise ValueError(f"window must be >= 0, got {window}")
     out = Path(out) if out is not None else None
+    epochs_per_n = v.check_int("epochs_per_n", epochs_per_n)
     configs = {m: TrainConfig(model=model, dataset=dataset, data_root=data_root, activation=activation, beta=beta,
-                              epochs=m, batch_size=batch_size, lr=base_lr / m, momentum=0.0, nesterov=False,
+                              epochs=m * epochs_per_n, batch_size=batch_size, lr=base_lr / m, momentum=0.0, nesterov=False,
                               weight_decay=weight_decay, milestones=(), augment=augment, init_seed=init_seed,
                               train_size=train_size, test_size=test_size, probe=probe) for m in ns}
     probed = probe_path(configs[ns[0]])
-    log(f"[fig2] {activation} {model} on {dataset}, plain SGD (wd {weight_decay:g}), lr = {base_lr:g}/n for n epochs, "
+    log(f"[fig2] {activation} {model} on {dataset}, plain SGD (wd {weight_decay:g}), lr = {base_lr:g}/n for "
+        f"{epochs_per_n} n epochs, "
         f"n in {ns}, k = 1 vs {k:g}; probe {probed}")
     results: dict[int, TrainResult] = {}
     rows = []
     for m in ns:
         trained: list[int] = []
         t0 = time.perf_counter()
-        result = train(configs[m], ks=(1.0, k), seed=seed, out=None if out is None else out / f"n{m}",
-                       progress=progress, on_epoch=lambda e, _, t=trained: t.append(e), copies_mode=copies_mode)
+        run_dir = None if out is None else out / f"n{m}"
+
+        def on_epoch(epoch: int, partial: TrainResult, m=m, run_dir=run_dir, trained=trained) -> None:
+            trained.append(epoch)
+            if run_dir is not None and epoch % m == 0:  # one snapshot per scaled epoch, for the sharpness
+                save_snapshot(run_dir / "snapshots" / f"epoch{epoch}.npz", partial.state)
+
+        result = train(configs[m], ks=(1.0, k), seed=seed, out=run_dir, progress=progress, on_epoch=on_epoch,
+                       copies_mode=copies_mode)
         results[m] = result
-        resumed = m - len(trained)
+        resumed = configs[m].epochs - len(trained)
         rows.append(_row(m, result, len(trained), time.perf_counter() - t0))
         log(f"[fig2]   n = {m:<6d} lr {base_lr / m:<10.4g} {result.probe_divergence.shape[0]} steps: probe divergence "
             f"{rows[-1]['probe_divergence']:.3g}, all parameters {rows[-1]['divergence']:.3g}"
-            + (f"; {resumed} of {m} epochs resumed from {out / f'n{m}'}" if resumed else "")
+            + (f"; {resumed} of {configs[m].epochs} epochs resumed from {out / f'n{m}'}" if resumed else "")
             + f"; {len(trained)} epochs trained")
-    steps_per_epoch = results[ns[0]].probe_divergence.shape[0] // ns[0]
+    steps_per_epoch = results[ns[0]].probe_divergence.shape[0] // configs[ns[0]].epochs
     curves = _curves(results, window)
+    threshold = amplification_threshold(rows)
+    sharp = sharpness_along(results, out, log=log) if with_sharpness else {}
+    for row in rows:
+        records = sharp.get(row["n"], [])
+        row["sharpness_max"] = max((r["sharpness"] for r in records), default=None)
+        row["two_over_sharpness"] = None if row["sharpness_max"] is None else 2.0 / row["sharpness_max"]
+        row["cfl_holds"] = None if row["sharpness_max"] is None else bool(row["lr"] < row["two_over_sharpness"])
+    if with_sharpness:
+        log("[fig2] max_stable_lr of full-batch gradient descent from the initialisation ...")
+    stable = initial_max_stable_lr(configs[ns[0]]) if with_sharpness else None
     payload: dict[str, Any] = dict(
         experiment="fig2",
         settings=dict(n=ns, base_lr=float(base_lr), k=float(k), model=model, dataset=dataset, train_size=train_size,
                       test_size=test_size, batch_size=batch_size, activation=activation, beta=float(beta),
                       weight_decay=float(weight_decay), momentum=0.0, nesterov=False, milestones=[], augment=augment,
                       probe=probe, probe_path=probed, seed=seed, init_seed=init_seed, window=window,
-                      copies_mode=copies_mode),
+                      copies_mode=copies_mode, epochs_per_n=epochs_per_n),
         steps_per_epoch=steps_per_epoch,
         rows=rows,
+        threshold=threshold,
+        sharpness={str(n): records for n, records in sharp.items()},
+        max_stable_lr=stable,
     )
+    payload["answer"] = answer(payload)
     payload["files"] = {} if out is None else dict(
         png=plot.save(figure(curves, payload), out / "fig2.png"), csv=_write_csv(out / "fig2.csv", rows),
         npz=_write_npz(out / "fig2_curves.npz", curves, rows), runs=str(out / "n{n}"), json=str(out / "fig2.json"))
@@ -161,6 +194,20 @@ def run(
     return payload
 
 
+def save_snapshot(path: Path, state: Any) -> None:
+    """Copy 0's parameters and batch statistics, as ``leaf_<i>`` arrays (read by :func:`load_snapshot`)."""
+    leaves = jax.tree.leaves(jax.device_get((state.params, state.batch_stats)))
+    with atomic_open(path, "wb") as fh:
+        np.savez(fh, **{f"leaf_{i}": np.asarray(leaf[0]) for i, leaf in enumerate(leaves)})
+
+
+def load_snapshot(path: Path, template: Any) -> Any:
+    """The ``(params, batch_stats)`` of :func:`save_snapshot`, in the structure of ``template``."""
+    leaves, treedef = jax.tree.flatten(template)
+    with np.load(path) as z:
+        return jax.tree.unflatten(treedef, [jnp.asarray(z[f"leaf_{i}"]) for i in range(len(leaves))])
+
+
 def _row(n: int, result: TrainResult, epochs_trained: int, seconds: float) -> dict[str, Any]:
     probe = result.probe_divergence[:, 1]
     acc = result.test_accuracy[-1]
@@ -168,7 +215,129 @@ def _row(n: int, result: TrainResult, epochs_trained: int, seconds: float) -> di
                 probe_divergence=float(probe[-1]), divergence=float(result.step_divergence[-1, 1]),
                 probe_divergence_max=float(probe.max()), test_accuracy_k1=float(acc[0]),
                 test_accuracy_k=float(acc[1]), epochs_trained=epochs_trained, seconds=seconds,
-                compile_seconds=result.compile_seconds)
+                compile_seconds=result.compile_seconds, **amplification(result.step_divergence[:, 1], n))
+
+
+SATURATION = 0.1
+"""Divergence above which a curve has saturated (order one: the copies are different networks)."""
+BEYOND_ACCUMULATION = 10.0
+"""How far above the accumulation bound a divergence must rise to count as amplified."""
+
+
+def amplification(curve: np.ndarray, n: int) -> dict[str, Any]:
+    """How much the k = 1 vs k divergence ``curve`` (after every step of run n) is amplified.
+
+    * ``slope``, ``slope_stderr``: the growth rate per scaled iteration (``iteration / n``),
+      the least-squares slope of ``ln divergence`` (:func:`jaxcfl.statistics.log_slope`) over
+      the steps where it is positive and below :data:`SATURATION`.
+    * ``amplified``: whether the divergence rose more than :data:`BEYOND_ACCUMULATION` times
+      above what the injected rounding alone can build up. Every step re-injects a
+      last-bit perturbation of the size of the first step's divergence ``d1`` (median of the
+      first 10 positive values); without amplification ``S`` steps add up to at most
+      ``d1 * S`` (coherent accumulation; a random walk gives ``d1 sqrt(S)``). A stable
+      (CFL-satisfying) step keeps the divergence there; an unstable one multiplies it.
+    """
+    steps = curve.size
+    fit = st.log_slope(np.arange(1, steps + 1) / n, curve, cap=SATURATION)
+    positive = curve[curve > 0]
+    d1 = float(np.median(positive[:10])) if positive.size else 0.0
+    blown_up = not np.all(np.isfinite(curve))  # a copy went non-finite: amplified without bound
+    peak = None if blown_up else float(np.max(curve))
+    bound = d1 * steps
+    amplified = bool(blown_up or (d1 > 0 and peak > BEYOND_ACCUMULATION * bound))
+    return dict(slope=None if fit is None else fit.slope, slope_stderr=None if fit is None else fit.stderr,
+                slope_points=0 if fit is None else fit.points, first_divergence=d1, peak_divergence=peak,
+                accumulation_bound=bound, amplified=amplified)
+
+
+def amplification_threshold(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The lr below which the perturbation is no longer amplified, bracketed by the runs.
+
+    ``bracket = (largest lr not amplified, smallest lr amplified)`` when every amplified
+    lr lies above every non-amplified one (``ordered``); ``lr``: their geometric mean.
+    """
+    amp = sorted(r["lr"] for r in rows if r["amplified"])
+    calm = sorted(r["lr"] for r in rows if not r["amplified"])
+    ordered = not amp or not calm or max(calm) < min(amp)
+    out: dict[str, Any] = dict(ordered=ordered, amplified_lrs=amp, not_amplified_lrs=calm, bracket=None, lr=None)
+    if ordered and amp and calm:
+        out["bracket"] = [max(calm), min(amp)]
+        out["lr"] = float(np.sqrt(max(calm) * min(amp)))
+    if not calm:
+        out["note"] = f"amplified at every lr down to {min(amp):.3g}: the threshold lies below"
+    elif not amp:
+        out["note"] = f"not amplified at any lr up to {max(calm):.3g}: the threshold lies above"
+    elif not ordered:
+        out["note"] = "amplified and non-amplified lrs interleave: no single threshold"
+    return out
+
+
+def sharpness_along(results: dict[int, TrainResult], out: Path | None, *, batch: int = 256,
+                    iterations: int = 20, log: Callable[[str], None] = _stderr) -> dict[int, list[dict[str, float]]]:
+    """Sharpness of the training loss (plus weight decay) at the initialisation and every scaled epoch of each run.
+
+    The loss is the cross-entropy on the first ``batch`` training images, BatchNorm in
+    training mode (:func:`jaxcfl.train.network_loss`), plus ``weight_decay / 2 ||p||^2``;
+    its top Hessian eigenvalue comes from :func:`jaxcfl.sharpness` (Lanczos, ``iterations``
+    steps). The weights are copy 0's snapshots (:func:`save_snapshot`, written by
+    :func:`run` once per scaled epoch), so this needs ``out``; values are cached in
+    ``OUT/n{n}/sharpness.json``.
+    """
+    from jaxcfl.curvature import sharpness
+    from jaxcfl.train import load_data, network_loss
+
+    if out is None or not results:
+        return {}
+    first = next(iter(results.values()))
+    x_train, y_train, _, _, meta = load_data(first.config)
+    x = jnp.asarray(datasets.normalize(x_train[:batch], meta.mean, meta.std))
+    y = jnp.asarray(y_train[:batch])
+    graphdef, init = init_lockstep(first.config, (1.0,), meta.image_shape[-1], meta.num_classes)
+    template = jax.tree.map(lambda a: a[0], (init.params, init.batch_stats))
+    loss_fn = network_loss(graphdef)
+    table: dict[int, list[dict[str, float]]] = {}
+    for n, result in results.items():
+        cache = out / f"n{n}" / "sharpness.json"
+        settings = dict(batch=batch, iterations=iterations, weight_decay=result.config.weight_decay)
+        saved = json.loads(cache.read_text()) if cache.exists() else {}
+        if saved.get("settings") == settings and len(saved.get("records", [])) == result.config.epochs // n + 1:
+            table[n] = saved["records"]
+            continue
+        records = []
+        for e in range(0, result.config.epochs + 1, n):
+            snap = out / f"n{n}" / "snapshots" / f"epoch{e}.npz"
+            if e and not snap.exists():
+                continue
+            params, stats = template if e == 0 else load_snapshot(snap, template)
+            lam = sharpness(loss_fn, params, stats, x, y, alpha=result.config.weight_decay, iterations=iterations)
+            records.append(dict(scaled_epoch=e // n, epoch=e, sharpness=float(lam), stable_lr=2.0 / float(lam)))
+        log(f"[fig2]   n = {n}: sharpness " + ", ".join(f"{r['sharpness']:.3g}" for r in records)
+            + f" at scaled epochs {[r['scaled_epoch'] for r in records]}")
+        with atomic_open(cache, "w") as fh:
+            json.dump(dict(settings=settings, records=records), fh, indent=1)
+        table[n] = records
+    return table
+
+
+def initial_max_stable_lr(config: TrainConfig, *, batch: int = 64, steps: int = 20) -> dict[str, Any]:
+    """:func:`jaxcfl.max_stable_lr` of full-batch gradient descent from the shared initialisation.
+
+    On the first ``batch`` training images (BatchNorm in training mode), weight decay
+    included, ``steps`` steps per candidate lr (stable: every loss finite and the final
+    objective not above the initial one).
+    """
+    from jaxcfl.curvature import max_stable_lr
+    from jaxcfl.train import load_data, network_loss
+
+    x_train, y_train, _, _, meta = load_data(config)
+    x = jnp.asarray(datasets.normalize(x_train[:batch], meta.mean, meta.std))
+    graphdef, init = init_lockstep(config, (1.0,), meta.image_shape[-1], meta.num_classes)
+    params, stats = jax.tree.map(lambda a: a[0], (init.params, init.batch_stats))
+    res = max_stable_lr(network_loss(graphdef), params, stats, x, jnp.asarray(y_train[:batch]),
+                        alpha=config.weight_decay, steps=steps, lr_range=(1e-3, 1e2), rtol=0.05,
+                        initial_points=6, candidates=2)
+    return dict(max_lr=res.max_lr if res.found else None, status=res.status, bracket=res.bracket, batch=batch,
+                steps=steps, seconds=res.seconds, notes=res.notes)
 
 
 def _curves(results: dict[int, TrainResult], window: int) -> dict[int, dict[str, np.ndarray]]:
@@ -184,25 +353,83 @@ def _curves(results: dict[int, TrainResult], window: int) -> dict[int, dict[str,
     return curves
 
 
+def answer(payload: dict[str, Any]) -> str:
+    """Plain words: does a smaller lr amplify less per scaled iteration, and where does amplification stop?"""
+    rows = sorted(payload["rows"], key=lambda r: -r["lr"])
+    slopes = [(r["lr"], r["slope"], r["slope_stderr"]) for r in rows]
+    known = [sl for _, sl, _ in slopes if sl is not None]
+    monotone = all(a >= b for a, b in zip(known, known[1:]))
+    lines = ["Growth of the k = 1 vs k divergence per scaled iteration (slope of ln divergence, +- standard error), "
+             "from the largest lr to the smallest: "
+             + "; ".join(f"lr {lr:.3g}: " + ("n/a" if sl is None else f"{sl:.3g} +- {se:.2g}") for lr, sl, se in slopes)
+             + ". " + ("It falls with the lr, as the paper says." if monotone and len(known) > 1 else
+                       "It does NOT fall monotonically with the lr." if len(known) > 1 else "")]
+    t = payload["threshold"]
+    if t["lr"] is not None:
+        lines.append(f"Amplified at lr >= {t['bracket'][1]:.3g}, not amplified at lr <= {t['bracket'][0]:.3g}: "
+                     f"the threshold lies near lr = {t['lr']:.3g}.")
+    else:
+        lines.append(t.get("note", ""))
+    with_sharp = [r for r in rows if r.get("two_over_sharpness") is not None]
+    if with_sharp:
+        lines.append("2 / (largest sharpness along the run), the CFL limit of gradient descent: "
+                     + "; ".join(f"lr {r['lr']:.3g}: {r['two_over_sharpness']:.3g} "
+                                 f"({'lr below: CFL holds' if r['cfl_holds'] else 'lr above: CFL broken'})"
+                                 for r in with_sharp) + ".")
+    stable = payload.get("max_stable_lr")
+    if stable is not None:
+        lines.append("max_stable_lr of full-batch gradient descent from the initialisation: "
+                     + (f"{stable['max_lr']:.3g}" if stable["max_lr"] is not None else f"not found ({stable['status']})")
+                     + ".")
+    return "\n".join(lines)
+
+
 def figure(curves: dict[int, dict[str, np.ndarray]], payload: dict[str, Any]):
-    """Figure 2: probe divergence (k = 1 vs k) against iteration / n, one curve per n, log y."""
+    """Figure 2 (the probed layer's divergence, k = 1 vs k, against iteration / n, one curve per n,
+    log y), the same for all weights, and the growth rate per scaled iteration against the lr
+    beside the threshold, 2 / sharpness and max_stable_lr."""
     s = payload["settings"]
-    fig, (ax,) = plot.panels(1, width=7.2)
+    fig, (probe_ax, all_ax, rate_ax) = plot.panels(3, width=5.2, height=4.4)
     import matplotlib  # loaded by plot.panels
 
     colours = matplotlib.colormaps["viridis"]
     for i, (n, c) in enumerate(curves.items()):
-        y = c["smoothed"]
-        note = "" if np.any(y > 0) else ", = 0 throughout"  # identical copies cannot show on a log axis
-        ax.plot(c["smoothed_iteration"], np.where(y > 0, y, np.nan), lw=1.2, color=colours(i / max(1, len(curves) - 1)),
-                marker="." if y.size <= 64 else None, label=f"n = {n}, lr = {s['base_lr'] / n:.3g}{note}")
-    ax.set_yscale("log")
-    ax.set_xlabel(f"scaled iteration = iteration / n  ({payload['steps_per_epoch']} per epoch at lr {s['base_lr']:g})")
+        colour = colours(i / max(1, len(curves) - 1))
+        for ax, x, y in ((probe_ax, c["smoothed_iteration"], c["smoothed"]),
+                         (all_ax, c["scaled_iteration"], c["divergence"])):
+            note = "" if np.any(y > 0) else ", = 0 throughout"  # identical copies cannot show on a log axis
+            ax.plot(x, np.where(y > 0, y, np.nan), lw=1.0, color=colour, marker="." if y.size <= 64 else None,
+                    label=f"n = {n}, lr = {s['base_lr'] / n:.3g}{note}")
+    xlabel = f"scaled iteration = iteration / n  ({payload['steps_per_epoch']} per epoch)"
     smooth = f", moving average of {s['window']} scaled it." if s["window"] else ""
-    ax.set_ylabel(f"divergence of {s['probe_path']}{smooth}", fontsize=8)
-    ax.set_title(f"Figure 2: {s['activation']} {s['model']} ({s['dataset']}), SGD lr = {s['base_lr']:g}/n for n epochs, "
-                 f"k = 1 vs {s['k']:g}", fontsize=9)
-    ax.legend(fontsize=7)
+    probe_ax.set(yscale="log", xlabel=xlabel, title=f"Figure 2: {s['probe_path']}{smooth}")
+    probe_ax.set_ylabel(f"divergence, k = 1 vs k = {s['k']:g}")
+    all_ax.set(yscale="log", xlabel=xlabel, title="all weights")
+    all_ax.axhline(SATURATION, color="0.6", lw=0.6, ls=":")
+    probe_ax.title.set_fontsize(8)
+    probe_ax.legend(fontsize=7)
+    rows = [r for r in payload["rows"] if r["slope"] is not None]
+    rate_ax.errorbar([r["lr"] for r in rows], [r["slope"] for r in rows], yerr=[2 * r["slope_stderr"] for r in rows],
+                     fmt="o-", capsize=4, color="k", label="growth of ln divergence per scaled it. (+- 2 s.e.)")
+    for r in rows:
+        rate_ax.annotate("amplified" if r["amplified"] else "not amplified", (r["lr"], r["slope"]), fontsize=6,
+                         textcoords="offset points", xytext=(4, 4))
+    t = payload["threshold"]
+    if t["lr"] is not None:
+        rate_ax.axvspan(*t["bracket"], color="C2", alpha=0.2, label="amplification stops here")
+    for r in payload["rows"]:
+        if r.get("two_over_sharpness") is not None:
+            rate_ax.axvline(r["two_over_sharpness"], color="C3", lw=0.8, ls="--", alpha=0.7,
+                            label="2 / max sharpness along each run" if r is payload["rows"][0] else None)
+    stable = payload.get("max_stable_lr")
+    if stable is not None and stable["max_lr"] is not None:
+        rate_ax.axvline(stable["max_lr"], color="C0", lw=1.2, label="max_stable_lr at the initialisation")
+    rate_ax.axhline(0, color="0.6", lw=0.6)
+    rate_ax.set(xscale="log", xlabel="learning rate", ylabel="growth rate per scaled iteration",
+                title="amplification against lr")
+    rate_ax.legend(fontsize=6)
+    fig.suptitle(f"{s['activation']} {s['model']} ({s['dataset']}), plain SGD, lr = {s['base_lr']:g}/n for "
+                 f"{s['epochs_per_n']} n epochs", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -223,21 +450,31 @@ def _write_npz(path: Path, curves: dict[int, dict[str, np.ndarray]], rows: list[
 
 
 def render(payload: dict[str, Any]) -> str:
-    """One line per n: lr, steps, final divergences and test accuracies."""
+    """One line per n (lr, steps, divergences, growth rate, sharpness, accuracies), then the answer."""
     s = payload["settings"]
+    opt = lambda x, fmt: "n/a" if x is None else format(x, fmt)
     body = [[str(r["n"]), f"{r['lr']:.4g}", str(r["epochs"]), str(r["steps"]), f"{r['probe_divergence']:.3g}",
-             f"{r['probe_divergence_max']:.3g}", f"{r['divergence']:.3g}", f"{r['test_accuracy_k1']:.4f}",
-             f"{r['test_accuracy_k']:.4f}", str(r["epochs_trained"])] for r in payload["rows"]]
-    header = ["n", "lr", "epochs", "steps", "probe div", "probe max", "all div", "acc k=1", f"acc k={s['k']:g}", "trained"]
+             f"{r['divergence']:.3g}", opt(r["peak_divergence"], ".3g"), f"{r['accumulation_bound']:.3g}",
+             "n/a" if r["slope"] is None else f"{r['slope']:.3g} +- {r['slope_stderr']:.2g}",
+             "yes" if r["amplified"] else "no", opt(r.get("two_over_sharpness"), ".3g"),
+             f"{r['test_accuracy_k1']:.4f}", f"{r['test_accuracy_k']:.4f}", str(r["epochs_trained"])]
+            for r in payload["rows"]]
+    header = ["n", "lr", "epochs", "steps", "probe div", "all div", "peak", "accum. bound", "growth / scaled it.",
+              "amplified", "2/sharpness", "acc k=1", f"acc k={s['k']:g}", "trained"]
     lines = [
         f"Figure 2: {s['activation']} (beta {s['beta']:g}) {s['model']} on {s['dataset']} (train {s['train_size']}), "
-        f"plain SGD, wd {s['weight_decay']:g}, batch {s['batch_size']}, lr = {s['base_lr']:g}/n for n epochs "
-        f"({payload['steps_per_epoch']} steps per epoch), k = 1 vs k = {s['k']:g}",
+        f"plain SGD, wd {s['weight_decay']:g}, batch {s['batch_size']}, lr = {s['base_lr']:g}/n for "
+        f"{s['epochs_per_n']} n epochs ({payload['steps_per_epoch']} steps per epoch), k = 1 vs k = {s['k']:g}",
         "",
         table(body, header),
         "",
-        f"div = 2 mean(|w1-w2|/(|w1|+|w2|)) between the copies after the last step (the same scaled iteration for every n); "
-        f"probe: {s['probe_path']}. 'trained': epochs run by this call (the rest resumed).",
+        f"div = 2 mean(|w1-w2|/(|w1|+|w2|)) between the copies after the last step (the same scaled iteration for "
+        f"every n); probe: {s['probe_path']}; 'all', 'peak' and the growth rate: all weights. 'accum. bound': what "
+        f"the injected rounding alone can build up (first divergence x steps); 'amplified': the peak exceeds it "
+        f"{BEYOND_ACCUMULATION:g}-fold. 2/sharpness: at the largest sharpness along the run. 'trained': epochs run by "
+        f"this call (the rest resumed).",
+        "",
+        payload["answer"],
     ]
     if payload.get("files"):
         lines.append("files: " + ", ".join(payload["files"].values()))
@@ -251,22 +488,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from jaxcfl.train import COPIES_MODES
 
     parser.add_argument("--n", type=positive_int, nargs="+", default=list(DEFAULT_N),
-                        help="lr = base-lr / n, trained n epochs (default 1 2 4 8; the paper's: "
-                             + " ".join(map(str, PAPER_N)) + ")")
-    parser.add_argument("--base-lr", type=positive_float, default=BASE_LR, help="lr of n = 1 (default 0.1)")
+                        help="lr = base-lr / n, trained n * epochs-per-n epochs (default "
+                             + " ".join(map(str, DEFAULT_N)) + "; the paper's: " + " ".join(map(str, PAPER_N)) + ")")
+    parser.add_argument("--base-lr", type=positive_float, default=BASE_LR,
+                        help=f"lr of n = 1 (default {BASE_LR:g}; the paper's: {PAPER_BASE_LR:g})")
+    parser.add_argument("--epochs-per-n", type=positive_int, default=EPOCHS_PER_N,
+                        help=f"E: run n trains n * E epochs (default {EPOCHS_PER_N}; the paper's: 1)")
     parser.add_argument("--k", type=positive_float, default=3.0, help="perturbation factor compared with k = 1 (default 3)")
     parser.add_argument("--model", choices=nets.MODELS, default="cnn", help="network (default cnn; the paper's: resnet56)")
     parser.add_argument("--dataset", choices=tuple(datasets.DATASETS), default="builtin",
                         help="dataset (default builtin; the paper's: cifar10)")
     parser.add_argument("--data-root", default=None, help="folder of the dataset's files (see jaxcfl.data.load)")
-    parser.add_argument("--train-size", type=positive_int, default=1024,
-                        help="first N training images (default 1024; 50000 for all of CIFAR-10)")
+    parser.add_argument("--train-size", type=positive_int, default=None,
+                        help="first N training images (default: all)")
     parser.add_argument("--test-size", type=positive_int, default=None, help="first N test images (default all)")
-    parser.add_argument("--batch-size", type=positive_int, default=128, help="batch (default 128)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="batch (default 16; the paper's: 128)")
     parser.add_argument("--activation", choices=("swish", "relu"), default="swish", help="default swish, as the paper")
     parser.add_argument("--beta", type=positive_float, default=PAPER_BETA, help="Swish beta (default 5, the paper's)")
     parser.add_argument("--weight-decay", type=nonnegative_float, default=5e-4, help="default 5e-4")
-    parser.add_argument("--no-augment", dest="augment", action="store_false", help="no random crops / flips")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
+                        help="random crops (pad 4), and flips for CIFAR-10 / Fashion-MNIST (default off; the paper's: on)")
     parser.add_argument("--probe", default=None,
                         help="substring of the path of the conv weights whose divergence is plotted "
                              "(default: the trainer's, its first conv kernel)")
@@ -276,13 +517,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="moving average over this many scaled iterations (default 0: none)")
     parser.add_argument("--copies-mode", choices=COPIES_MODES, default="auto",
                         help="trainer: vmap or unroll the two copies (default auto: unroll on CPU)")
+    parser.add_argument("--no-sharpness", dest="with_sharpness", action="store_false",
+                        help="skip the sharpness along the runs and max_stable_lr")
     parser.add_argument("--out", default="jaxcfl-fig2",
                         help="output directory (default ./jaxcfl-fig2); finished runs in OUT/n{n} are reused")
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    return run(n=tuple(args.n), base_lr=args.base_lr, k=args.k, model=args.model, dataset=args.dataset,
+    return run(n=tuple(args.n), base_lr=args.base_lr, epochs_per_n=args.epochs_per_n, k=args.k, model=args.model, dataset=args.dataset,
                data_root=args.data_root, train_size=args.train_size, test_size=args.test_size,
                batch_size=args.batch_size, activation=args.activation, beta=args.beta,
                weight_decay=args.weight_decay, augment=args.augment, probe=args.probe, seed=args.seed,
-               init_seed=args.init_seed, window=args.window, copies_mode=args.copies_mode, out=args.out)
+               init_seed=args.init_seed, window=args.window, copies_mode=args.copies_mode,
+               with_sharpness=args.with_sharpness, out=args.out)
