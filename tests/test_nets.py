@@ -89,7 +89,7 @@ def _leaves(tree):
 
 
 def test_models_tuple():
-    assert nets.MODELS == tuple(RESNET_DEPTHS) + tuple(VGG_CONVS) + ("cnn",)
+    assert nets.MODELS == tuple(RESNET_DEPTHS) + tuple(VGG_CONVS) + ("cnn", "cnn_avg")
     assert isinstance(nets.MODELS, tuple)
 
 
@@ -459,3 +459,18 @@ def test_forward_all_models(name, hw, channels):
         logits, _ = step(graphdef, params, stats, x, train=train)
         assert logits.shape == (2, 10)
         assert np.all(np.isfinite(np.asarray(logits)))
+
+
+def test_cnn_avg_is_the_cnn_with_average_pools():
+    """Same weights (same seed), a different pool: equal where a 2x2 window is constant, smooth elsewhere."""
+    from jaxcfl.nets.vgg import AvgPool, MaxPool
+
+    avg, mx = nets.create("cnn_avg", in_channels=1, rngs=0), nets.create("cnn", in_channels=1, rngs=0)
+    assert nets.count_params(avg) == nets.count_params(mx)
+    assert [type(layer) for layer in avg.features if isinstance(layer, (AvgPool, MaxPool))] == [AvgPool] * 3
+    x = jnp.arange(2 * 3 * 3 * 1, dtype=jnp.float32).reshape(2, 3, 3, 1)
+    pooled = AvgPool()(x)
+    assert pooled.shape == (2, 2, 2, 1)
+    np.testing.assert_allclose(pooled[0, :, :, 0], [[2.0, 3.5], [6.5, 8.0]])  # padding not counted
+    with pytest.raises(ValueError, match="pool"):
+        nets.VGG(4, pool="min")

@@ -215,7 +215,22 @@ def _row(n: int, result: TrainResult, epochs_trained: int, seconds: float) -> di
                 probe_divergence=float(probe[-1]), divergence=float(result.step_divergence[-1, 1]),
                 probe_divergence_max=float(probe.max()), test_accuracy_k1=float(acc[0]),
                 test_accuracy_k=float(acc[1]), epochs_trained=epochs_trained, seconds=seconds,
-                compile_seconds=result.compile_seconds, **amplification(result.step_divergence[:, 1], n))
+                compile_seconds=result.compile_seconds, **amplification(result.step_divergence[:, 1], n),
+                divergence_at=divergence_at(result.step_divergence[:, 1], n, result.config.epochs // n))
+
+
+SCALED_EPOCHS = (0.25, 1.0)
+"""Scaled epochs (epochs / n) at which every run's divergence is reported, beside the end."""
+
+
+def divergence_at(curve: np.ndarray, n: int, scaled_epochs: int) -> dict[str, float]:
+    """The all-weights divergence at :data:`SCALED_EPOCHS` and at the end, keyed by the scaled epoch.
+
+    Figure 2's reading at equal scaled time: every run has then taken the same lr x iterations.
+    """
+    per_epoch = curve.size / (n * scaled_epochs)
+    marks = [e for e in SCALED_EPOCHS if e < scaled_epochs] + [float(scaled_epochs)]
+    return {f"{e:g}": float(curve[max(0, int(round(e * n * per_epoch)) - 1)]) for e in marks}
 
 
 SATURATION = 0.1
@@ -364,6 +379,13 @@ def answer(payload: dict[str, Any]) -> str:
              + "; ".join(f"lr {lr:.3g}: " + ("n/a" if sl is None else f"{sl:.3g} +- {se:.2g}") for lr, sl, se in slopes)
              + ". " + ("It falls with the lr, as the paper says." if monotone and len(known) > 1 else
                        "It does NOT fall monotonically with the lr." if len(known) > 1 else "")]
+    for mark in rows[0]["divergence_at"] if rows else ():
+        levels = [r["divergence_at"].get(mark) for r in rows]
+        if None not in levels and len(levels) > 1:
+            ordered = all(a >= b for a, b in zip(levels, levels[1:]))
+            lines.append(f"At scaled epoch {mark} (equal lr x iterations) the divergence is "
+                         + ", ".join(f"{d:.3g}" for d in levels) + " from the largest lr to the smallest: "
+                         + ("ordered by lr." if ordered else "NOT ordered by lr."))
     t = payload["threshold"]
     if t["lr"] is not None:
         lines.append(f"Amplified at lr >= {t['bracket'][1]:.3g}, not amplified at lr <= {t['bracket'][0]:.3g}: "
@@ -454,12 +476,14 @@ def render(payload: dict[str, Any]) -> str:
     s = payload["settings"]
     opt = lambda x, fmt: "n/a" if x is None else format(x, fmt)
     body = [[str(r["n"]), f"{r['lr']:.4g}", str(r["epochs"]), str(r["steps"]), f"{r['probe_divergence']:.3g}",
-             f"{r['divergence']:.3g}", opt(r["peak_divergence"], ".3g"), f"{r['accumulation_bound']:.3g}",
+             " / ".join(f"{d:.2g}" for d in r["divergence_at"].values()), opt(r["peak_divergence"], ".3g"),
+             f"{r['accumulation_bound']:.3g}",
              "n/a" if r["slope"] is None else f"{r['slope']:.3g} +- {r['slope_stderr']:.2g}",
              "yes" if r["amplified"] else "no", opt(r.get("two_over_sharpness"), ".3g"),
              f"{r['test_accuracy_k1']:.4f}", f"{r['test_accuracy_k']:.4f}", str(r["epochs_trained"])]
             for r in payload["rows"]]
-    header = ["n", "lr", "epochs", "steps", "probe div", "all div", "peak", "accum. bound", "growth / scaled it.",
+    marks = "/".join(payload["rows"][0]["divergence_at"]) if payload["rows"] else ""
+    header = ["n", "lr", "epochs", "steps", "probe div", f"all div at scaled epoch {marks}", "peak", "accum. bound", "growth / scaled it.",
               "amplified", "2/sharpness", "acc k=1", f"acc k={s['k']:g}", "trained"]
     lines = [
         f"Figure 2: {s['activation']} (beta {s['beta']:g}) {s['model']} on {s['dataset']} (train {s['train_size']}), "

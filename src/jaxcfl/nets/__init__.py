@@ -30,7 +30,7 @@ from jaxcfl.nets.functional import apply, count_params, merge, split, stack
 from jaxcfl.nets.resnet import ResNet
 from jaxcfl.nets.vgg import VGG
 
-_REGISTRY: dict[str, tuple[type[nnx.Module], int]] = {
+_REGISTRY: dict[str, tuple[type[nnx.Module], int] | tuple[type[nnx.Module], int, dict]] = {
     "resnet20": (ResNet, 20),
     "resnet32": (ResNet, 32),
     "resnet44": (ResNet, 44),
@@ -41,6 +41,7 @@ _REGISTRY: dict[str, tuple[type[nnx.Module], int]] = {
     "vgg16": (VGG, 16),
     "vgg19": (VGG, 19),
     "cnn": (VGG, 4),
+    "cnn_avg": (VGG, 4, {"pool": "avg"}),
 }
 
 MODELS: tuple[str, ...] = tuple(_REGISTRY)
@@ -62,7 +63,8 @@ def create(
         ``"resnet110"``, ``"vgg11"``, ``"vgg13"``, ``"vgg16"``, ``"vgg19"``, or
         ``"cnn"``: a small VGG-style network (three 3x3 conv-BN-act blocks of
         16/32/64 channels, each followed by a max-pool, then the linear
-        classifier), for the determinism benchmark and quick checks.
+        classifier), for the determinism benchmark and quick checks; or
+        ``"cnn_avg"``: the same with average pools (smooth with Swish).
       num_classes: number of logits (>= 1).
       in_channels: input channels (3 for CIFAR, 1 for 28x28 greyscale).
       activation: ``"relu"`` or ``"swish"``.
@@ -79,9 +81,10 @@ def create(
         ``num_classes < 1`` or ``in_channels < 1``.
     """
     check_choice("model name", name, MODELS)
-    cls, depth = _REGISTRY[name]
+    cls, depth, *extra = _REGISTRY[name]
     return cls(
         depth,
+        **(extra[0] if extra else {}),
         num_classes=num_classes,
         in_channels=in_channels,
         activation=activation,

@@ -29,7 +29,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxcfl._validate import check_choice
 from jaxcfl.nets._layers import Activation, MaxPool, as_rngs, batch_norm, check_common, check_input, conv, linear
+
+POOLS = ("max", "avg")
+
+
+class AvgPool(nnx.Module):
+    """2x2 average pool, stride 2, ``"SAME"`` padding (the padded positions are not counted),
+    the smooth twin of :class:`~jaxcfl.nets._layers.MaxPool`."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nnx.avg_pool(x, window_shape=(2, 2), strides=(2, 2), padding="SAME", count_include_pad=False)
 
 # Simonyan & Zisserman (2015), Table 1: integers are conv widths, "M" a max-pool.
 CONFIGS: dict[int, tuple[int | str, ...]] = {
@@ -64,6 +75,9 @@ class VGG(nnx.Module):
       activation: ``"relu"`` or ``"swish"`` (x * sigmoid(beta x)).
       beta: Swish's beta (> 0; ignored by ReLU).
       rngs: ``nnx.Rngs``, an int seed, or ``None`` for ``nnx.Rngs(0)``.
+      pool: ``"max"`` (VGG's 2x2 max-pools) or ``"avg"`` (2x2 average pools, same
+        ``"SAME"`` padding): a network with no discrete choice in its forward pass
+        when the activation is Swish (``jaxcfl.nets.create("cnn_avg")``).
 
     Calling ``model(x)`` with ``x`` of shape ``(N, H, W, in_channels)`` returns
     logits of shape ``(N, num_classes)``.
@@ -81,7 +95,9 @@ class VGG(nnx.Module):
         activation: str = "relu",
         beta: float = 1.0,
         rngs: nnx.Rngs | int | None = None,
+        pool: str = "max",
     ):
+        pool = check_choice("pool", pool, POOLS)
         if isinstance(depth, bool) or not isinstance(depth, int) or depth not in CONFIGS:  # 4: the small "cnn"
             raise ValueError(f"depth must be one of {tuple(CONFIGS)}, got {depth!r}")
         num_classes, in_channels, activation, beta = check_common(num_classes, in_channels, activation, beta)
@@ -96,7 +112,7 @@ class VGG(nnx.Module):
         in_ch = in_channels
         for item in CONFIGS[depth]:
             if item == "M":
-                layers.append(MaxPool())
+                layers.append(MaxPool() if pool == "max" else AvgPool())
             else:
                 layers.append(ConvBNAct(in_ch, item, activation=activation, beta=beta, rngs=rngs))
                 in_ch = item
