@@ -117,16 +117,19 @@ def run(
         results[seed] = res
         log(f"[variance]   final accuracy {np.array2string(100 * res.final_accuracy(last_epochs), precision=2)}"
             f"  [{res.seconds:.1f}s]")
-    payload = summarise(config, ks, seeds, results, last_epochs=last_epochs, resamples=resamples)
+    curves = divergence_curves(ks, seeds, results)
+    payload = summarise(config, ks, seeds, results, curves, last_epochs=last_epochs, resamples=resamples)
     payload["seconds"] = time.perf_counter() - start
     payload["files"] = {}
     if out is not None:
-        payload["files"] = _write_outputs(out, payload, results)
+        payload["files"] = _write_outputs(out, payload, curves)
     return payload
 
 
-def summarise(config, ks, seeds, results, *, last_epochs: int | None = None, resamples: int = 2000) -> dict[str, Any]:
-    """The JSON payload of finished runs (``results[seed]``: a :class:`~jaxcfl.train.TrainResult` of all ``ks``)."""
+def summarise(config, ks, seeds, results, curves: dict[str, np.ndarray], *, last_epochs: int | None = None,
+              resamples: int = 2000) -> dict[str, Any]:
+    """The JSON payload of finished runs (``results[seed]``: a :class:`~jaxcfl.train.TrainResult` of all ``ks``;
+    ``curves``: their :func:`divergence_curves`)."""
     from jaxcfl.train import final_epochs
 
     accuracy = 100.0 * np.stack([results[s].final_accuracy(last_epochs) for s in seeds], axis=1)  # (k, seed)
@@ -158,14 +161,14 @@ def summarise(config, ks, seeds, results, *, last_epochs: int | None = None, res
         "mean_std_over_seeds": float(std_over_seeds.mean()),
         "spread": spread,
         "churn": churn,
-        "divergence": _growth(ks, seeds, results),
+        "divergence": _growth(ks, seeds, results, curves.get("seed_pairs")),
         "fingerprints": {str(s): list(r.fingerprints) for s, r in results.items()},
     }
     payload["answer"] = answer(payload)
     return payload
 
 
-def _growth(ks, seeds, results) -> dict[str, Any] | None:
+def _growth(ks, seeds, results, seed_pairs: np.ndarray | None) -> dict[str, Any] | None:
     """First steps at which the k[0]-vs-k[1] divergence passes :data:`LEVELS`, per seed and as a median."""
     if len(ks) < 2:
         return None
@@ -176,7 +179,6 @@ def _growth(ks, seeds, results) -> dict[str, Any] | None:
             first[f"{level:g}"][str(s)] = step
     median = {name: (float(np.median([x for x in per.values() if x is not None]))
                      if any(x is not None for x in per.values()) else None) for name, per in first.items()}
-    seed_pairs = _seed_divergence(seeds, results)
     return {"reference_k": float(ks[0]), "compared_k": float(ks[1]), "steps": steps, "levels": list(LEVELS),
             "first_step_above": first, "median_first_step_above": median,
             "final": {str(s): float(results[s].step_divergence[-1, 1]) for s in seeds},
@@ -186,12 +188,16 @@ def _growth(ks, seeds, results) -> dict[str, Any] | None:
             "traced_weights": int(results[seeds[0]].param_trace.shape[1]) if results[seeds[0]].param_trace.size else 0}
 
 
-def _seed_divergence(seeds, results) -> np.ndarray | None:
-    """Divergence between the first copies of every pair of seeds after every step, ``(pairs, steps)``."""
+def divergence_curves(ks, seeds, results) -> dict[str, np.ndarray]:
+    """The divergence after every step: ``k_seed<s>``, the first two copies of seed s (with two k or
+    more); ``seed_pairs``, ``(pairs, steps)``, the first copies of every pair of seeds (with two seeds
+    or more and a parameter trace)."""
+    curves = {f"k_seed{s}": results[s].step_divergence[:, 1] for s in seeds} if len(ks) > 1 else {}
     traces = [results[s].param_trace for s in seeds]
-    if len(seeds) < 2 or traces[0].size == 0:
-        return None
-    return np.stack([st.divergence_curve(traces[i], traces[j]) for i, j in combinations(range(len(seeds)), 2)])
+    if len(seeds) > 1 and traces[0].size:
+        curves["seed_pairs"] = np.stack([st.divergence_curve(traces[i], traces[j])
+                                         for i, j in combinations(range(len(seeds)), 2)])
+    return curves
 
 
 def answer(payload: dict[str, Any]) -> str:
@@ -214,18 +220,13 @@ def answer(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_outputs(out: Path, payload: dict[str, Any], results) -> dict[str, str]:
+def _write_outputs(out: Path, payload: dict[str, Any], curves: dict[str, np.ndarray]) -> dict[str, str]:
     lines = ["k,seed,final_accuracy,final_loss"] + [f"{r['k']:g},{r['seed']},{r['final_accuracy']:.6f},{r['final_loss']:.8g}"
                                                    for r in payload["runs"]]
     with atomic_open(out / "variance.csv", "w") as fh:
         fh.write("\n".join(lines) + "\n")
     files = {"csv": str(out / "variance.csv"), "json": str(out / "variance.json")}
     files["plot"] = _plot(out / "variance.png", payload)
-    seeds = payload["seeds"]
-    curves = {f"k_seed{s}": results[s].step_divergence[:, 1] for s in seeds} if len(payload["ks"]) > 1 else {}
-    seed_pairs = _seed_divergence(seeds, results)
-    if seed_pairs is not None:
-        curves["seed_pairs"] = seed_pairs
     if curves:
         with atomic_open(out / "divergence.npz", "wb") as fh:
             np.savez(fh, **curves)
