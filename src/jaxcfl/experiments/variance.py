@@ -217,6 +217,9 @@ def answer(payload: dict[str, Any]) -> str:
         f"Churn: {100 * churn['over_k']['mean']:.2f}% of the {churn['test_images']} test images change class between "
         f"two k, {100 * churn['over_seeds']['mean']:.2f}% between two seeds.",
     ]
+    if min(len(payload["ks"]), len(payload["seeds"])) < 3:
+        lines.append("Caveat: with fewer than 3 k or 3 seeds a bootstrap interval of a std reaches down to 0, "
+                     "so the intervals can hardly separate; use the paper's 6 x 6 or the default 6 x 5 grid.")
     return "\n".join(lines)
 
 
