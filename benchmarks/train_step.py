@@ -47,6 +47,7 @@ sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "
 import jax
 import jax.numpy as jnp
 from _machine import OtherLoad, loadavg, machine_info
+from flax import nnx
 
 from jaxcfl import nets
 from jaxcfl.train import Hyper, TrainConfig, init_lockstep, make_train_step
@@ -143,13 +144,34 @@ class TorchSteps:
 
 # --- jaxcfl steps -------------------------------------------------------------------------
 
-class JaxSteps:
-    """The trainer's compiled step for ``ks`` (one lockstep state) under ``copies_mode``."""
+def replace_conv(graphdef: nnx.GraphDef, params, batch_stats, conv: Callable) -> nnx.GraphDef:
+    """``graphdef`` with ``conv`` in place of ``lax.conv_general_dilated`` in every ``nnx.Conv``.
 
-    def __init__(self, model: str, ks: tuple[float, ...], mode: str, x: np.ndarray, y: np.ndarray):
+    ``conv`` is called as flax calls ``lax.conv_general_dilated`` (NHWC inputs, HWIO kernels);
+    ``params`` and ``batch_stats`` are one copy's (unstacked). Used by ``conv_options.py``.
+    """
+    model = nets.merge(graphdef, params, batch_stats, train=True)
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, nnx.Conv):
+            module.conv_general_dilated = conv
+    return nets.split(model)[0]
+
+
+class JaxSteps:
+    """The trainer's compiled step for ``ks`` (one lockstep state) under ``copies_mode``.
+
+    ``conv``: optional replacement for ``lax.conv_general_dilated`` in the network (see :func:`replace_conv`).
+    """
+
+    def __init__(self, model: str, ks: tuple[float, ...], mode: str, x: np.ndarray, y: np.ndarray,
+                 conv: Callable | None = None):
         config = TrainConfig(model=model, dataset="cifar10", lr=LR, momentum=MOMENTUM, nesterov=True,
                              weight_decay=WEIGHT_DECAY, milestones=())
         graphdef, self.state = init_lockstep(config, ks, x.shape[-1], NUM_CLASSES)
+        if conv is not None:
+            first = lambda tree: jax.tree.map(lambda a: a[0], tree)
+            graphdef = replace_conv(graphdef, first(self.state.params), first(self.state.batch_stats), conv)
+        self.graphdef = graphdef
         self.fn = make_train_step(graphdef, nesterov=True, boundaries=(), copies_mode=mode)
         self.ks, self.hyper = jnp.asarray(ks, jnp.float32), Hyper.of(config).arrays()
         self.x, self.y = jnp.asarray(x), jnp.asarray(y)
