@@ -61,10 +61,15 @@ def _lanczos(matvec: Partial, start: Array, key: Array, iterations: int):
         beta = jnp.linalg.norm(w)
         scale = jnp.maximum(scale, jnp.abs(alpha) + beta)
         # Breakdown: the Krylov space is invariant. Continue from a fresh random
-        # direction orthogonal to it (T becomes block diagonal, still exact).
-        fresh = orthogonalise(jax.random.normal(jax.random.fold_in(key, j), (n,), dtype), basis)
+        # direction orthogonal to it (T becomes block diagonal, still exact). Drawn and
+        # orthogonalised only on breakdown (lax.cond; under vmap both branches run).
         broke = beta <= 64 * eps * scale
-        nxt = jnp.where(broke, fresh / jnp.linalg.norm(fresh), w / jnp.where(broke, 1.0, beta))
+
+        def restart(_):
+            fresh = orthogonalise(jax.random.normal(jax.random.fold_in(key, j), (n,), dtype), basis)
+            return fresh / jnp.linalg.norm(fresh)
+
+        nxt = lax.cond(broke, restart, lambda _: w / beta, None)
         basis = basis.at[j + 1].set(nxt)
         return basis, alphas.at[j].set(alpha), betas.at[j].set(jnp.where(broke, 0.0, beta)), scale
 
