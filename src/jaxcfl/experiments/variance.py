@@ -251,14 +251,14 @@ def _plot(path: Path, payload: dict[str, Any]) -> str:
     left.set_xticks(range(len(seeds)), [str(s) for s in seeds])
     left.set(xlabel="seed (batch order)", ylabel="final test accuracy (%)", title="every run")
     left.legend(fontsize=7)
+    sides = (("over_k", "over k\n(perturbation)"), ("over_seeds", "over seeds\n(batch order)"))
     for ax, name, unit in ((middle, "accuracy", "accuracy points"), (right, "loss", "cross-entropy")):
-        spread = payload["spread"][name]
-        for x, (key, label) in enumerate((("over_k", "over k\n(perturbation)"), ("over_seeds", "over seeds\n(batch order)"))):
-            d = spread[key]
+        for x, (key, _) in enumerate(sides):
+            d = payload["spread"][name][key]
             if d is not None:
                 ax.errorbar([x], [d["std"]], yerr=[[d["std"] - d["ci_low"]], [d["ci_high"] - d["std"]]], fmt="o",
                             capsize=6, color=f"C{x}")
-        ax.set_xticks([0, 1], ["over k\n(perturbation)", "over seeds\n(batch order)"])
+        ax.set_xticks([0, 1], [label for _, label in sides])
         ax.set_xlim(-0.6, 1.6)
         ax.set(ylabel=f"mean population std ({unit})", title=f"test {name}: std, 95% bootstrap interval")
     fig.tight_layout()
