@@ -87,6 +87,35 @@ def check_image(image: Any, name: str = "image") -> None:
             raise ValueError(f"{name} must be finite; it holds {int(np.sum(~np.isfinite(arr)))} non-finite values")
 
 
+def check_representable(name: str, value: Any, dtype: Any, *, zero_ok: bool = True) -> Any:
+    """``value`` must survive the cast to ``dtype``: finite, and normal unless it is exactly 0.
+
+    Validation runs in float64; a value that float64 accepts can still round to 0,
+    become subnormal or overflow to inf in the working dtype (float32 by default).
+    """
+    if not is_concrete(value):
+        return value
+    arr = _as_float_array(name, value)
+    dt = np.dtype(jax.dtypes.canonicalize_dtype(dtype))
+    if not np.issubdtype(dt, np.floating):
+        return value
+    info = np.finfo(dt)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        cast = arr.astype(dt)
+    zero = arr == 0
+    bad = ~np.isfinite(cast) | (~zero & (np.abs(cast.astype(np.float64)) < float(info.tiny)))
+    if not zero_ok:
+        bad |= zero
+    if np.any(bad):
+        x = float(arr[bad].flat[0]) if arr.ndim else float(arr)
+        what = "overflows to inf" if abs(x) > float(info.max) else "is 0" if x == 0 else "is below the smallest normal number"
+        hint = "; compute in float64 (jax.enable_x64) or rescale it" if dt != np.float64 else ""
+        where = "" if arr.ndim == 0 else f" (an entry of an array of shape {arr.shape})"
+        raise ValueError(f"{name}={x!r}{where} {what} in {dt.name} (range {float(info.tiny):.3g} to "
+                         f"{float(info.max):.3g}){hint}")
+    return value
+
+
 def _show(arr: np.ndarray, ok: np.ndarray) -> str:
     if arr.ndim == 0:
         return repr(float(arr))

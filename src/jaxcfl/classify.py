@@ -24,6 +24,11 @@ growth rate is the log of the spectral radius the theory predicts.
    divergence is at most ``rule.divergence``.
 5. **restrained** otherwise: bounded, neither settling nor blowing up, or a
    last-bit perturbation amplified beyond ``rule.divergence``.
+
+The rule needs a run long enough to fit a slope: at least :data:`MIN_STEPS`
+iterations (so that the second half holds at least 6 records even at stride 1).
+Shorter runs leave most statuses at "restrained" for want of evidence:
+:func:`jaxcfl.sweep` warns, and :func:`jaxcfl.empirical_bounds` refuses them.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ import numpy as np
 
 STABLE, RESTRAINED, DIVERGENT = "stable", "restrained", "divergent"
 STATUSES = (STABLE, RESTRAINED, DIVERGENT)
+MIN_STEPS = 12
+"""The fewest iterations from which the rule's classification means something (module docstring)."""
 
 
 @dataclasses.dataclass(frozen=True)

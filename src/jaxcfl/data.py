@@ -156,6 +156,10 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
+
+class DatasetNotFound(FileNotFoundError):
+    """No complete copy of a dataset in the folders searched; the message says where it looked and where to get it."""
+
 def info(name: str) -> DatasetInfo:
     """The :class:`DatasetInfo` of ``name`` (one of :data:`DATASETS`)."""
     return DATASETS[check_choice("dataset", name, DATASETS)]
@@ -389,7 +393,7 @@ def _load_idx_dataset(base: Path, meta: DatasetInfo) -> tuple[np.ndarray, np.nda
                 )
         xtr, ytr, xte, yte = arrays
         return xtr[..., None], ytr.astype(np.int32), xte[..., None], yte.astype(np.int32)
-    raise FileNotFoundError(
+    raise DatasetNotFound(
         f"{meta.name}: no folder holds all of the IDX files {', '.join(f + '[.gz]' for f in _IDX_FILES)}; "
         f"looked in: {'; '.join(looked)}. Download them from {meta.source} (nothing is downloaded automatically)"
     )
@@ -498,7 +502,7 @@ def _load_cifar10(base: Path, meta: DatasetInfo) -> tuple[np.ndarray, np.ndarray
                 notes.append(f"has only {', '.join(present)}")
             looked.append(f"{folder} ({'; '.join(notes) if notes else f'no {_CIFAR_FOLDER}/ or {_CIFAR_ARCHIVE}'})")
     if batches_ is None:
-        raise FileNotFoundError(
+        raise DatasetNotFound(
             f"cifar10: expected the archive {_CIFAR_ARCHIVE} or its folder {_CIFAR_FOLDER}/ "
             f"(holding {', '.join(_CIFAR_BATCHES)}); looked in: {'; '.join(looked)}. "
             f"Download the python version from {meta.source} (nothing is downloaded automatically)"

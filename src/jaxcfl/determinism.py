@@ -57,11 +57,22 @@ def divergence(a: ArrayLike, b: ArrayLike) -> Array:
     return 2.0 * jnp.mean(ratio)
 
 
+_FINGERPRINTABLE = (jax.Array, np.ndarray, np.generic, bool, int, float, complex, str, bytes)
+
+
 def fingerprint(tree) -> str:
-    """A stable hex digest of the exact bytes, shapes and dtypes of a pytree (and its structure)."""
+    """A stable hex digest of the exact bytes, shapes and dtypes of a pytree (and its structure).
+
+    Leaves must be arrays, numbers, strings or bytes (in any pytree container);
+    anything else raises ``TypeError``: its bytes would be an object's address,
+    which differs between two runs that computed the same thing.
+    """
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     digest = hashlib.sha256(str(treedef).encode())
     for leaf in leaves:
+        if not isinstance(leaf, _FINGERPRINTABLE):
+            raise TypeError(f"fingerprint: cannot hash a leaf of type {type(leaf).__name__} ({leaf!r:.80}); "
+                            f"leaves must be arrays, numbers, strings or bytes (convert it, e.g. str(path))")
         if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
             leaf = jax.random.key_data(leaf)
         arr = np.asarray(jax.device_get(leaf))

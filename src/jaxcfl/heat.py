@@ -106,9 +106,17 @@ def _check_grid(name: str, u: ArrayLike) -> Array:
     return u
 
 
-def _n_steps(dt: float, t: float) -> int:
-    """``round(t / dt)``, the number of steps that reach ``t``."""
-    return int(round(t / dt))
+MAX_STEPS = 10_000_000
+"""The most steps :func:`solve` and :func:`snapshots` take unless told ``max_steps=None`` (about a minute on a CPU)."""
+
+
+def _n_steps(dt: float, t: float, max_steps: int | None = MAX_STEPS) -> int:
+    """``round(t / dt)``, the number of steps that reach ``t``; refused above ``max_steps``."""
+    steps = round(t / dt)
+    if max_steps is not None and steps > max_steps:
+        raise ValueError(f"reaching t = {t:g} with dt = {dt:g} takes {steps:.3g} steps, more than max_steps={max_steps:g}; "
+                         f"take a larger dt, or pass max_steps=None (--long on the command line) to run it anyway")
+    return int(steps)
 
 
 # ---------------------------------------------------------------------------
@@ -218,7 +226,8 @@ def _setup(dt: Any, u0: ArrayLike | None, dx: Any, n: int) -> tuple[float, Array
     return dt_f, u0, jnp.asarray(dt, dtype=u0.dtype), jnp.asarray(dx, dtype=u0.dtype)
 
 
-def solve(dt: ArrayLike, t_end: float, *, u0: ArrayLike | None = None, dx: ArrayLike = 1.0, n: int = 31) -> Array:
+def solve(dt: ArrayLike, t_end: float, *, u0: ArrayLike | None = None, dx: ArrayLike = 1.0, n: int = 31,
+          max_steps: int | None = MAX_STEPS) -> Array:
     """``u`` at ``t_end`` by forward Euler (Section 3).
 
     Takes exactly ``round(t_end / dt)`` steps (Python ``round`` of the float
@@ -233,6 +242,7 @@ def solve(dt: ArrayLike, t_end: float, *, u0: ArrayLike | None = None, dx: Array
       dx: grid spacing, > 0.
       n: number of nodes of the default tent, at least 3; ignored when ``u0``
         is given.
+      max_steps: refuse a run of more steps (``ValueError``); ``None``: no limit.
 
     Returns:
       ``u`` after ``round(t_end / dt)`` steps, with the shape and dtype of ``u0``.
@@ -249,7 +259,7 @@ def solve(dt: ArrayLike, t_end: float, *, u0: ArrayLike | None = None, dx: Array
     """
     t = _concrete_float("t_end", v.check_nonnegative("t_end", t_end))
     dt_f, u0, dt_a, dx_a = _setup(dt, u0, dx, n)
-    return _run(u0, dt_a, dx_a, steps=_n_steps(dt_f, t))
+    return _run(u0, dt_a, dx_a, steps=_n_steps(dt_f, t, max_steps))
 
 
 def snapshots(dt: ArrayLike, times: Sequence[float] = PAPER_TIMES, **kw: Any) -> Array:
@@ -262,19 +272,19 @@ def snapshots(dt: ArrayLike, times: Sequence[float] = PAPER_TIMES, **kw: Any) ->
       dt: time step, finite and > 0.
       times: snapshot times, each finite and >= 0 (any order); the default
         is the paper's ``(0.8, 2.4, 4.0)``.
-      **kw: ``u0``, ``dx`` and ``n`` as in :func:`solve`.
+      **kw: ``u0``, ``dx``, ``n`` and ``max_steps`` as in :func:`solve`.
 
     Returns:
       An array of shape ``(len(times), n)`` (or ``(len(times),) + u0.shape``).
     """
-    unknown = set(kw) - {"u0", "dx", "n"}
+    unknown = set(kw) - {"u0", "dx", "n", "max_steps"}
     if unknown:
         raise TypeError(f"snapshots() got unexpected keyword arguments {sorted(unknown)}")
     ts = np.asarray(v.check_nonnegative("times", times), dtype=np.float64)
     if ts.ndim != 1 or ts.size == 0:
         raise ValueError(f"times must be a non-empty 1-D sequence, got shape {ts.shape}")
     dt_f, u0, dt_a, dx_a = _setup(dt, kw.get("u0"), kw.get("dx", 1.0), kw.get("n", 31))
-    at = np.array([_n_steps(dt_f, float(t)) for t in ts], dtype=np.int32)
+    at = np.array([_n_steps(dt_f, float(t), kw.get("max_steps", MAX_STEPS)) for t in ts], dtype=np.int32)
     return _run_record(u0, dt_a, dx_a, jnp.asarray(at), steps=int(at.max()))
 
 

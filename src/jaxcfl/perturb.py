@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import Array
 from jax.typing import ArrayLike
@@ -118,6 +119,15 @@ class PerturbedLrState(NamedTuple):
     count: Array
 
 
+def _check_k(k: ArrayLike) -> None:
+    """``k > 0``, with ``k`` and ``1/k`` normal numbers in JAX's default float dtype (float32 unless x64)."""
+    v.check_positive("k", k)
+    dtype = jax.dtypes.canonicalize_dtype(float)
+    v.check_representable("k", k, dtype)
+    if v.is_concrete(k):
+        v.check_representable("1 / k", 1.0 / np.asarray(k, np.float64), dtype)
+
+
 def _check_learning_rate(learning_rate: ScalarOrSchedule) -> None:
     if not callable(learning_rate):
         v.check_nonnegative("learning_rate", learning_rate)
@@ -137,7 +147,7 @@ def scale_by_perturbed_lr(learning_rate: ScalarOrSchedule, k: ArrayLike = 1.0) -
       Sun et al., JMLR 25(174), 2024: Section 4 (perturbed SGD), appendix B.
     """
     _check_learning_rate(learning_rate)
-    v.check_positive("k", k)
+    _check_k(k)
 
     def init_fn(params):
         del params
@@ -219,7 +229,7 @@ def perturb_update(k: ArrayLike) -> optax.GradientTransformation:
     Returns:
       A stateless :class:`optax.GradientTransformation`.
     """
-    v.check_positive("k", k)
+    _check_k(k)
 
     def init_fn(params):
         del params

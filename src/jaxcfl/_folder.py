@@ -1,0 +1,222 @@
+"""Result folders that lose nothing: one writer, manifest first, atomic units, checksums.
+
+Every folder jaxcfl writes results to (a sweep's ``out``, a training run's
+``out``, a ``reproduce`` experiment's ``--out``) is a :class:`ResultFolder`:
+
+* **One writer.** An exclusive OS lock (``fcntl.flock`` on ``.jaxcfl.lock``) is
+  held for the folder's lifetime. A second writer gets :class:`FolderInUse` at
+  once, naming the folder and the holder's process id. The kernel drops the
+  lock when its process dies, so a run killed with ``kill -9`` never blocks its
+  own resume.
+* **Manifest first.** ``manifest.json`` (what the folder holds: its kind and the
+  settings that define it) is written before any result. A folder that holds
+  something else is refused.
+* **Atomic units.** A unit of work (a sweep chunk, a training checkpoint) is
+  one file, written to a temporary name, flushed to disk and renamed into
+  place; its SHA-256 then enters the manifest, itself replaced atomically. The
+  manifest's entry is the commit: a unit whose file is missing, or whose bytes
+  do not match, was never committed (a crash between the two renames) or was
+  damaged since, and :meth:`ResultFolder.read` reports which.
+* **The umask is honoured** (:func:`jaxcfl._io.atomic_open`).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from jaxcfl._io import atomic_open
+from jaxcfl._version import __version__
+
+try:  # POSIX; elsewhere folders are not locked (documented in docs/reliability.md)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+MANIFEST = "manifest.json"
+LOCK = ".jaxcfl.lock"
+
+
+class FolderInUse(RuntimeError):
+    """Another live process writes to this folder."""
+
+
+class FolderMismatch(ValueError):
+    """The folder holds other results (another kind, other settings) or no readable manifest."""
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _plain_json(value: Any) -> Any:
+    """``value`` as JSON would read it back (tuples become lists), for comparing settings."""
+    return json.loads(json.dumps(value))
+
+
+class ResultFolder:
+    """An output folder, locked while open, whose every result file is checksummed in its manifest.
+
+    Args:
+      path: the folder (created if missing).
+      kind: what it holds, e.g. ``"sweep"`` or ``"train"``.
+      settings: what defines its results (JSON-serialisable); a folder whose
+        manifest records other settings is refused, naming the keys that differ.
+      label: the argument name to use in messages (e.g. ``"out"``).
+
+    Use it as a context manager, or call :meth:`open` and :meth:`close`.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, kind: str, settings: Mapping[str, Any], label: str = "out"):
+        self.path = Path(path)
+        self.kind = kind
+        self.settings = _plain_json(dict(settings))
+        self.label = label
+        self._lock_fd: int | None = None
+        self._files: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        return f"ResultFolder({str(self.path)!r}, kind={self.kind!r})"
+
+    # --- lifetime -------------------------------------------------------------------------
+
+    def open(self) -> "ResultFolder":
+        if self._lock_fd is not None:
+            return self
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        try:
+            self._start_or_resume()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Release the lock (the results stay)."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the flock
+
+    def __enter__(self) -> "ResultFolder":
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):  # a folder dropped without close() must not stay locked in a long-lived process
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+    @property
+    def is_open(self) -> bool:
+        return self._lock_fd is not None
+
+    def _lock(self) -> None:
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise FolderInUse(f"{self.label}={str(self.path)!r} is in use by another jaxcfl process "
+                                      f"(pid {holder}); wait for it to finish, or use another folder") from None
+                raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _start_or_resume(self) -> None:
+        manifest = self.path / MANIFEST
+        if not manifest.exists():
+            others = [p.name for p in self.path.iterdir() if p.name != LOCK]
+            if others:
+                raise FolderMismatch(f"{self.label}={str(self.path)!r} is not empty and holds no jaxcfl manifest "
+                                     f"({', '.join(sorted(others)[:3])}{', ...' if len(others) > 3 else ''}); "
+                                     f"use an empty or new folder")
+            self._files = {}
+            self._write_manifest()
+            return
+        try:
+            stored = json.loads(manifest.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise FolderMismatch(f"{self.label}={str(self.path)!r}: its {MANIFEST} is unreadable ({err}); "
+                                 f"use an empty folder") from None
+        if not isinstance(stored, dict) or not isinstance(stored.get("files", {}), dict):
+            raise FolderMismatch(f"{self.label}={str(self.path)!r}: its {MANIFEST} is not a jaxcfl manifest; "
+                                 f"use an empty folder")
+        if stored.get("kind", self.kind) != self.kind:
+            raise FolderMismatch(f"{self.label}={str(self.path)!r} holds a {stored.get('kind')} result, not a {self.kind}; "
+                                 f"use another folder")
+        theirs = stored.get("settings", stored.get("spec"))
+        if theirs != self.settings:
+            theirs = theirs if isinstance(theirs, dict) else {}
+            diff = sorted(k for k in set(theirs) | set(self.settings) if theirs.get(k) != self.settings.get(k))
+            raise FolderMismatch(f"{self.label}={str(self.path)!r} holds a different {self.kind} "
+                                 f"(differs in: {', '.join(diff)}); use another folder")
+        self._files = {str(k): str(v) for k, v in stored.get("files", {}).items()}
+
+    def _write_manifest(self) -> None:
+        payload = dict(jaxcfl=__version__, kind=self.kind, settings=self.settings, files=self._files)
+        with atomic_open(self.path / MANIFEST, "w") as fh:
+            json.dump(payload, fh, indent=1, allow_nan=False)
+
+    # --- units ------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._lock_fd is None:
+            raise RuntimeError(f"{self!r} is not open; use it in a with block or call open()")
+
+    def commit(self, name: str, data: bytes) -> Path:
+        """Write the unit ``name`` atomically and record its checksum: after this, it is committed."""
+        self._check_open()
+        path = self.path / name
+        with atomic_open(path, "wb") as fh:
+            fh.write(data)
+        self._files[name] = sha256(data)
+        self._write_manifest()
+        return path
+
+    def read(self, name: str) -> tuple[bytes | None, str]:
+        """``(data, state)`` of unit ``name``; ``data`` is ``None`` unless ``state == "ok"``.
+
+        ``state`` is ``"ok"``, ``"absent"`` (never committed), ``"missing"``
+        (committed, file gone) or ``"corrupt"`` (its bytes do not match the
+        checksum: damaged, or another file copied over it).
+        """
+        expected = self._files.get(name)
+        if expected is None:
+            return None, "absent"
+        try:
+            data = (self.path / name).read_bytes()
+        except FileNotFoundError:
+            return None, "missing"
+        if sha256(data) != expected:
+            return None, "corrupt"
+        return data, "ok"
+
+    def adopt(self, name: str) -> None:
+        """Record the checksum of ``name``, a file written into the folder by another writer (a figure)."""
+        self._check_open()
+        self._files[name] = sha256((self.path / name).read_bytes())
+        self._write_manifest()
+
+    def forget(self, name: str) -> None:
+        """Drop the unit ``name`` from the manifest (its file, if any, is left to be overwritten)."""
+        self._check_open()
+        if self._files.pop(name, None) is not None:
+            self._write_manifest()
+
+    @property
+    def files(self) -> dict[str, str]:
+        """The committed units and their SHA-256 digests."""
+        return dict(self._files)
