@@ -50,7 +50,7 @@ from _machine import OtherLoad, loadavg, machine_info
 from flax import nnx
 
 from jaxcfl import nets
-from jaxcfl.train import Hyper, TrainConfig, init_lockstep, make_train_step
+from jaxcfl.train import OptimizerNumbers, TrainConfig, init_lockstep, make_train_step
 
 try:
     import torch
@@ -173,7 +173,7 @@ class JaxSteps:
             graphdef = replace_conv(graphdef, first(self.state.params), first(self.state.batch_stats), conv)
         self.graphdef = graphdef
         self.fn = make_train_step(graphdef, nesterov=True, boundaries=(), copies_mode=mode)
-        self.ks, self.hyper = jnp.asarray(ks, jnp.float32), Hyper.of(config).arrays()
+        self.ks, self.hyper = jnp.asarray(ks, jnp.float32), OptimizerNumbers.of(config).arrays()
         self.x, self.y = jnp.asarray(x), jnp.asarray(y)
         self.params = nets.count_params(jax.tree.map(lambda a: a[0], self.state.params))
 

@@ -88,9 +88,10 @@ def _leaves(tree):
 # --------------------------------------------------------------------------- registry
 
 
-def test_models_tuple():
-    assert nets.MODELS == tuple(RESNET_DEPTHS) + tuple(VGG_CONVS) + ("cnn", "cnn_avg")
-    assert isinstance(nets.MODELS, tuple)
+def test_networks_tuple():
+    assert nets.NETWORKS == tuple(RESNET_DEPTHS) + tuple(VGG_CONVS) + ("cnn", "cnn_avg")
+    assert isinstance(nets.NETWORKS, tuple)
+    assert not hasattr(nets, "MODELS")  # jaxcfl.MODELS alone means the PDE's right-hand sides
 
 
 @pytest.mark.parametrize("name", ["resnet20", "vgg11"])
@@ -448,7 +449,7 @@ def test_bad_input_shape():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", nets.MODELS)
+@pytest.mark.parametrize("name", nets.NETWORKS)
 @pytest.mark.parametrize("hw, channels", [(32, 3), (28, 1)])
 def test_forward_all_models(name, hw, channels):
     model = _create(name, in_channels=channels)

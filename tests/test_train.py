@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import logging
 
 import numpy as np
@@ -46,6 +47,33 @@ def test_history_shapes_and_schedule(lockstep):
     assert cfg.milestone_epochs == (1,)
     np.testing.assert_allclose(r.lr, [0.1, 0.1 * 0.1])
     assert TrainConfig(epochs=200).milestone_epochs == (40, 80, 120, 160)
+
+
+@pytest.mark.parametrize("epochs, milestones, lr, gamma", [(10, None, 0.1, 0.1), (7, (2, 3, 6), 0.3, 0.5),
+                                                           (3, (), 0.05, 0.2)])
+def test_optimizer_lr_agrees_with_lr_at_every_step(epochs, milestones, lr, gamma):
+    """The optimiser's traced schedule (over steps) and ``TrainConfig.lr_at`` (over epochs) are one schedule."""
+    import jax
+    import jax.numpy as jnp
+
+    cfg = TrainConfig(epochs=epochs, milestones=milestones, lr=lr, gamma=gamma)
+    steps_per_epoch = 3
+    boundaries = tuple(m * steps_per_epoch for m in cfg.milestone_epochs)
+    lr32, gamma32 = (jnp.float32(x) for x in (lr, gamma))
+    # momentum 0, no weight decay, k = 1: the update of a unit gradient is exactly -lr(step)
+    opt = tr._optimizer(lr32, jnp.float32(1.0), 0.0, 0.0, gamma32, boundaries, nesterov=False)
+    params = {"w": jnp.zeros(())}
+    update = jax.jit(lambda s: opt.update({"w": jnp.ones(())}, s, params))
+    state, applied = opt.init(params), []
+    for _ in range(epochs * steps_per_epoch):
+        u, state = update(state)
+        applied.append(-float(u["w"]))
+    expected = [cfg.lr_at(s // steps_per_epoch) for s in range(epochs * steps_per_epoch)]
+    np.testing.assert_allclose(applied, expected, rtol=1e-6)  # float32 against float64
+    traced = jax.vmap(tr.step_decay(lr32, gamma32, boundaries))(jnp.arange(epochs * steps_per_epoch))
+    np.testing.assert_array_equal(traced, np.float32(applied))
+    decays = [sum(e >= m for m in cfg.milestone_epochs) for e in range(epochs)]
+    assert [cfg.lr_at(e) for e in range(epochs)] == [lr * gamma**d for d in decays]
 
 
 def test_test_loss_and_predictions(lockstep):
@@ -126,7 +154,7 @@ def test_resume_after_interruption_gives_the_same_bytes(tmp_path, lockstep):
     out = tmp_path / "run"
     with pytest.raises(Killed):
         train(TrainConfig(**SMALL), ks=(1.0, 2.0, 4.0, 3.0), seed=1, out=out, progress=False, on_epoch=kill_after_first)
-    assert json.loads((out / "checkpoint.json").read_text())["epochs_done"] == 1
+    assert _checkpoint_meta(out)["epochs_done"] == 1
     resumed = train(TrainConfig(**SMALL), ks=(1.0, 2.0, 4.0, 3.0), seed=1, out=out, progress=False)
     assert resumed.fingerprints == lockstep.fingerprints
     np.testing.assert_array_equal(resumed.test_accuracy, lockstep.test_accuracy)
@@ -137,8 +165,69 @@ def test_resume_after_interruption_gives_the_same_bytes(tmp_path, lockstep):
     # A finished run is not recomputed, and a different run is refused.
     again = train(TrainConfig(**SMALL), ks=(1.0, 2.0, 4.0, 3.0), seed=1, out=out, progress=False)
     assert again.fingerprints == lockstep.fingerprints
-    with pytest.raises(ValueError, match="different run"):
+    with pytest.raises(ValueError, match=r"different training run \(differs in: ks\)"):
         train(TrainConfig(**SMALL), ks=(1.0, 3.0), seed=1, out=out, progress=False)
+
+
+def _checkpoint_meta(out):
+    with np.load(out / tr.CHECKPOINT) as z:
+        return json.loads(z["meta"].tobytes())
+
+
+def test_a_second_training_run_on_the_same_folder_is_refused(tmp_path):
+    from jaxcfl._folder import FolderInUse
+
+    # Before its first epoch ends (it has written nothing yet), a run already holds its folder.
+    seen = []
+
+    def try_another(epoch, partial):
+        with pytest.raises(FolderInUse, match=f"pid {os.getpid()}"):
+            train(TrainConfig(**SMALL), ks=(1.0,), seed=1, out=tmp_path, progress=False)
+        seen.append(epoch)
+
+    train(TrainConfig(**dict(SMALL, epochs=1)), ks=(1.0,), seed=1, out=tmp_path, progress=False, on_epoch=try_another)
+    assert seen == [1]
+    # Released at the end: the same run again finds its finished checkpoint.
+    assert train(TrainConfig(**dict(SMALL, epochs=1)), ks=(1.0,), seed=1, out=tmp_path, progress=False).epochs_done == 1
+
+
+def test_a_kill_between_checkpoint_writes_resumes_correctly(tmp_path, lockstep, monkeypatch):
+    """The checkpoint is one unit: killed after the file and before its commit, the resume redoes that epoch."""
+    from jaxcfl._folder import ResultFolder
+
+    ks = (1.0, 2.0, 4.0, 3.0)
+    out = tmp_path / "run"
+    real = ResultFolder._write_manifest
+
+    def dying(self):
+        if self.files.get(tr.CHECKPOINT) and _checkpoint_meta(self.path)["epochs_done"] == 2:
+            raise KeyboardInterrupt("killed between the checkpoint file and the manifest")
+        real(self)
+
+    monkeypatch.setattr(ResultFolder, "_write_manifest", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**SMALL), ks=ks, seed=1, out=out, progress=False)
+    monkeypatch.setattr(ResultFolder, "_write_manifest", real)
+    assert _checkpoint_meta(out)["epochs_done"] == 2  # the file of epoch 2 is there, uncommitted
+    with pytest.warns(UserWarning, match="checkpoint.npz is corrupt"):
+        resumed = train(TrainConfig(**SMALL), ks=ks, seed=1, out=out, progress=False)
+    assert resumed.fingerprints == lockstep.fingerprints
+    np.testing.assert_array_equal(resumed.step_divergence, lockstep.step_divergence)
+
+
+def test_a_damaged_checkpoint_is_retrained_not_used(tmp_path, lockstep):
+    ks = (1.0, 2.0, 4.0, 3.0)
+    train(TrainConfig(**SMALL), ks=ks, seed=1, out=tmp_path, progress=False)
+    path = tmp_path / tr.CHECKPOINT
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="checkpoint.npz is corrupt"):
+        again = train(TrainConfig(**SMALL), ks=ks, seed=1, out=tmp_path, progress=False)
+    assert again.fingerprints == lockstep.fingerprints
+    (tmp_path / "manifest.json").write_text("{truncated")
+    with pytest.raises(ValueError, match="manifest.json is unreadable"):
+        train(TrainConfig(**SMALL), ks=ks, seed=1, out=tmp_path, progress=False)
 
 
 @pytest.mark.parametrize(

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,8 @@ from jax import Array
 from jaxcfl import _validate as v
 from jaxcfl import data as datasets
 from jaxcfl import nets
-from jaxcfl._io import atomic_open
+from jaxcfl._folder import ResultFolder
+from jaxcfl._results import npz_bytes
 from jaxcfl.determinism import divergence, fingerprint
 from jaxcfl.perturb import perturbed_sgd
 
@@ -47,7 +50,7 @@ class TrainConfig:
     """What is trained, on what, and how. Every field is part of a run's identity.
 
     Attributes:
-      model: one of :data:`jaxcfl.nets.MODELS`.
+      model: one of :data:`jaxcfl.nets.NETWORKS`.
       dataset: one of :data:`jaxcfl.data.DATASETS` (``"builtin"`` needs no files).
       data_root: where the dataset's files are (see :func:`jaxcfl.data.load`).
       activation, beta: ``"relu"`` or ``"swish"`` with Swish's beta.
@@ -87,7 +90,7 @@ class TrainConfig:
     probe: str | None = None
 
     def __post_init__(self) -> None:
-        v.check_choice("model", self.model, nets.MODELS)
+        v.check_choice("model", self.model, nets.NETWORKS)
         v.check_choice("dataset", self.dataset, datasets.DATASETS)
         v.check_choice("activation", self.activation, ("relu", "swish"))
         v.check_positive("beta", self.beta)
@@ -114,6 +117,20 @@ class TrainConfig:
             return self.milestones
         return tuple(sorted({m for f in PAPER_MILESTONES if 0 < (m := int(round(f * self.epochs))) < self.epochs}))
 
+    def lr_at(self, epoch: int) -> float:
+        """The lr in force during ``epoch`` (0-based): :func:`step_decay` over :attr:`milestone_epochs`,
+        in float64 (the optimiser runs the same schedule over steps, in float32).
+
+        Example:
+          >>> from jaxcfl.train import TrainConfig
+          >>> config = TrainConfig(epochs=200)
+          >>> config.milestone_epochs
+          (40, 80, 120, 160)
+          >>> [round(config.lr_at(epoch), 6) for epoch in (0, 39, 40, 80, 199)]
+          [0.1, 0.1, 0.01, 0.001, 1e-05]
+        """
+        return float(step_decay(self.lr, self.gamma, self.milestone_epochs, xp=np)(epoch))
+
     @property
     def uses_flip(self) -> bool:
         return self.flip if self.flip is not None else self.dataset in ("cifar10", "fashion_mnist")
@@ -134,15 +151,26 @@ class LockstepState:
     opt_state: Any
 
 
-def _optimizer(lr: Array, k: Array, momentum: Array, weight_decay: Array, gamma: Array,
-               boundaries: tuple[int, ...], nesterov: bool) -> optax.GradientTransformation:
-    """perturbed_sgd with a step-decay schedule; every number traced."""
-    edges = jnp.asarray(boundaries if boundaries else (np.iinfo(np.int32).max,), jnp.int32)
+def step_decay(lr: Any, gamma: Any, boundaries: Sequence[int], xp: Any = jnp) -> Callable[[Any], Any]:
+    """The learning-rate schedule ``count -> lr * gamma ** (number of boundaries <= count)``.
+
+    Its one definition: the optimiser traces it over steps (``xp=jnp``, float32 arrays,
+    boundaries in steps), and :meth:`TrainConfig.lr_at` evaluates it on the host over
+    epochs (``xp=np``, Python floats, so float64).
+    """
+    edges = xp.asarray(tuple(boundaries) or (np.iinfo(np.int32).max,), np.int32)
 
     def schedule(count):
-        return lr * gamma ** jnp.sum(count >= edges).astype(lr.dtype)
+        return lr * gamma ** xp.sum(count >= edges).astype(xp.result_type(lr))
 
-    return perturbed_sgd(schedule, k, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    return schedule
+
+
+def _optimizer(lr: Array, k: Array, momentum: Array, weight_decay: Array, gamma: Array,
+               boundaries: tuple[int, ...], nesterov: bool) -> optax.GradientTransformation:
+    """perturbed_sgd with the :func:`step_decay` schedule; every number traced."""
+    return perturbed_sgd(step_decay(lr, gamma, boundaries), k, momentum=momentum, nesterov=nesterov,
+                         weight_decay=weight_decay)
 
 
 def cross_entropy(logits: Array, labels: Array) -> Array:
@@ -224,8 +252,12 @@ def over_copies(fn: Callable, in_axes: tuple[int | None, ...], mode: str) -> Cal
 
 
 @dataclasses.dataclass(frozen=True)
-class Hyper:
-    """Traced optimiser numbers: new values never recompile the step."""
+class OptimizerNumbers:
+    """The optimiser's numbers (lr, momentum, weight decay, lr decay factor), passed to the
+    compiled step as traced arrays: new values never recompile it.
+
+    Not :class:`jaxcfl.Hyper`, which holds the traced hyperparameters of the PDE.
+    """
 
     lr: float
     momentum: float
@@ -233,7 +265,7 @@ class Hyper:
     gamma: float
 
     @classmethod
-    def of(cls, config: TrainConfig) -> Hyper:
+    def of(cls, config: TrainConfig) -> OptimizerNumbers:
         return cls(config.lr, config.momentum, config.weight_decay, config.gamma)
 
     def arrays(self) -> tuple[Array, ...]:
@@ -264,7 +296,8 @@ def make_train_step(graphdef: nnx.GraphDef, *, nesterov: bool, boundaries: tuple
     """The jitted lockstep step ``(state, ks, x, y, hyper) -> (state, metrics)``.
 
     ``ks`` has one perturbation factor per copy; ``x, y`` are one batch shared by
-    all copies; ``hyper`` is ``(lr, momentum, weight_decay, gamma)`` as arrays.
+    all copies; ``hyper`` is ``(lr, momentum, weight_decay, gamma)`` as arrays
+    (:meth:`OptimizerNumbers.arrays`).
     ``metrics`` holds each copy's loss, the divergence of all its parameters from
     copy 0, the divergence of the probed layer and, if ``trace_params > 0``,
     ``"trace"``: copy 0's values at the :func:`trace_indices` entries. Cached: runs
@@ -351,7 +384,7 @@ def init_lockstep(config: TrainConfig, ks: Sequence[float], in_channels: int, nu
     params, stats = initialise(jnp.uint32(config.init_seed))
     copies = len(ks)
     stack = lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (copies, *a.shape)).copy(), tree)
-    lr, momentum, wd, gamma = Hyper.of(config).arrays()
+    lr, momentum, wd, gamma = OptimizerNumbers.of(config).arrays()
     opt_state = _optimizer(lr, jnp.float32(1.0), momentum, wd, gamma, (), config.nesterov).init(params)
     return graphdef, LockstepState(stack(params), stack(stats), stack(opt_state))
 
@@ -420,29 +453,37 @@ def _copy_fingerprints(state: LockstepState) -> tuple[str, ...]:
     return tuple(fingerprint(jax.tree.map(lambda a, i=i: a[i], host)) for i in range(copies))
 
 
-def _save_checkpoint(out: Path, state: LockstepState, meta: dict[str, Any], curves: dict[str, np.ndarray]) -> None:
+CHECKPOINT = "checkpoint.npz"
+"""The checkpoint of a run: weights, optimiser state, curves and history in one file, committed atomically."""
+
+
+def _checkpoint_bytes(state: LockstepState, meta: dict[str, Any], curves: dict[str, np.ndarray]) -> bytes:
     leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(jax.device_get(state))]
-    with atomic_open(out / "checkpoint.npz", "wb") as fh:
-        np.savez(fh, **curves, **{f"leaf_{i}": leaf for i, leaf in enumerate(leaves)})
-    with atomic_open(out / "checkpoint.json", "w") as fh:
-        json.dump(meta, fh, indent=1)
+    meta_bytes = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    return npz_bytes({**curves, **{f"leaf_{i}": leaf for i, leaf in enumerate(leaves)}, "meta": meta_bytes})
 
 
-def _load_checkpoint(out: Path, template: LockstepState, identity: dict[str, Any]):
-    meta_path = out / "checkpoint.json"
-    if not meta_path.exists():
+def _load_checkpoint(folder: ResultFolder, template: LockstepState):
+    """The committed checkpoint ``(state, meta, curves)``, or ``None`` to train from the first epoch.
+
+    A checkpoint that does not match its checksum (damaged, or lost after its
+    commit) is not used: the run starts again, with a warning (it is
+    deterministic, so it ends with the same bytes).
+    """
+    data, status = folder.read(CHECKPOINT)
+    if data is None:
+        if status in ("missing", "corrupt"):
+            warnings.warn(f"out={str(folder.path)!r}: {CHECKPOINT} is {status} (its checksum is in the manifest); "
+                          f"training again from the first epoch", stacklevel=3)
         return None
-    meta = json.loads(meta_path.read_text())
-    if meta.get("identity") != identity:
-        raise ValueError(f"out={str(out)!r} holds a checkpoint of a different run ({meta.get('identity')}); "
-                         f"use another directory or delete it")
-    with np.load(out / "checkpoint.npz") as z:
+    with np.load(io.BytesIO(data)) as z:
         leaves, treedef = jax.tree.flatten(template)
         saved = [z[f"leaf_{i}"] for i in range(len(leaves))]
         curves = {name: z[name] for name in _CURVES}
+        meta = json.loads(z["meta"].tobytes())
     for new, old in zip(saved, leaves):
         if new.shape != old.shape or new.dtype != old.dtype:
-            raise ValueError(f"checkpoint in {str(out)!r} does not match the model ({new.shape} vs {old.shape})")
+            raise ValueError(f"checkpoint in {str(folder.path)!r} does not match the model ({new.shape} vs {old.shape})")
     return jax.tree.unflatten(treedef, [jnp.asarray(a) for a in saved]), meta, curves
 
 
@@ -450,16 +491,14 @@ _CURVES = ("step_divergence", "probe_divergence", "param_trace", "test_predictio
 """Arrays of the checkpoint beside the weights: three per-step curves and the last predictions."""
 
 
-def _write_metrics(out: Path, result: TrainResult) -> None:
+def _write_metrics(folder: ResultFolder, result: TrainResult) -> None:
     lines = ["epoch,k,lr,train_loss,test_accuracy,test_loss,divergence"]
     for e in range(result.epochs_done):
         for c, k in enumerate(result.ks):
             lines.append(f"{e + 1},{k:g},{result.lr[e]:.8g},{result.train_loss[e, c]:.8g},"
                          f"{result.test_accuracy[e, c]:.6f},{result.test_loss[e, c]:.8g},{result.divergence[e, c]:.8g}")
-    with atomic_open(out / "metrics.csv", "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    with atomic_open(out / "metrics.json", "w") as fh:
-        json.dump(result.to_dict(), fh, indent=1)
+    folder.commit("metrics.csv", ("\n".join(lines) + "\n").encode())
+    folder.commit("metrics.json", json.dumps(result.to_dict(), indent=1).encode())
 
 
 def load_data(config: TrainConfig):
@@ -491,9 +530,11 @@ def train(
       ks: one perturbation factor per copy (all ``> 0``); the copies share the
         initialisation and every batch.
       seed: the batch order and augmentation (appendix C's "seed").
-      out: directory for ``checkpoint.npz``/``.json`` (written after every epoch,
-        atomically) and ``metrics.csv``/``.json``. An existing checkpoint of the
-        same run is resumed; one of a different run is refused.
+      out: a result folder (docs/reliability.md): locked for the run, with
+        ``checkpoint.npz`` (weights, curves and history, committed as one unit
+        after every epoch) and ``metrics.csv``/``.json``, each checksummed in its
+        manifest. An existing checkpoint of the same run is resumed; a folder of a
+        different run, or one in use by another process, is refused.
       progress: tqdm bar over the steps (``None``: when stderr is a terminal).
       on_epoch: called as ``on_epoch(epoch, partial_result)`` after each epoch's
         checkpoint is written.
@@ -522,7 +563,7 @@ def train(
     step_fn = make_train_step(graphdef, nesterov=config.nesterov, boundaries=boundaries, probe_mask=mask,
                               copies_mode=copies_mode, trace_params=trace_params)
     eval_fn = make_eval_step(graphdef, copies_mode)
-    hyper = Hyper.of(config).arrays()
+    hyper = OptimizerNumbers.of(config).arrays()
     ks_arr = jnp.asarray(ks, jnp.float32)
     copies = len(ks)
 
@@ -533,68 +574,70 @@ def train(
               "test_predictions": np.zeros((copies, 0), np.int32)}
     first_epoch = 0
     identity = {"config": config.to_dict(), "ks": list(ks), "seed": seed, "trace_params": trace_params}
-    out = Path(out) if out is not None else None
-    if out is not None:
-        restored = _load_checkpoint(out, state, identity)
-        if restored is not None:
-            state, ckpt, curves = restored
-            history = ckpt["history"]
-            first_epoch = ckpt["epochs_done"]
+    # The folder is locked from here to the end of the run: a second run on it is refused at once.
+    folder = None if out is None else ResultFolder(out, kind="training run", settings=identity).open()
+    try:
+        if folder is not None:
+            restored = _load_checkpoint(folder, state)
+            if restored is not None:
+                state, ckpt, curves = restored
+                history = ckpt["history"]
+                first_epoch = ckpt["epochs_done"]
 
-    def result(epochs_done: int) -> TrainResult:
-        arr = lambda name: np.asarray(history[name], np.float64).reshape(epochs_done, -1)
-        return TrainResult(config, ks, seed, epochs_done, arr("test_accuracy"), arr("test_loss"), arr("train_loss"),
-                           arr("divergence"), curves["step_divergence"], curves["probe_divergence"],
-                           curves["param_trace"], curves["test_predictions"], np.asarray(history["lr"], np.float64),
-                           _copy_fingerprints(state), time.perf_counter() - start, compile_seconds, state)
+        def result(epochs_done: int) -> TrainResult:
+            arr = lambda name: np.asarray(history[name], np.float64).reshape(epochs_done, -1)
+            return TrainResult(config, ks, seed, epochs_done, arr("test_accuracy"), arr("test_loss"), arr("train_loss"),
+                               arr("divergence"), curves["step_divergence"], curves["probe_divergence"],
+                               curves["param_trace"], curves["test_predictions"], np.asarray(history["lr"], np.float64),
+                               _copy_fingerprints(state), time.perf_counter() - start, compile_seconds, state)
 
-    def lr_at(epoch: int) -> float:
-        return config.lr * config.gamma ** sum(epoch >= m for m in config.milestone_epochs)
+        compile_seconds = 0.0
+        bar = None
+        if first_epoch < config.epochs:
+            from tqdm.auto import tqdm
 
-    compile_seconds = 0.0
-    bar = None
-    if first_epoch < config.epochs:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=(config.epochs - first_epoch) * steps_per_epoch, disable=progress is False if progress
-                   is not None else None, desc=f"{config.model} seed {seed}", unit="step", leave=False)
-    for epoch in range(first_epoch, config.epochs):
-        losses, divs, probes, traces = [], [], [], []
-        for i, (xb, yb) in enumerate(datasets.batches(x_train, y_train, config.batch_size, seed=seed, epoch=epoch)):
-            if config.augment:
-                xb = datasets.augment(xb, seed=seed, epoch=epoch, step=i, flip=config.uses_flip)
-            xb = datasets.normalize(xb, meta.mean, meta.std)
-            t0 = time.perf_counter()
-            state, metrics = step_fn(state, ks_arr, jnp.asarray(xb), jnp.asarray(yb), hyper)
-            if epoch == first_epoch and i == 0:
-                jax.block_until_ready(state)
-                compile_seconds = time.perf_counter() - t0
-            losses.append(metrics["loss"])
-            divs.append(metrics["divergence"])
-            probes.append(metrics["probe_divergence"])
-            if trace_params:
-                traces.append(metrics["trace"])
-            if bar is not None:
-                bar.update()
-        losses = np.asarray(jax.device_get(losses))
-        for name, new in (("step_divergence", divs), ("probe_divergence", probes), ("param_trace", traces)):
-            if new:
-                curves[name] = np.concatenate([curves[name], np.asarray(jax.device_get(new))], axis=0)
-        accuracy, test_loss, curves["test_predictions"] = evaluate(eval_fn, state, x_test, y_test, meta,
-                                                                    config.eval_batch_size)
-        history["train_loss"].append(losses.mean(axis=0).tolist())
-        history["test_accuracy"].append(accuracy.tolist())
-        history["test_loss"].append(test_loss.tolist())
-        history["divergence"].append(np.asarray(_divergence_to_first(state.params)).tolist())
-        history["lr"].append(lr_at(epoch))
-        partial = result(epoch + 1)
-        if out is not None:
-            _save_checkpoint(out, state, {"identity": identity, "epochs_done": epoch + 1, "history": history}, curves)
-            _write_metrics(out, partial)
-        if on_epoch is not None:
-            on_epoch(epoch + 1, partial)
-    if bar is not None:
-        bar.close()
+            bar = tqdm(total=(config.epochs - first_epoch) * steps_per_epoch, disable=progress is False if progress
+                       is not None else None, desc=f"{config.model} seed {seed}", unit="step", leave=False)
+        for epoch in range(first_epoch, config.epochs):
+            losses, divs, probes, traces = [], [], [], []
+            for i, (xb, yb) in enumerate(datasets.batches(x_train, y_train, config.batch_size, seed=seed, epoch=epoch)):
+                if config.augment:
+                    xb = datasets.augment(xb, seed=seed, epoch=epoch, step=i, flip=config.uses_flip)
+                xb = datasets.normalize(xb, meta.mean, meta.std)
+                t0 = time.perf_counter()
+                state, metrics = step_fn(state, ks_arr, jnp.asarray(xb), jnp.asarray(yb), hyper)
+                if epoch == first_epoch and i == 0:
+                    jax.block_until_ready(state)
+                    compile_seconds = time.perf_counter() - t0
+                losses.append(metrics["loss"])
+                divs.append(metrics["divergence"])
+                probes.append(metrics["probe_divergence"])
+                if trace_params:
+                    traces.append(metrics["trace"])
+                if bar is not None:
+                    bar.update()
+            losses = np.asarray(jax.device_get(losses))
+            for name, new in (("step_divergence", divs), ("probe_divergence", probes), ("param_trace", traces)):
+                if new:
+                    curves[name] = np.concatenate([curves[name], np.asarray(jax.device_get(new))], axis=0)
+            accuracy, test_loss, curves["test_predictions"] = evaluate(eval_fn, state, x_test, y_test, meta,
+                                                                        config.eval_batch_size)
+            history["train_loss"].append(losses.mean(axis=0).tolist())
+            history["test_accuracy"].append(accuracy.tolist())
+            history["test_loss"].append(test_loss.tolist())
+            history["divergence"].append(np.asarray(_divergence_to_first(state.params)).tolist())
+            history["lr"].append(config.lr_at(epoch))
+            partial = result(epoch + 1)
+            if folder is not None:
+                folder.commit(CHECKPOINT, _checkpoint_bytes(state, {"epochs_done": epoch + 1, "history": history}, curves))
+                _write_metrics(folder, partial)
+            if on_epoch is not None:
+                on_epoch(epoch + 1, partial)
+        if bar is not None:
+            bar.close()
+    finally:  # also on an interruption: a resume in the same process must find the folder free
+        if folder is not None:
+            folder.close()
     return result(config.epochs)
 
 

@@ -1,6 +1,6 @@
 """Flax NNX networks for the CIFAR-10 / MNIST-size experiments.
 
-``create(name, ...)`` builds one of :data:`MODELS`: the CIFAR ResNets of He et
+``create(name, ...)`` builds one of :data:`NETWORKS`: the CIFAR ResNets of He et
 al. (2016) (``resnet20`` ... ``resnet110``, option-B projection shortcuts) and
 VGG-11/13/16/19 with BatchNorm (Simonyan & Zisserman 2015, CIFAR variant with a
 single linear classifier). All take NHWC inputs (32x32x3 or 28x28x1, or any
@@ -44,7 +44,8 @@ _REGISTRY: dict[str, tuple[type[nnx.Module], int] | tuple[type[nnx.Module], int,
     "cnn_avg": (VGG, 4, {"pool": "avg"}),
 }
 
-MODELS: tuple[str, ...] = tuple(_REGISTRY)
+NETWORKS: tuple[str, ...] = tuple(_REGISTRY)
+"""The network names :func:`create` builds (not :data:`jaxcfl.MODELS`, the PDE's right-hand sides)."""
 
 
 def create(
@@ -56,7 +57,7 @@ def create(
     beta: float = 1.0,
     rngs: nnx.Rngs | int | None = None,
 ) -> nnx.Module:
-    """Build the network ``name`` (one of :data:`MODELS`).
+    """Build the network ``name`` (one of :data:`NETWORKS`).
 
     Args:
       name: ``"resnet20"``, ``"resnet32"``, ``"resnet44"``, ``"resnet56"``,
@@ -79,8 +80,17 @@ def create(
     Raises:
       ValueError: unknown ``name`` or ``activation``, ``beta <= 0``,
         ``num_classes < 1`` or ``in_channels < 1``.
+
+    Example:
+      >>> from flax import nnx
+      >>> from jaxcfl import nets
+      >>> nets.NETWORKS[-2:]
+      ('cnn', 'cnn_avg')
+      >>> model = nnx.eval_shape(lambda: nets.create("cnn", in_channels=1, rngs=0))  # shapes only
+      >>> nets.count_params(model)
+      24058
     """
-    check_choice("model name", name, MODELS)
+    check_choice("model name", name, NETWORKS)
     cls, depth, *extra = _REGISTRY[name]
     return cls(
         depth,
@@ -95,7 +105,7 @@ def create(
 
 __all__ = [
     "ACTIVATIONS",
-    "MODELS",
+    "NETWORKS",
     "VGG",
     "Activation",
     "ResNet",
