@@ -7,7 +7,7 @@ separable Toeplitz products, against four ``N x N`` FFTs. This script times
 configurations, ``--steps`` gradient steps inside one ``jit``), on random images of
 exact rank ``r``, and prints the speed ratio FFT time / separable time against
 ``work = r (w^2 M + w M^2) / (N^2 log2 N^2)``. The break-even (ratio 1) sets
-``jaxcfl.problem.FFT_COST_FACTOR``; the last column says what ``make_problem``'s
+``jaxcfl.operators.FFT_COST_FACTOR``; the last column says what ``make_problem``'s
 ``operator="auto"`` picks (``separable_pays`` with the current factor, and at most
 ``AUTO_MAX_RANK`` factors).
 
@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover - running from a checkout
 import jax
 import jax.numpy as jnp
 import jaxcfl
+from jaxcfl import operators as ops
 from jaxcfl import problem as pb
 from _machine import OtherLoad, machine_info
 
@@ -65,7 +66,7 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     info = machine_info()
     print(f"cpu: {info['cpu_model']} (nproc {info['nproc']}), jax {info['jax']} ({info['jax_backend']}); "
-          f"FFT_COST_FACTOR = {pb.FFT_COST_FACTOR}, AUTO_MAX_RANK = {pb.AUTO_MAX_RANK}", file=out)
+          f"FFT_COST_FACTOR = {ops.FFT_COST_FACTOR}, AUTO_MAX_RANK = {ops.AUTO_MAX_RANK}", file=out)
     print(f"{'N':>4} {'w':>3} {'fft us/cs':>10} {'r':>3} {'sep us/cs':>10} {'fft/sep':>8} {'work':>6} {'auto':>10}", file=out)
     rows = []
     load = OtherLoad().start()
@@ -91,7 +92,7 @@ def main(argv=None):
     print(f"auto picks the faster path in {len(rows) - len(wrong)} of {len(rows)} cases; "
           f"other processes used {100 * (other or 0):.0f}% of the CPUs", file=out)
     if args.json:
-        json.dump(dict(machine=info, fft_cost_factor=pb.FFT_COST_FACTOR, batch=args.batch, steps=args.steps,
+        json.dump(dict(machine=info, fft_cost_factor=ops.FFT_COST_FACTOR, batch=args.batch, steps=args.steps,
                        rows=rows, other_load=other), sys.stdout, indent=1)
         print()
 

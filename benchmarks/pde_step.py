@@ -503,7 +503,7 @@ def breakdown(image, w, K0, batches, n=10):
     N = image.shape[0]
     M = N - w + 1
     prob = jaxcfl.make_problem(np.asarray(image), w, operator="fft")
-    Ihat_j = prob.image_hat
+    Ihat_j = prob.backend.image_hat
     Ihat_t = torch.fft.rfft2(torch.from_numpy(np.array(image)))
     res = {}
     for B in batches:
@@ -687,7 +687,7 @@ def main(argv=None):
         + ", ".join(f"{k} {v:.1e}" for k, v in gc["vs_float64"].items()))
     # Residual at K0: explains why the trajectories barely see the data term.
     prob = impls[0].prob
-    lg = float(jaxcfl.problem.logit(prob, jnp.asarray(K0), jaxcfl.make_hyper(1e-5, 20.0)))
+    lg = float(jaxcfl.model.logit(prob, jnp.asarray(K0), jaxcfl.make_hyper(1e-5, 20.0)))
     log(f"note        : at K0 the logit is {lg:.4g}, so yhat - y = {float(jax.nn.sigmoid(lg) - 1.0):.3g} in float32: "
         "the timed trajectories are dominated by weight decay (all the correlation work is still done)")
 

@@ -273,7 +273,7 @@ def bench_workload(name: str, wl: dict, args) -> dict:
     with CompileMeter() as cm_steady:
         t_steady, result, load_steady = timed(lambda: jaxcfl.sweep(image, w, lr_grid, alpha_grid, **common))
     progress(f"[{name}]   {t_steady:.2f} s")
-    op = f"auto -> {result.spec['operator']}"
+    op = f"auto -> {result.spec.operator}"
     main_impl = f"jaxcfl.sweep (operator={op})"
     add_row(main_impl, t_steady, n_total, True, load_steady)
     steady_share = t_steady * chunks(n_first) / chunks(n_total)
@@ -285,7 +285,7 @@ def bench_workload(name: str, wl: dict, args) -> dict:
     res["counts"] = result.counts()
 
     # -- jaxcfl.sweep with the other operators (dense: linear models only).
-    others = [op for op in (("dense", "fft") if model != "nonlinear" else ("fft",)) if op != result.spec["operator"]]
+    others = [op for op in (("dense", "fft") if model != "nonlinear" else ("fft",)) if op != result.spec.operator]
     for other in others if args.linear_fft != "skip" else ():
         if args.linear_fft == "chunk" and n_total > chunk:
             lr_other = lr_grid[: -(-chunk // alpha_grid.size)]

@@ -1,41 +1,38 @@
 """jaxcfl: numerical stability of deep-network training as the discretisation of a PDE."""
 
 from jaxcfl import data, heat, perturb, statistics, theory
-from jaxcfl.bisect import EmpiricalBounds, empirical_bounds, log_bisect
+from jaxcfl.bounds import EmpiricalBounds, empirical_bounds
+from jaxcfl.search import log_bisect
 from jaxcfl.classify import Rule, classify
 from jaxcfl.curvature import MaxStableLR, SharpnessTrajectory, integrate_sharpness, max_stable_lr, sharpness, sharpness_trajectory
 from jaxcfl.determinism import divergence, enable_deterministic_mode, fingerprint, run_in_processes
 from jaxcfl.perturb import perturb_update, perturbed_sgd, ulp_perturb
 from jaxcfl.images import checkerboard
-from jaxcfl.integration import Diagnostics, Trajectory, diagnose, integrate, integrate_many
+from jaxcfl.integration import Diagnostics, SaveAt, Trajectory, diagnose, integrate, integrate_many
+from jaxcfl.model import MODELS, Setup, gradient, gradient_fn, loss
+from jaxcfl.operators import separable_factors, separable_pays
 from jaxcfl.problem import (
-    MODELS,
     POOLS,
     Hyper,
     Problem,
     correlate,
     correlate_adjoint,
-    gradient,
-    gradient_fn,
-    loss,
     make_hyper,
     make_problem,
     normal_operator,
-    separable_factors,
-    separable_pays,
     with_dense_operator,
     with_separable_operator,
 )
 from jaxcfl.rounding import scaled_update
 from jaxcfl.schemes import SCHEMES, State, euler_step, init, nesterov_step
 from jaxcfl.spectral import lanczos_extremes
-from jaxcfl.sweeps import SweepResult, config_mesh, sweep
+from jaxcfl.sweeps import SweepResult, SweepSpec, config_mesh, sweep
 from jaxcfl._version import __version__
 
 # The networks and the trainer need Flax, whose import costs most of a second; they load on
 # first use, so that the PDE core starts fast. ``jaxcfl.train`` is the module
 # (``jaxcfl.train.train(config, ks, ...)``).
-_LAZY = {"nets": ("jaxcfl.nets", None), "train": ("jaxcfl.train", None),
+_LAZY = {"nets": ("jaxcfl.nets", None), "train": ("jaxcfl.train", None), "plot": ("jaxcfl.plot", None),
          "TrainConfig": ("jaxcfl.train", "TrainConfig"), "TrainResult": ("jaxcfl.train", "TrainResult")}
 
 
@@ -61,7 +58,10 @@ __all__ = [
     "Diagnostics",
     "EmpiricalBounds",
     "Rule",
+    "SaveAt",
+    "Setup",
     "SweepResult",
+    "SweepSpec",
     "Hyper",
     "Problem",
     "State",
@@ -97,6 +97,7 @@ __all__ = [
     "normal_operator",
     "perturb",
     "perturb_update",
+    "plot",
     "perturbed_sgd",
     "run_in_processes",
     "scaled_update",

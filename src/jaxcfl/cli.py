@@ -15,9 +15,17 @@ import numpy as np
 
 from jaxcfl._cli_types import positive_float as _positive_float
 from jaxcfl._cli_types import positive_int as _positive_int
+from jaxcfl._results import stderr as _progress
 from jaxcfl._text import table as table_text
 from jaxcfl._version import __version__
-from jaxcfl.experiments import EXPERIMENTS
+from jaxcfl.experiments import COMMANDS, EXPERIMENTS
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad input on the command line: one line on stderr (no usage block, no traceback) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _load_image(spec: str, size: int) -> np.ndarray:
@@ -28,22 +36,25 @@ def _load_image(spec: str, size: int) -> np.ndarray:
         return np.asarray(checkerboard(size), np.float64)
     try:
         image = np.load(spec)
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"jaxcfl: error: --image: cannot read {spec!r} as a .npy array ({err})") from None
+    except (OSError, ValueError, EOFError) as err:
+        raise ValueError(f"--image: cannot read {spec!r} as a .npy array ({err}); give a 2-D array saved with "
+                         f"numpy.save, or 'checkerboard'") from None
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"--image: {spec!r} holds several arrays (an .npz); give one 2-D array saved with numpy.save")
+    if image.ndim != 2 or image.dtype.kind not in "biuf":
+        raise ValueError(f"--image: {spec!r} holds an array of shape {image.shape} and dtype {image.dtype}; "
+                         f"it must be a 2-D array of real numbers")
     return np.asarray(image, np.float64)
 
 
 def _emit(payload: Any, as_json: bool, render) -> None:
-    if as_json:
-        json.dump(payload, sys.stdout, indent=2)
+    if as_json:  # strict JSON: NaN and infinities are null, and "non_finite" says where
+        from jaxcfl._results import strict_payload
+
+        json.dump(strict_payload(payload), sys.stdout, indent=2, allow_nan=False)
         sys.stdout.write("\n")
     else:
         render(payload)
-
-
-def _progress(message: str) -> None:
-    """Progress goes to stderr, so that ``--json`` output on stdout stays pure."""
-    print(message, file=sys.stderr, flush=True)
 
 
 # --- jaxcfl theory --------------------------------------------------------------------
@@ -114,7 +125,7 @@ def cmd_heat(args: argparse.Namespace) -> int:
 
     results = []
     for dt in args.dt:
-        snaps = np.asarray(heat.snapshots(dt, tuple(args.times)))
+        snaps = np.asarray(heat.snapshots(dt, tuple(args.times), max_steps=None if args.long else heat.MAX_STEPS))
         growth = heat.perturbation_growth(dt, args.steps)
         results.append(
             dict(
@@ -137,7 +148,12 @@ def cmd_heat(args: argparse.Namespace) -> int:
             print(f"dt = {r['dt']:g} ({verdict})")
             for t, m in zip(r["times"], r["max_abs"]):
                 print(f"  t = {t:<5g} max|u| = {m:.6g}")
-            measured = "n/a (stayed at rounding level)" if r["measured_growth_factor"] is None else f"{r['measured_growth_factor']:.4f}"
+            if r["measured_growth_factor"] is not None:
+                measured = f"{r['measured_growth_factor']:.4f}"
+            elif r["perturbation"] and r["perturbation"][-1] is not None and np.isfinite(r["perturbation"][-1]):
+                measured = "n/a (stayed at rounding level)"
+            else:
+                measured = "n/a (the run reached NaN or inf)"
             print(f"  one-ulp perturbation after {p['steps']} steps: {r['perturbation'][-1]:.3g}")
             print(f"  growth per step: measured {measured}, von Neumann {r['von_neumann_factor']:.4f}\n")
 
@@ -145,26 +161,11 @@ def cmd_heat(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- jaxcfl reproduce ------------------------------------------------------------------------
-
-COMMANDS: dict[str, tuple[str, str]] = {
-    "variance": ("jaxcfl.experiments.variance",
-                 "appendix C: accuracy spread from last-bit perturbations (k) against batch order (seeds)"),
-    "determinism": ("jaxcfl.experiments.determinism_check",
-                    "bit-exact determinism: repeated processes, k vs k*2^n, odd k, deterministic mode on/off"),
-}
-"""Top-level commands that run one experiment module (same contract as :data:`EXPERIMENTS`)."""
-
+# --- jaxcfl reproduce NAME, jaxcfl variance, jaxcfl determinism ---------------------------------
 
 def cmd_module(args: argparse.Namespace) -> int:
+    """Run the experiment module ``args.module`` (:mod:`jaxcfl.experiments`' contract) and print its payload."""
     module = importlib.import_module(args.module)
-    payload = module.main(args)
-    _emit(payload, args.json, lambda p: print(module.render(p)))
-    return 0
-
-
-def cmd_reproduce(args: argparse.Namespace) -> int:
-    module = importlib.import_module(EXPERIMENTS[args.experiment][0])
     payload = module.main(args)
     _emit(payload, args.json, lambda p: print(module.render(p)))
     return 0
@@ -172,8 +173,33 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 # --- parser ------------------------------------------------------------------------------------
 
+class _LazyParser(_Parser):
+    """A sub-command's parser whose options come from an experiment module, imported only when
+    this sub-command is parsed (run, or asked for ``--help``): building the whole parser imports
+    no experiment, so ``jaxcfl --help`` and ``jaxcfl theory`` stay fast and Flax-free."""
+
+    def __init__(self, *args: Any, options_from: str | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._options_from = options_from
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._options_from is not None:
+            module = importlib.import_module(self._options_from)
+            self._options_from = None
+            self.description = (module.__doc__ or self.description).strip()
+            module.add_arguments(self)
+            self.add_argument("--json", action="store_true", help="print pure JSON on stdout (progress on stderr)")
+        return super().parse_known_args(args, namespace)
+
+
+def _add_module_command(sub, name: str, module_name: str, help_text: str, **kwargs: Any) -> None:
+    """``name``: a sub-command that runs ``module_name`` (its options and description load lazily)."""
+    cmd = sub.add_parser(name, help=help_text, description=help_text, options_from=module_name, **kwargs)
+    cmd.set_defaults(func=cmd_module, module=module_name)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="jaxcfl",
         description="Numerical stability of deep-network training as the discretisation of a PDE (Sun et al., JMLR 2024).",
     )
@@ -182,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--deterministic", action="store_true",
                         help="bit-reproducible mode: single-threaded Eigen on CPU, deterministic GPU ops, no autotuning, "
                              "highest matmul precision (see jaxcfl.determinism); also JAXCFL_DETERMINISTIC=1")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_LazyParser)
 
     th = sub.add_parser("theory", help="CFL bounds on alpha: paper formulas and exact windowed bounds",
                         description="Print the paper's non-windowed alpha bounds and the exact bounds of the windowed scheme "
@@ -208,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     he.add_argument("--dt", type=_positive_float, nargs="+", default=[0.4, 0.8], help="time steps (default 0.4 0.8)")
     he.add_argument("--times", type=float, nargs="+", default=[0.8, 2.4, 4.0], help="snapshot times (default 0.8 2.4 4)")
     he.add_argument("--steps", type=_positive_int, default=30, help="steps for the perturbation measurement (default 30)")
+    he.add_argument("--long", action="store_true",
+                    help=f"allow runs of more than {10_000_000:,} steps (a tiny --dt), which are refused otherwise")
     he.add_argument("--json", action="store_true", help="print JSON on stdout")
     he.set_defaults(func=cmd_heat)
 
@@ -215,18 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Reproduce one of the paper's experiments; results go to --out as they finish.")
     experiments = rep.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
     for name, (module_name, help_text) in EXPERIMENTS.items():
-        module = importlib.import_module(module_name)
-        ex = experiments.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
-        module.add_arguments(ex)
-        ex.add_argument("--json", action="store_true", help="print pure JSON on stdout (progress on stderr)")
-        ex.set_defaults(func=cmd_reproduce)
+        _add_module_command(experiments, name, module_name, help_text)
     for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        cmd = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(cmd)
-        cmd.add_argument("--json", action="store_true", help="print pure JSON on stdout (progress on stderr)")
-        cmd.set_defaults(func=cmd_module, module=module_name)
+        _add_module_command(sub, name, module_name, help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
     return parser
 
 
@@ -246,11 +265,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         jax.config.update("jax_enable_x64", True)
     if getattr(args, "momentum", 0.0) is not None and not 0.0 <= getattr(args, "momentum", 0.0) < 1.0:
         parser.error(f"--momentum must lie in [0, 1), got {args.momentum}")
+    from jaxcfl._folder import FolderInUse
+    from jaxcfl.data import DatasetNotFound
+
     try:
         return args.func(args)
-    except ValueError as err:
-        parser.error(str(err))
-    return 2
+    except (ValueError, FolderInUse, DatasetNotFound) as err:  # bad input, a busy folder, a missing dataset
+        parser.exit(2, f"jaxcfl: error: {err}\n")  # one line, exit status 2, no traceback
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,7 +16,7 @@ pytree of float arrays:
   does the same along :func:`jaxcfl.integrate` for the one-layer CNN
   (:func:`one_layer_loss`).
 * :func:`max_stable_lr`: the largest learning rate whose gradient-descent run
-  stays stable, by :func:`jaxcfl.bisect.log_bisect`; every round runs all its
+  stays stable, by :func:`jaxcfl.search.log_bisect`; every round runs all its
   candidate learning rates in one vmapped, compiled program.
 
 Everything numeric (params, data ``args``, ``alpha``, ``lr``) is traced; only
@@ -50,9 +50,11 @@ from jax.tree_util import Partial
 from jax.typing import ArrayLike
 
 from jaxcfl import _validate as v
-from jaxcfl.bisect import Bracket, _plain, log_bisect
+from jaxcfl._results import jsonable
+from jaxcfl.search import Bracket, log_bisect
 from jaxcfl.integration import integrate
-from jaxcfl.problem import Hyper, Problem, check_kernel, loss
+from jaxcfl.model import loss
+from jaxcfl.problem import Hyper, Problem, check_kernel
 from jaxcfl.schemes import canonical_scheme, init
 from jaxcfl.spectral import Extremes, lanczos_extremes
 
@@ -415,7 +417,7 @@ class MaxStableLR:
         return self.status == FOUND
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: _plain(val) for k, val in dataclasses.asdict(self).items()}
+        return jsonable(dataclasses.asdict(self))
 
 
 def max_stable_lr(
@@ -451,7 +453,7 @@ def max_stable_lr(
     stationary point (nothing moves there).
 
     Method: ``initial_points`` log-spaced lrs over ``lr_range`` (ends included),
-    then :func:`jaxcfl.bisect.log_bisect` (``candidates`` per round) on the
+    then :func:`jaxcfl.search.log_bisect` (``candidates`` per round) on the
     bracket around the first unstable point, down to relative width ``rtol``.
     Each round is one call of a compiled program: ``lax.scan`` of the steps,
     vmapped over the round's lrs (padded to a fixed width); lrs and ``alpha``

@@ -1,4 +1,11 @@
-"""The integrator: many steps of a scheme under ``lax.scan``, with diagnostics at a stride."""
+"""The integrator: many steps of a scheme under ``lax.scan``, with diagnostics at a stride.
+
+One loop, :func:`solve`, serves everything that steps the PDE: :func:`integrate`
+(one configuration), :func:`integrate_many` (a batch in one program) and the
+sweep engine (:mod:`jaxcfl.sweeps`). What it records is a :class:`SaveAt`; it
+can step a second copy with another perturbation factor ``k`` in lock-step and
+accumulate the divergence between the two (paper-notes section 2).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +14,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array, lax
 from jax.typing import ArrayLike
 
 from jaxcfl import _validate as v
-from jaxcfl.problem import Hyper, Problem, check_kernel, gradient_fn, loss
+from jaxcfl.determinism import divergence
+from jaxcfl.model import MODELS, gradient_fn, loss
+from jaxcfl.problem import Hyper, Problem, check_kernel
 from jaxcfl.schemes import State, get_scheme, init
 
 
@@ -41,10 +51,16 @@ class Diagnostics:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Trajectory:
-    """Result of :func:`integrate`: the final :class:`State` and the recorded :class:`Diagnostics`."""
+    """Result of :func:`integrate`: the final :class:`State` and the recorded :class:`Diagnostics`.
+
+    ``divergence`` (with ``compare_k``): at each record, the divergence between
+    the run and its copy perturbed by ``compare_k``, averaged over the iterations
+    since the previous record; NaN once a copy is non-finite. ``None`` otherwise.
+    """
 
     state: State
     diagnostics: Diagnostics
+    divergence: Array | None = None
 
 
 def diagnose(problem: Problem, state: State, hyper: Hyper, *, with_loss: bool = True) -> Diagnostics:
@@ -69,30 +85,141 @@ def scaled_norm(x: Array) -> Array:
     return jnp.where(finite_positive, norm, jnp.where(jnp.any(jnp.isnan(x)), jnp.nan, m))
 
 
-@functools.partial(jax.jit, static_argnames=("scheme", "model", "steps", "record_every"))
-def _integrate(problem: Problem, state: State, hyper: Hyper, *, scheme: str, model: str, steps: int, record_every: int) -> Trajectory:
+@dataclasses.dataclass(frozen=True)
+class SaveAt:
+    """Which iterations are recorded (cf. diffrax's ``SaveAt``).
+
+    Records fall at iteration 0 (``initial``), at ``offset + j * stride`` for
+    ``j = 1, 2, ...`` up to ``steps``, and at ``steps`` itself (``final``) when
+    that is not already one of them. The ``offset`` iterations run first,
+    unrecorded: ``SaveAt(stride, offset=steps % stride, initial=False)`` puts
+    the last record exactly at ``steps`` (the sweep engine's records).
+    """
+
+    stride: int = 1
+    offset: int = 0
+    initial: bool = True
+    final: bool = True
+
+    def iterations(self, steps: int) -> np.ndarray:
+        """The recorded iterations of a run of ``steps`` iterations."""
+        strided = np.arange(self.offset + self.stride, steps + 1, self.stride)
+        parts = [[0]] if self.initial else []
+        parts.append(strided)
+        if self.final and (strided.size == 0 or strided[-1] != steps):
+            parts.append([steps])
+        return np.concatenate(parts).astype(int)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Solution:
+    """What the integrator core returns.
+
+    Attributes:
+      state: the final :class:`State` (with a paired copy: leading axis 2, copy 1 perturbed).
+      diagnostics: :class:`Diagnostics` of copy 0 at the :class:`SaveAt` iterations.
+      divergence: with a paired copy, the paper's divergence between the copies
+        averaged over the iterations since the previous record (0 at iteration 0;
+        NaN once a copy is non-finite); else ``None``.
+      tail_divergence: with a paired copy, the sum of that divergence over the
+        iterations ``> steps - tail``; else ``None``.
+    """
+
+    state: State
+    diagnostics: Diagnostics
+    divergence: Array | None = None
+    tail_divergence: Array | None = None
+
+
+def solve(problem: Problem, state: State, hyper: Hyper, *, scheme: str, model: str, steps: int, save: SaveAt,
+          pair_k: Array | None = None, tail: int = 0, with_loss: bool = True) -> Solution:
+    """The one integrator loop: ``steps`` iterations of ``scheme`` on ``model``, recorded at ``save``.
+
+    Pure and traceable (``scheme``, ``model``, ``steps``, ``save``, ``tail`` and
+    whether ``pair_k`` is given are static). With ``pair_k`` a second copy runs
+    in lock-step with perturbation factor ``k = pair_k`` (the first keeps
+    ``hyper.k``), and the divergence between them is accumulated at every
+    iteration. :func:`integrate`, :func:`integrate_many` and the sweep engine
+    (:mod:`jaxcfl.sweeps`) are all this function.
+    """
     step = get_scheme(scheme).step
-    grad = gradient_fn(model)
+    rhs = gradient_fn(model)
 
     def grad_fn(kernel, hyp):
-        return grad(problem, kernel, hyp)
+        return rhs(problem, kernel, hyp)
 
-    def advance(st, n):
-        return lax.fori_loop(0, n, lambda _, s: step(s, grad_fn, hyper), st)
+    paired = pair_k is not None
+    if paired:
+        hyps = jax.tree.map(lambda x: jnp.broadcast_to(x, (2,)), hyper)
+        hyps = dataclasses.replace(hyps, k=jnp.stack([hyper.k, pair_k]))
+        state = jax.tree.map(lambda x: jnp.broadcast_to(x, (2, *x.shape)), state)
+        paired_step = jax.vmap(lambda s, h: step(s, grad_fn, h))
+        advance_one = lambda st: paired_step(st, hyps)
+        primary = lambda st: jax.tree.map(lambda x: x[0], st)
+    else:
+        advance_one = lambda st: step(st, grad_fn, hyper)
+        primary = lambda st: st
+    zero = jnp.zeros((), state.kernel.dtype)
 
-    def chunk(st, _):
-        st = advance(st, record_every)
-        return st, diagnose(problem, st, hyper)
+    def body(_, carry):
+        st, div_tail, div_block = carry
+        st = advance_one(st)
+        if paired:
+            # NaN once a copy is non-finite (`divergence` itself counts NaN entries as 0), so that
+            # neither the tail sum nor the recorded curve reads a blown-up run as converged.
+            div = jnp.where(jnp.all(jnp.isfinite(st.kernel)), divergence(st.kernel[0], st.kernel[1]), jnp.nan)
+            in_tail = primary(st).iteration > steps - tail
+            div_tail = div_tail + jnp.where(in_tail, div, 0.0)
+            div_block = div_block + div
+        return st, div_tail, div_block
 
-    first = diagnose(problem, state, hyper)
-    full, rest = divmod(steps, record_every)
-    state, records = lax.scan(chunk, state, None, length=full)
-    parts = [jax.tree.map(lambda x: x[None], first), records]
-    if rest:
-        state = advance(state, rest)
-        parts.append(jax.tree.map(lambda x: x[None], diagnose(problem, state, hyper)))
-    diagnostics = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
-    return Trajectory(state=state, diagnostics=diagnostics)
+    def advance(carry, n):
+        """``n`` iterations from ``(state, tail sum)``; also returns the block sum of the divergence."""
+        return lax.fori_loop(0, n, body, (*carry, zero))
+
+    def record(st):
+        return diagnose(problem, primary(st), hyper, with_loss=with_loss)
+
+    def chunk(carry, _):
+        st, div_tail, div_block = advance(carry, save.stride)
+        # The mean over the `stride` iterations since the previous record, so that a moving
+        # average over a multiple of `stride` iterations is exact at every record.
+        return (st, div_tail), (record(st), div_block / save.stride)
+
+    offset = min(save.offset, steps)
+    n_records, leftover = divmod(steps - offset, save.stride)
+    carry = (state, zero)
+    first = record(state) if save.initial else None
+    if offset:
+        carry = advance(carry, offset)[:2]
+    carry, (records, div_curve) = lax.scan(chunk, carry, None, length=n_records)
+    head = lambda x: x[None]
+    parts, curves = [records], [div_curve]
+    if save.initial:
+        parts.insert(0, jax.tree.map(head, first))
+        curves.insert(0, head(zero))
+    if leftover:
+        st, div_tail, div_block = advance(carry, leftover)
+        carry = (st, div_tail)
+        if save.final:
+            parts.append(jax.tree.map(head, record(st)))
+            curves.append(head(div_block / leftover))
+    diagnostics = parts[0] if len(parts) == 1 else jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+    state, div_tail = carry
+    if not paired:
+        return Solution(state=state, diagnostics=diagnostics)
+    curve = curves[0] if len(curves) == 1 else jnp.concatenate(curves)
+    return Solution(state=state, diagnostics=diagnostics, divergence=curve, tail_divergence=div_tail)
+
+
+@functools.partial(jax.jit, static_argnames=("scheme", "model", "steps", "record_every", "compare"))
+def _integrate(problem: Problem, state: State, hyper: Hyper, compare_k: Array, *, scheme: str, model: str, steps: int,
+               record_every: int, compare: bool) -> Trajectory:
+    sol = solve(problem, state, hyper, scheme=scheme, model=model, steps=steps, save=SaveAt(record_every),
+                pair_k=compare_k if compare else None)
+    state = jax.tree.map(lambda x: x[0], sol.state) if compare else sol.state
+    return Trajectory(state=state, diagnostics=sol.diagnostics, divergence=sol.divergence)
 
 
 def integrate(
@@ -104,6 +231,7 @@ def integrate(
     model: str = "linear",
     steps: int = 1000,
     record_every: int = 1,
+    compare_k: float | None = None,
 ) -> Trajectory:
     """Run ``steps`` iterations of ``scheme`` on ``model``, recording diagnostics.
 
@@ -118,6 +246,9 @@ def integrate(
       steps: number of iterations (static).
       record_every: stride of the diagnostics (static). Records are taken at
         iteration 0, every ``record_every`` iterations, and at ``steps``.
+      compare_k: also step a copy whose update is perturbed by ``k = compare_k``
+        (paper-notes section 2) and record the divergence between the two
+        (:attr:`Trajectory.divergence`); traced, so new values reuse the program.
 
     Returns:
       A :class:`Trajectory`. A diverging run is not an error: its kernel
@@ -131,14 +262,11 @@ def integrate(
       >>> traj.diagnostics.loss.shape
       (11,)
     """
-    v.check_choice("model", model, ("nonlinear", "linear", "nonconstant", "activated"))
-    scheme = get_scheme(scheme).name
-    steps = v.check_int("steps", steps, minimum=1)
-    record_every = v.check_int("record_every", record_every, minimum=1)
-    _check_hyper(hyper)
+    scheme, steps, record_every, pair_k = _check_run(hyper, model, scheme, steps, record_every, compare_k, problem.dtype)
     state = kernel if isinstance(kernel, State) else init(jnp.asarray(kernel, problem.dtype))
     check_kernel(problem, state.kernel)
-    return _integrate(problem, state, hyper, scheme=scheme, model=model, steps=steps, record_every=record_every)
+    return _integrate(problem, state, hyper, pair_k, scheme=scheme, model=model, steps=steps, record_every=record_every,
+                      compare=compare_k is not None)
 
 
 def integrate_many(
@@ -150,6 +278,7 @@ def integrate_many(
     model: str = "linear",
     steps: int = 1000,
     record_every: int = 1,
+    compare_k: float | None = None,
     map_batch: int | None = 8,
 ) -> Trajectory:
     """:func:`integrate` for many configurations (``hypers`` with a leading axis) in one program.
@@ -159,22 +288,19 @@ def integrate_many(
     (``lax.map`` over vmapped groups), which on CPU keeps the transforms' working
     set in cache; ``map_batch=None`` is a plain ``vmap`` (best for the dense operator).
     """
-    v.check_choice("model", model, ("nonlinear", "linear", "nonconstant", "activated"))
-    scheme = get_scheme(scheme).name
-    steps = v.check_int("steps", steps, minimum=1)
-    record_every = v.check_int("record_every", record_every, minimum=1)
-    _check_hyper(hypers)
+    scheme, steps, record_every, pair_k = _check_run(hypers, model, scheme, steps, record_every, compare_k, problem.dtype)
     if map_batch is not None:
         map_batch = v.check_int("map_batch", map_batch, minimum=1)
     state = init(jnp.asarray(kernel, problem.dtype))
     check_kernel(problem, state.kernel)
-    return _integrate_many(problem, state, hypers, scheme=scheme, model=model, steps=steps, record_every=record_every,
-                           map_batch=map_batch)
+    return _integrate_many(problem, state, hypers, pair_k, scheme=scheme, model=model, steps=steps,
+                           record_every=record_every, compare=compare_k is not None, map_batch=map_batch)
 
 
-@functools.partial(jax.jit, static_argnames=("scheme", "model", "steps", "record_every", "map_batch"))
-def _integrate_many(problem, state, hypers, *, scheme, model, steps, record_every, map_batch):
-    run = lambda h: _integrate(problem, state, h, scheme=scheme, model=model, steps=steps, record_every=record_every)
+@functools.partial(jax.jit, static_argnames=("scheme", "model", "steps", "record_every", "compare", "map_batch"))
+def _integrate_many(problem, state, hypers, pair_k, *, scheme, model, steps, record_every, compare, map_batch):
+    run = lambda h: _integrate(problem, state, h, pair_k, scheme=scheme, model=model, steps=steps,
+                               record_every=record_every, compare=compare)
     return map_configs(run, hypers, map_batch=map_batch)
 
 
@@ -194,10 +320,19 @@ def map_configs(fn, xs, *, groups: int = 1, map_batch: int | None = None):
     return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), out)
 
 
-def _check_hyper(hyper: Hyper) -> None:
+def _check_run(hyper, model, scheme, steps, record_every, compare_k, dtype):
+    """Validate :func:`integrate`'s arguments; returns the canonical scheme, the counts and ``k`` of the copy."""
     if not isinstance(hyper, Hyper):
         raise TypeError(f"hyper must be a jaxcfl.Hyper (use jaxcfl.make_hyper), got {type(hyper).__name__}")
     v.check_positive("lr", hyper.lr)
     v.check_nonnegative("alpha", hyper.alpha)
     v.check_positive("k", hyper.k)
     v.check_unit_interval("mu", hyper.mu)
+    v.check_choice("model", model, MODELS)
+    scheme = get_scheme(scheme).name
+    steps = v.check_int("steps", steps, minimum=1)
+    record_every = v.check_int("record_every", record_every, minimum=1)
+    if compare_k is not None:
+        v.check_positive("compare_k", compare_k)
+    pair_k = jnp.asarray(1.0 if compare_k is None else compare_k, dtype)
+    return scheme, steps, record_every, pair_k

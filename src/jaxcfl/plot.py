@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from jaxcfl._io import atomic_open
 from jaxcfl.classify import STATUSES
 
 STATUS_COLOURS = {"stable": "#4c9f70", "restrained": "#e0a030", "divergent": "#c8423a"}
 
 
-def _pyplot():
+def pyplot():
+    """``matplotlib.pyplot``, imported on first use; the Agg backend when no display is set and the
+    current backend is an interactive one (so that plots save on a headless machine)."""
     import matplotlib
 
     if not os.environ.get("DISPLAY") and matplotlib.get_backend().lower() not in ("agg", "pdf", "svg"):
@@ -41,16 +45,17 @@ def theory_curves(result, lr: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndar
     """``{"paper": (alpha_min(lr), alpha_max(lr)), "windowed": (...)}`` for a sweep's problem."""
     from jaxcfl import theory
 
-    spec = result.spec
+    spec = result.spec  # a jaxcfl.sweeps.SweepSpec
     if result.image is None:
         raise ValueError("result carries no image; theory curves need the sweep's image")
     curves = {}
-    common = dict(scheme=spec["scheme"], momentum=spec["momentum"])
-    if spec["model"] == "linear":
-        pairs = [theory.alpha_bounds(result.image, x, a=spec["a"], beta=spec["beta"], pool=spec["pool"], **common) for x in lr]
+    setup = spec.setup
+    common = dict(scheme=setup.scheme, momentum=setup.momentum)
+    if setup.model == "linear":
+        pairs = [theory.alpha_bounds(result.image, x, a=setup.a, beta=setup.beta, pool=setup.pool, **common) for x in lr]
         curves["paper"] = (np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]))
-    spectrum = theory.windowed_spectrum(result.image, spec["kernel_size"], model=spec["model"], a=spec["a"], beta=spec["beta"],
-                                        pool=spec["pool"], label=spec["label"], bias=spec["bias"])
+    spectrum = theory.windowed_spectrum(result.image, spec.kernel_size, model=setup.model, a=setup.a, beta=setup.beta,
+                                        pool=setup.pool, label=setup.label, bias=setup.bias)
     pairs = [theory.bounds_from_spectrum(spectrum, x, **common) for x in lr]
     curves["windowed"] = (np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]))
     return curves
@@ -68,7 +73,7 @@ def stability_map(result, *, ax=None, theory: bool = True, title: str | None = N
     Returns:
       The matplotlib figure.
     """
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
@@ -92,8 +97,8 @@ def stability_map(result, *, ax=None, theory: bool = True, title: str | None = N
     ax.set_ylim(_edges(result.alpha)[0], _edges(result.alpha)[-1])
     ax.set_xlabel("learning rate (dt)")
     ax.set_ylabel("weight decay alpha")
-    spec = result.spec
-    ax.set_title(title or f"{spec['scheme']}, {spec['model']} model, kernel {spec['kernel_size']}, {spec['steps']} steps")
+    spec = result.spec  # a jaxcfl.sweeps.SweepSpec
+    ax.set_title(title or f"{spec.setup.scheme}, {spec.setup.model} model, kernel {spec.kernel_size}, {spec.steps} steps")
     ax.legend(handles=handles, fontsize=7, loc="best")
     fig.tight_layout()
     return fig
@@ -101,14 +106,14 @@ def stability_map(result, *, ax=None, theory: bool = True, title: str | None = N
 
 def panels(n: int, *, width: float = 6.4, height: float = 4.8):
     """A figure of ``n`` side-by-side axes (Agg when headless); returns ``(fig, axes)``."""
-    fig, axes = _pyplot().subplots(1, n, figsize=(width * n, height), squeeze=False)
+    fig, axes = pyplot().subplots(1, n, figsize=(width * n, height), squeeze=False)
     return fig, list(axes[0])
 
 
 def loss_curves(iterations: np.ndarray, curves: np.ndarray, labels: Sequence[str], *, statuses: Sequence[str] | None = None,
                 ax=None, title: str = "", ylabel: str = "loss", loglog: bool = True):
     """Loss (or any positive quantity) against iteration, one line per run, coloured by status."""
-    plt = _pyplot()
+    plt = pyplot()
     if ax is None:
         fig, ax = plt.subplots(figsize=(6.4, 4.8))
     else:
@@ -141,7 +146,7 @@ def moving_average(values: np.ndarray, window: int = 100) -> np.ndarray:
 def _axes(ax=None):
     """``(figure, axes)``: those of ``ax``, or a new 6.4 x 4.8 figure."""
     if ax is None:
-        return _pyplot().subplots(figsize=(6.4, 4.8))
+        return pyplot().subplots(figsize=(6.4, 4.8))
     return ax.figure, ax
 
 
@@ -173,7 +178,7 @@ def plot_sharpness(trajectories, *, labels: Sequence[str] | None = None, ax=None
     if not isinstance(trajectories, Sequence):
         trajectories = [trajectories]
     fig, ax = _axes(ax)
-    cmap = _pyplot().get_cmap("viridis")
+    cmap = pyplot().get_cmap("viridis")
     for i, traj in enumerate(trajectories):
         colour = cmap(i / max(1, len(trajectories) - 1)) if len(trajectories) > 1 else "C0"
         label = labels[i] if labels is not None else f"lr = {traj.lr:g}"
@@ -220,6 +225,8 @@ def ratio_vs_alpha(rows: Sequence[Mapping[str, Any]], *, predicted: bool = True,
 
 def save(fig: Any, path: str | os.PathLike) -> str:
     """Save a figure (PNG by extension) and close it; returns the path."""
-    fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
+    path = Path(path)
+    with atomic_open(path, "wb") as fh:  # a reader never sees half a figure
+        fig.savefig(fh, dpi=120, format=path.suffix.lstrip(".") or "png")
+    pyplot().close(fig)
     return str(path)

@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 from jax.typing import ArrayLike
 
@@ -92,12 +93,51 @@ def nesterov_step(state: State, grad_fn: GradFn, hyper: Hyper) -> State:
     return State(kernel=new, previous=kernel, iteration=state.iteration + 1)
 
 
+# --- what the theory needs to know of each scheme (host float64 arithmetic) ------------------
+
+def _euler_h(lr: float, mu: float) -> float:
+    return float(lr)
+
+
+def _nesterov_h(lr: float, mu: float) -> float:
+    return (1.0 + mu) * float(lr) ** 2 / 2.0
+
+
+def _euler_factor(x: np.ndarray, mu: float) -> np.ndarray:
+    return np.abs(x)
+
+
+def _nesterov_factor(x: np.ndarray, mu: float) -> np.ndarray:
+    """Spectral radius of the companion matrix ``[[x(1+mu), -x mu], [1, 0]]``."""
+    p = x * (1.0 + mu)
+    q = x * mu
+    disc = np.sqrt((p * p - 4.0 * q).astype(np.complex128))
+    return np.maximum(np.abs((p + disc) / 2.0), np.abs((p - disc) / 2.0))
+
+
 class Scheme(NamedTuple):
+    """A scheme: its step, and the facts of its linear stability that :mod:`jaxcfl.theory` uses.
+
+    A mode of eigenvalue ``l`` of a linear ``G`` is multiplied by
+    ``factor(1 - h l, mu)`` per step (its spectral radius), ``h = step_size(dt, mu)``,
+    and is stable iff ``0 < h l < limit(mu)``. A new scheme is one ``Scheme``
+    added to ``_SCHEMES`` (and its name to :data:`SCHEMES`): the integrator,
+    the sweeps, the bounds and the theory take it from there.
+    """
+
     name: str
     step: Callable[[State, GradFn, Hyper], State]
+    step_size: Callable[[float, float], float]
+    limit: Callable[[float], float]
+    factor: Callable[[np.ndarray, float], np.ndarray]
+    uses_momentum: bool
 
 
-_SCHEMES = {"gd": Scheme("gd", euler_step), "nesterov": Scheme("nesterov", nesterov_step)}
+_SCHEMES = {
+    "gd": Scheme("gd", euler_step, _euler_h, lambda mu: 2.0, _euler_factor, uses_momentum=False),
+    "nesterov": Scheme("nesterov", nesterov_step, _nesterov_h, lambda mu: 2.0 * (1.0 + mu) / (1.0 + 2.0 * mu),
+                       _nesterov_factor, uses_momentum=True),
+}
 
 
 def canonical_scheme(name: str) -> str:

@@ -24,11 +24,11 @@ stable, restrained or divergent (:mod:`jaxcfl.classify`).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
-import json
+import io
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,18 +36,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import Array, lax
+from jax import Array
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
-from jaxcfl._version import __version__
 from jaxcfl import _validate as v
-from jaxcfl.classify import STATUSES, Rule, classify
-from jaxcfl._io import atomic_open as _atomic_open
-from jaxcfl.determinism import divergence, fingerprint
-from jaxcfl.integration import diagnose, map_configs
-from jaxcfl.problem import MODELS, Hyper, Problem, gradient_fn, make_hyper, make_problem, with_dense_operator
-from jaxcfl.schemes import canonical_scheme, get_scheme, init
+from jaxcfl.classify import MIN_STEPS, STATUSES, Rule, classify
+from jaxcfl._folder import ResultFolder
+from jaxcfl._results import SWEEP_CHUNK, csv_text, json_text, jsonable, npz_bytes, write_csv, write_json
+from jaxcfl.determinism import fingerprint
+from jaxcfl.integration import SaveAt, map_configs, solve
+from jaxcfl.model import Setup
+from jaxcfl.operators import OPERATORS
+from jaxcfl.problem import Hyper, Problem, make_problem
+from jaxcfl.schemes import init
 
 SUMMARY_FIELDS = (
     "finite",
@@ -62,7 +64,6 @@ SUMMARY_FIELDS = (
     "divergence",
 )
 CURVE_FIELDS = ("loss", "update_norm", "divergence")
-MANIFEST = "manifest.json"
 
 
 def config_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -92,46 +93,12 @@ def _fit_slope(x: Array, y: Array, mask: Array) -> tuple[Array, Array]:
 
 def _run_one(problem: Problem, kernel0: Array, hyper: Hyper, compare_k: Array, *, scheme: str, model: str,
              steps: int, stride: int, tail: int, compare: bool, with_loss: bool) -> dict[str, Array]:
-    step = get_scheme(scheme).step
-    grad = gradient_fn(model)
-    grad_fn = lambda kernel, hyp: grad(problem, kernel, hyp)
-    copies = 2 if compare else 1
-    ks = jnp.stack([hyper.k, compare_k])[:copies]
-    hyps = jax.tree.map(lambda x: jnp.broadcast_to(x, (copies,)), hyper)
-    hyps = dataclasses.replace(hyps, k=ks)
-    state0 = jax.tree.map(lambda x: jnp.broadcast_to(x, (copies, *x.shape)), init(kernel0))
-    paired_step = jax.vmap(lambda s, h: step(s, grad_fn, h))
-
-    zero = jnp.zeros((), kernel0.dtype)
-
-    def body(_, carry):
-        state, div_sum, block_sum = carry
-        state = paired_step(state, hyps)
-        if compare:
-            # NaN once a copy is non-finite (`divergence` itself counts NaN entries as 0), so that
-            # neither the tail mean nor the recorded curve reads a blown-up run as converged.
-            div = jnp.where(jnp.all(jnp.isfinite(state.kernel)), divergence(state.kernel[0], state.kernel[1]), jnp.nan)
-            in_tail = state.iteration[0] > steps - tail
-            div_sum = div_sum + jnp.where(in_tail, div, 0.0)
-            block_sum = block_sum + div
-        return state, div_sum, block_sum
-
-    def advance(carry, n):
-        return lax.fori_loop(0, n, body, carry)
-
-    def chunk(carry, _):
-        state, div_sum, block_sum = advance((*carry, zero), stride)
-        first = jax.tree.map(lambda x: x[0], state)
-        # Divergence curve: the mean over the `stride` iterations since the previous record, so that a
-        # moving average over a multiple of `stride` iterations is exact at every record.
-        return (state, div_sum), (diagnose(problem, first, hyper, with_loss=with_loss), block_sum / stride)
-
-    n_records, rest = divmod(steps, stride)
-    carry = (state0, zero)
-    if rest:
-        carry = advance((*carry, zero), rest)[:2]
-    carry, (rec, div_curve) = lax.scan(chunk, carry, None, length=n_records)
-    state, div_sum = carry
+    """One configuration: :func:`jaxcfl.integration.solve` with records ending at ``steps``, then its summary."""
+    save = SaveAt(stride, offset=steps % stride, initial=False)
+    sol = solve(problem, init(kernel0), hyper, scheme=scheme, model=model, steps=steps, save=save,
+                pair_k=compare_k if compare else None, tail=tail, with_loss=with_loss)
+    rec, state = sol.diagnostics, sol.state
+    n_records = steps // stride
 
     it = rec.iteration.astype(kernel0.dtype)
     second_half = jnp.arange(n_records) >= n_records // 2
@@ -157,10 +124,10 @@ def _run_one(problem: Problem, kernel0: Array, hyper: Hyper, compare_k: Array, *
         final_norm=rec.kernel_norm[-1],
         max_abs_kernel=jnp.where(jnp.all(rec.finite), jnp.max(rec.kernel_max), jnp.inf),
         loss_oscillation=oscillation,
-        divergence=div_sum / tail if compare else jnp.full((), jnp.nan, kernel0.dtype),
+        divergence=sol.tail_divergence / tail if compare else jnp.full((), jnp.nan, kernel0.dtype),
         curve_loss=rec.loss,
         curve_update_norm=rec.update_norm,
-        curve_divergence=div_curve if compare else jnp.full_like(rec.loss, jnp.nan),
+        curve_divergence=sol.divergence if compare else jnp.full_like(rec.loss, jnp.nan),
         record_iterations=rec.iteration,
     )
 
@@ -172,10 +139,54 @@ def _run_batch(problem, kernel0, hypers, compare_k, *, scheme, model, steps, str
     return map_configs(lambda args: run(*args), (hypers, compare_k), groups=groups, map_batch=map_batch)
 
 
-FFT_MAP_BATCH = 8  # configurations per vmapped group when a step is correlation-bound (FFT or separable)
-
-
 # --- results ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SweepSpec:
+    """Everything that defines a sweep's runs (besides the grid): the manifest of its result folder.
+
+    ``image`` and ``kernel`` are :func:`jaxcfl.fingerprint` digests; ``lr`` and
+    ``alpha`` are the grid axes (``None`` for a flat batch, as in
+    :func:`jaxcfl.empirical_bounds`). :meth:`to_dict` is the JSON form (the
+    ``spec`` of ``result.json`` and of the manifest), :meth:`from_dict` its inverse.
+    """
+
+    setup: Setup
+    image: str
+    image_shape: tuple[int, int]
+    kernel_size: int
+    kernel: str
+    steps: int
+    compare_k: float | None
+    record_points: int
+    chunk_size: int
+    dtype: str
+    operator: str
+    lr: tuple[float, ...] | None = None
+    alpha: tuple[float, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.setup
+        out = dict(image=self.image, image_shape=list(self.image_shape), kernel_size=self.kernel_size, kernel=self.kernel,
+                   scheme=s.scheme, model=s.model, pool=s.pool, beta=s.beta, a=s.a, label=s.label, bias=s.bias,
+                   momentum=s.momentum, steps=self.steps, compare_k=self.compare_k, record_points=self.record_points,
+                   chunk_size=self.chunk_size, dtype=self.dtype, operator=self.operator)
+        if self.lr is not None:
+            out.update(lr=list(self.lr), alpha=list(self.alpha))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SweepSpec":
+        fields = {f.name for f in dataclasses.fields(cls)} - {"setup"}
+        kw = {k: data.get(k) for k in fields}
+        kw["image_shape"] = tuple(data["image_shape"])
+        for axis in ("lr", "alpha"):
+            kw[axis] = None if data.get(axis) is None else tuple(data[axis])
+        return cls(setup=Setup.from_dict(data), **kw)
+
+    def with_grid(self, lr: np.ndarray, alpha: np.ndarray) -> "SweepSpec":
+        return dataclasses.replace(self, lr=tuple(map(float, lr)), alpha=tuple(map(float, alpha)))
+
 
 @dataclasses.dataclass
 class SweepResult:
@@ -192,7 +203,7 @@ class SweepResult:
         ``compare_k``, else NaN): the divergence averaged over the iterations since the previous
         record (every iteration when ``record_points >= steps``), NaN once a copy is non-finite;
         shape ``(len(lr), len(alpha), R)``.
-      spec: everything that defines the sweep (JSON-serialisable).
+      spec: everything that defines the sweep (:class:`SweepSpec`; ``spec.to_dict()`` is its JSON form).
       rule: the classification thresholds used.
     """
 
@@ -202,7 +213,7 @@ class SweepResult:
     metrics: dict[str, np.ndarray]
     curves: dict[str, np.ndarray]
     record_iterations: np.ndarray
-    spec: dict[str, Any]
+    spec: SweepSpec
     rule: Rule
     image: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
@@ -221,36 +232,26 @@ class SweepResult:
                 row = dict(lr=float(lr), alpha=float(alpha), status=str(self.status[i, j]))
                 for name, arr in self.metrics.items():
                     value = arr[i, j]
-                    row[name] = bool(value) if arr.dtype == bool else (int(value) if arr.dtype.kind == "i" else _json_float(value))
+                    row[name] = bool(value) if arr.dtype == bool else (int(value) if arr.dtype.kind == "i" else jsonable(float(value)))
                 out.append(row)
         return out
 
     def to_csv(self, path: str | os.PathLike) -> Path:
-        rows = self.rows()
-        path = Path(path)
-        with _atomic_open(path, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        return path
+        write_csv(path, self.rows())
+        return Path(path)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(spec=self.spec, rule=self.rule.to_dict(), counts=self.counts(), runs=self.rows())
+        return dict(spec=self.spec.to_dict(), rule=self.rule.to_dict(), counts=self.counts(), runs=self.rows())
 
     def to_json(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        with _atomic_open(path, "w") as fh:
-            json.dump(self.to_dict(), fh, indent=1)
-        return path
+        """Strict JSON (non-finite numbers are ``null``)."""
+        write_json(path, self.to_dict())
+        return Path(path)
 
 
-def _json_float(value) -> float | None:
-    value = float(value)
-    return value if np.isfinite(value) else None
-
-
-def classify_metrics(metrics: dict[str, np.ndarray], rule: Rule, spec: dict[str, Any]) -> np.ndarray:
-    eps = np.finfo(np.dtype(spec["dtype"])).eps
+def classify_metrics(metrics: dict[str, np.ndarray], rule: Rule, spec: SweepSpec) -> np.ndarray:
+    """The statuses of runs summarised by ``metrics`` under ``rule`` (:func:`jaxcfl.classify`)."""
+    eps = np.finfo(np.dtype(spec.dtype)).eps
     with np.errstate(invalid="ignore"):
         at_rounding = np.isfinite(metrics["final_update"]) & (metrics["final_update"] <= rule.rounding * eps * metrics["final_norm"])
     return classify(
@@ -258,48 +259,30 @@ def classify_metrics(metrics: dict[str, np.ndarray], rule: Rule, spec: dict[str,
         metrics["growth_rate"],
         metrics["growth_stderr"],
         at_rounding,
-        metrics["divergence"] if spec["compare_k"] is not None else None,
+        metrics["divergence"] if spec.compare_k is not None else None,
         rule,
     )
 
 
 # --- persistence -------------------------------------------------------------------------------
 
-def _chunk_path(out: Path, index: int) -> Path:
-    return out / f"chunk_{index:05d}.npz"
+def _chunk_name(index: int) -> str:
+    return SWEEP_CHUNK.format(index=index)
 
 
-def _save_chunk(out: Path, index: int, arrays: dict[str, np.ndarray]) -> None:
-    with _atomic_open(_chunk_path(out, index), "wb") as fh:
-        np.savez(fh, **arrays)
-
-
-def _load_chunk(out: Path, index: int, names: Sequence[str]) -> dict[str, np.ndarray] | None:
-    path = _chunk_path(out, index)
-    if not path.exists():
+def _load_chunk(folder: ResultFolder, index: int, names: Sequence[str]) -> dict[str, np.ndarray] | None:
+    """A committed chunk whose checksum matches, or ``None`` (never committed, lost or damaged: recompute)."""
+    data, state = folder.read(_chunk_name(index))
+    if data is None:
+        if state in ("missing", "corrupt"):
+            warnings.warn(f"{folder.label}={str(folder.path)!r}: {_chunk_name(index)} is {state} "
+                          f"(its checksum is in the manifest); recomputing it", stacklevel=3)
         return None
     try:
-        with np.load(path) as data:
-            return {name: data[name] for name in names}
-    except Exception:  # a damaged file is recomputed, never trusted
+        with np.load(io.BytesIO(data)) as arrays:
+            return {name: arrays[name] for name in names}
+    except Exception:  # checksummed but unreadable (a writer's bug): recompute, never trust
         return None
-
-
-def _prepare_out(out: Path, spec: dict[str, Any]) -> None:
-    manifest = out / MANIFEST
-    if manifest.exists():
-        try:
-            stored = json.loads(manifest.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"out={str(out)!r}: its {MANIFEST} is unreadable ({err}); use an empty directory") from None
-        if stored.get("spec") != json.loads(json.dumps(spec)):
-            diff = sorted(k for k in set(stored.get("spec", {})) | set(spec) if stored.get("spec", {}).get(k) != json.loads(json.dumps(spec)).get(k))
-            raise ValueError(f"out={str(out)!r} holds a different sweep (differs in: {', '.join(diff)}); use another directory")
-        return
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"out={str(out)!r} is not empty and holds no jaxcfl sweep manifest; use an empty or new directory")
-    with _atomic_open(manifest, "w") as fh:
-        json.dump(dict(jaxcfl=__version__, spec=spec), fh, indent=1)
 
 
 # --- the engine ---------------------------------------------------------------------------------
@@ -317,16 +300,14 @@ def run_configs(
     kernel0: Array,
     hypers: Hyper,
     *,
-    scheme: str,
-    model: str,
+    setup: Setup,
     steps: int,
     compare_k: float | None = None,
     record_points: int = 100,
     tail: int = 100,
     chunk_size: int = 256,
     mesh: Mesh | None = None,
-    out: Path | None = None,
-    spec: dict[str, Any] | None = None,
+    folder: ResultFolder | None = None,
     progress: bool | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
     with_loss: bool = True,
@@ -349,10 +330,9 @@ def run_configs(
     # varying batch sizes (the bisection) reuse one compiled program.
     width = -(-max(min(chunk_size, n), width or 0) // n_dev) * n_dev
     hypers = jax.tree.map(np.asarray, hypers)  # gather chunks on the host: no per-shape device ops
-    # A linearised step by matrix products (dense or separable normal operator) is best as one
-    # wide vmap; correlation-bound steps run FFT_MAP_BATCH configurations at a time.
-    by_products = model != "nonlinear" and (problem.normal_matrix is not None or problem.gram is not None)
-    map_batch = None if by_products else min(FFT_MAP_BATCH, width // n_dev)
+    # The back-end says how a batch is best mapped (jaxcfl.operators): one wide vmap, or groups.
+    map_batch = problem.backend.map_batch(setup.model != "nonlinear")
+    map_batch = None if map_batch is None else min(map_batch, width // n_dev)
     n_chunks = -(-n // chunk_size)
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec("config"))
@@ -363,16 +343,16 @@ def run_configs(
     bar = _progress_bar(n_chunks, progress, "sweep")
     for index in range(n_chunks):
         lo, hi = index * chunk_size, min(n, (index + 1) * chunk_size)
-        cached = _load_chunk(out, index, names or _output_names()) if out is not None else None
+        cached = _load_chunk(folder, index, names or _output_names()) if folder is not None else None
         if cached is None:
             take = np.minimum(np.arange(width) + lo, hi - 1)  # pad with the chunk's last configuration
             hyp = jax.device_put(jax.tree.map(lambda x: x[take], hypers), sharded)
             ck = jax.device_put(np.full(width, 1.0 if compare_k is None else compare_k, kernel0.dtype), sharded)
-            res = _run_batch(problem_d, kernel_d, hyp, ck, scheme=scheme, model=model, steps=steps, stride=stride, tail=tail,
+            res = _run_batch(problem_d, kernel_d, hyp, ck, scheme=setup.scheme, model=setup.model, steps=steps, stride=stride, tail=tail,
                              compare=compare, with_loss=with_loss, groups=n_dev, map_batch=map_batch)
             res = {k: np.asarray(val)[: hi - lo] for k, val in jax.device_get(res).items()}
-            if out is not None:
-                _save_chunk(out, index, res)
+            if folder is not None:
+                folder.commit(_chunk_name(index), npz_bytes(res))
             cached = res
         names = list(cached)
         results.append(cached)
@@ -392,7 +372,10 @@ def _output_names() -> list[str]:
 
 
 def _grid(name: str, values: ArrayLike) -> np.ndarray:
-    arr = np.atleast_1d(np.asarray(values, dtype=np.float64))
+    try:
+        arr = np.atleast_1d(np.asarray(values, dtype=np.float64))
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number or a 1-D array of numbers, got {values!r:.80}") from None
     if arr.ndim != 1:
         raise ValueError(f"{name} must be a scalar or a 1-D array, got shape {arr.shape}")
     if arr.size == 0:
@@ -458,76 +441,63 @@ def sweep(
         ``"auto"``: separable when the image has cheap separable factors (the
         checkerboard has rank 1) unless the dense matrix is cheaper still, else
         dense for linearised models with ``w <= 64``, else FFT. Same scheme,
-        different rounding; ``spec["operator"]`` records the choice.
+        different rounding; ``spec.operator`` records the choice.
 
     Returns:
       :class:`SweepResult`.
     """
     lr_grid = _grid("lr", lr)
     alpha_grid = _grid("alpha", alpha)
+    _check_rule(rule)
     v.check_positive("lr", lr_grid)
     v.check_nonnegative("alpha", alpha_grid)
-    problem, kernel0, hypers, spec = setup_configs(
-        image, kernel_size, np.repeat(lr_grid, alpha_grid.size), np.tile(alpha_grid, lr_grid.size),
-        scheme=scheme, model=model, pool=pool, beta=beta, a=a, label=label, bias=bias, momentum=momentum,
-        steps=steps, compare_k=compare_k, key=key, kernel=kernel, record_points=record_points, chunk_size=chunk_size,
-        operator=operator,
-    )
-    spec.update(lr=lr_grid.tolist(), alpha=alpha_grid.tolist())
-    out_path = None if out is None else Path(out)
-    if out_path is not None:
-        _prepare_out(out_path, spec)
-    flat, iterations = run_configs(
-        problem, kernel0, hypers, scheme=spec["scheme"], model=model, steps=spec["steps"], compare_k=compare_k,
-        record_points=record_points, chunk_size=chunk_size, mesh=mesh, out=out_path, progress=progress,
-    )
+    setup = Setup(model=model, scheme=scheme, pool=pool, beta=beta, a=a, label=label, bias=bias, momentum=momentum)
+    problem, kernel0, spec = prepare(image, kernel_size, setup, steps=steps, compare_k=compare_k, key=key, kernel=kernel,
+                                     record_points=record_points, chunk_size=chunk_size, operator=operator)
+    spec = spec.with_grid(lr_grid, alpha_grid)
+    hypers = setup.hyper(np.repeat(lr_grid, alpha_grid.size), np.tile(alpha_grid, lr_grid.size), dtype=problem.dtype)
+    folder = None if out is None else ResultFolder(out, kind="sweep", settings=spec.to_dict()).open()
+    try:
+        flat, iterations = run_configs(
+            problem, kernel0, hypers, setup=setup, steps=spec.steps, compare_k=compare_k, record_points=record_points,
+            chunk_size=chunk_size, mesh=mesh, folder=folder, progress=progress,
+        )
+    except BaseException:
+        if folder is not None:
+            folder.close()
+        raise
     shape = (lr_grid.size, alpha_grid.size)
     metrics = {k: flat[k].reshape(shape) for k in SUMMARY_FIELDS}
     curves = {c: flat[f"curve_{c}"].reshape(*shape, -1) for c in CURVE_FIELDS}
     result = SweepResult(lr_grid, alpha_grid, classify_metrics(metrics, rule, spec), metrics, curves, iterations, spec, rule,
                          image=np.asarray(problem.image))
-    if out_path is not None:
-        result.to_json(out_path / "result.json")
-        result.to_csv(out_path / "result.csv")
+    if folder is not None:
+        with folder:
+            folder.commit("result.json", json_text(result.to_dict()).encode())
+            folder.commit("result.csv", csv_text(result.rows()).encode())
     return result
 
 
-OPERATORS = ("auto", "fft", "dense", "separable")
-DENSE_LIMIT = 64 * 64  # largest w^2 for which "auto" assembles the dense operator
+def _check_rule(rule: Any) -> None:
+    if not isinstance(rule, Rule):
+        raise TypeError(f"rule must be a jaxcfl.Rule (e.g. jaxcfl.Rule(z=4.0)), got {type(rule).__name__} {rule!r:.60}")
 
 
-def _choose_operator(operator: str, image, kernel_size: int, pool: str, model: str) -> tuple[Problem, str]:
-    """The problem with the correlation operator that ``operator`` names (resolving ``"auto"``)."""
-    if operator == "dense" and model == "nonlinear":
-        raise ValueError("operator='dense' applies to the linearised models only; the nonlinear model needs "
-                         "operator='fft' or 'separable'")
-    problem = make_problem(image, kernel_size, pool=pool, operator="fft" if operator == "dense" else operator)
-    if operator == "auto":
-        w2 = problem.kernel_size**2
-        linear = model != "nonlinear" and w2 <= DENSE_LIMIT
-        if problem.rank is not None:
-            # Normal operator: 2 r^2 w^3 multiply-adds (separable) against w^4 (dense).
-            operator = "dense" if linear and w2 < 2 * problem.rank**2 * problem.kernel_size else "separable"
-        else:
-            operator = "dense" if linear else "fft"
-    if operator == "dense":
-        problem = with_dense_operator(problem)
-    return problem, operator
-
-
-def setup_configs(image, kernel_size, lr_flat, alpha_flat, *, scheme, model, pool, beta, a, label, bias, momentum, steps,
-           compare_k, key, kernel, record_points, chunk_size, operator="auto"):
-    """Validate everything and build the problem, the initial kernel, the batched Hyper and the spec."""
-    scheme = canonical_scheme(scheme)
+def prepare(image: ArrayLike, kernel_size: int, setup: Setup, *, steps: int, compare_k: float | None = None,
+            key: Array | None = None, kernel: ArrayLike | None = None, record_points: int = 100, chunk_size: int = 256,
+            operator: str = "auto") -> tuple[Problem, Array, SweepSpec]:
+    """Validate a sweep's arguments; build its problem, initial kernel and :class:`SweepSpec` (without the grid)."""
     v.check_choice("operator", operator, OPERATORS)
-    v.check_choice("model", model, MODELS)
     steps = v.check_int("steps", steps, minimum=1)
+    if steps < MIN_STEPS:
+        warnings.warn(f"steps={steps}: a classification from fewer than {MIN_STEPS} iterations means little (the "
+                      f"growth rate is fitted over the second half of the run); statuses other than 'divergent' "
+                      f"are undecided", stacklevel=3)
     v.check_int("record_points", record_points, minimum=3)
     v.check_int("chunk_size", chunk_size, minimum=1)
     if compare_k is not None:
         v.check_positive("compare_k", compare_k)
-    v.check_unit_interval("momentum", momentum)
-    problem, operator = _choose_operator(operator, image, kernel_size, pool, model)
+    problem = make_problem(image, kernel_size, pool=setup.pool, operator=operator, model=setup.model)
     if kernel is None:
         key = jax.random.key(0) if key is None else key
         kernel0 = jax.random.normal(key, problem.kernel_shape, problem.dtype)
@@ -536,17 +506,9 @@ def setup_configs(image, kernel_size, lr_flat, alpha_flat, *, scheme, model, poo
         if kernel0.shape != problem.kernel_shape:
             raise ValueError(f"kernel must have shape {problem.kernel_shape}, got {kernel0.shape}")
         v.check_finite("kernel", kernel0)
-    n = lr_flat.size
-    hypers = make_hyper(
-        jnp.asarray(lr_flat, problem.dtype), jnp.asarray(alpha_flat, problem.dtype),
-        beta=jnp.full((n,), beta), a=jnp.full((n,), a), label=jnp.full((n,), label), bias=jnp.full((n,), bias),
-        k=jnp.ones((n,)), mu=jnp.full((n,), momentum), dtype=problem.dtype,
+    spec = SweepSpec(
+        setup=setup, image=fingerprint(problem.image), image_shape=problem.image_shape, kernel_size=problem.kernel_size,
+        kernel=fingerprint(kernel0), steps=steps, compare_k=None if compare_k is None else float(compare_k),
+        record_points=record_points, chunk_size=chunk_size, dtype=str(np.dtype(problem.dtype)), operator=problem.operator,
     )
-    spec = dict(
-        image=fingerprint(problem.image), image_shape=list(problem.image_shape), kernel_size=problem.kernel_size,
-        kernel=fingerprint(kernel0), scheme=scheme, model=model, pool=pool, beta=float(beta), a=float(a),
-        label=float(label), bias=float(bias), momentum=float(momentum), steps=steps,
-        compare_k=None if compare_k is None else float(compare_k), record_points=record_points,
-        chunk_size=chunk_size, dtype=str(np.dtype(problem.dtype)), operator=operator,
-    )
-    return problem, kernel0, hypers, spec
+    return problem, kernel0, spec

@@ -48,8 +48,9 @@ from jax.tree_util import Partial
 from jax.typing import ArrayLike
 
 from jaxcfl import _validate as v
-from jaxcfl.problem import MODELS, POOLS, gradient_fn, make_hyper, make_problem
-from jaxcfl.schemes import canonical_scheme
+from jaxcfl.model import MODELS, gradient_fn
+from jaxcfl.problem import POOLS, make_hyper, make_problem
+from jaxcfl.schemes import canonical_scheme, get_scheme
 from jaxcfl.spectral import Extremes, lanczos_extremes
 
 
@@ -72,22 +73,24 @@ def _pool_scale(image_shape: tuple[int, int], kernel_size: int | None, pool: str
     return 1.0 / ((image_shape[0] - w + 1) * (image_shape[1] - w + 1))
 
 
+def _check_constants(**constants: float) -> None:
+    """The model's constants must be finite real numbers (a NaN would make every bound NaN)."""
+    for name, value in constants.items():
+        v.check_finite(name, value)
+
+
 def _image64(image: ArrayLike) -> np.ndarray:
     v.check_image(image)
     return np.asarray(image, dtype=np.float64)
 
 
-def _check_momentum(scheme: str, momentum: float) -> None:
-    if scheme == "nesterov":
-        v.check_unit_interval("momentum", momentum)
-
-
 def step_size(scheme: str, lr: float, momentum: float = 0.9) -> float:
     """The gradient step ``h`` of a scheme: ``dt`` (eq 21) or ``(1 + mu) dt^2 / 2`` (eq 38)."""
-    scheme = canonical_scheme(scheme)
+    sch = get_scheme(scheme)
     v.check_positive("lr", lr)
-    _check_momentum(scheme, momentum)
-    return float(lr) if scheme == "gd" else (1.0 + momentum) * float(lr) ** 2 / 2.0
+    if sch.uses_momentum:
+        v.check_unit_interval("momentum", momentum)
+    return sch.step_size(lr, momentum)
 
 
 def stability_limit(scheme: str, lr: float, momentum: float = 0.9) -> float:
@@ -95,10 +98,7 @@ def stability_limit(scheme: str, lr: float, momentum: float = 0.9) -> float:
 
     ``2 / dt`` for ``gd``; ``4 / ((1 + 2 mu) dt^2)`` for ``nesterov``.
     """
-    scheme = canonical_scheme(scheme)
-    h = step_size(scheme, lr, momentum)
-    s = 2.0 if scheme == "gd" else 2.0 * (1.0 + momentum) / (1.0 + 2.0 * momentum)
-    return s / h
+    return get_scheme(scheme).limit(momentum) / step_size(scheme, lr, momentum)
 
 
 def growth_factor(eigenvalue: ArrayLike, lr: float, *, scheme: str = "gd", momentum: float = 0.9) -> np.ndarray:
@@ -109,15 +109,9 @@ def growth_factor(eigenvalue: ArrayLike, lr: float, *, scheme: str = "gd", momen
     ``x = 1 - h (alpha + l)``, for ``nesterov`` (appendix E). A mode is stable
     iff its factor is < 1.
     """
-    scheme = canonical_scheme(scheme)
     lam = np.asarray(eigenvalue, dtype=np.float64)
     x = 1.0 - step_size(scheme, lr, momentum) * lam
-    if scheme == "gd":
-        return np.abs(x)
-    p = x * (1.0 + momentum)
-    q = x * momentum
-    disc = np.sqrt((p * p - 4.0 * q).astype(np.complex128))
-    return np.maximum(np.abs((p + disc) / 2.0), np.abs((p - disc) / 2.0))
+    return get_scheme(scheme).factor(x, momentum)
 
 
 # --- non-windowed (paper) theory ---------------------------------------------------
@@ -146,6 +140,7 @@ def symbol(
       with ``a = s(b) - y``.
     """
     v.check_choice("model", model, MODELS)
+    _check_constants(a=a, beta=beta, label=label, bias=bias)
     img = _image64(image)
     n0, n1 = img.shape
     c = _pool_scale(img.shape, kernel_size, pool)
@@ -218,8 +213,7 @@ def alpha_bounds(
       '1.07e+09 1.33e+08'
     """
     scheme = canonical_scheme(scheme)
-    v.check_positive("lr", lr)
-    _check_momentum(scheme, momentum)
+    step_size(scheme, lr, momentum)  # validates lr and momentum
     lam = symbol(image, model="linear", a=a, beta=beta, pool=pool)
     return AlphaBounds(-float(lam.min()), _paper_limit(scheme, float(lr), momentum) - float(lam.max()))
 
@@ -329,6 +323,7 @@ def windowed_spectrum(
     ``activated``. Lanczos in float64, ``min(w^2, 128)`` iterations by default.
     """
     v.check_choice("model", model, MODELS)
+    _check_constants(a=a, beta=beta, label=label, bias=bias)
     with jax.enable_x64(True):
         problem = make_problem(_image64(image), kernel_size, pool=pool, dtype=jnp.float64)
         hyper = make_hyper(1.0, 0.0, beta=beta, a=a, label=label, bias=bias, dtype=jnp.float64)

@@ -8,7 +8,14 @@ stays argument parsing only:
 * ``main(args) -> dict``: run it from parsed arguments, return a JSON-able payload;
 * ``render(payload) -> str``: the human-readable table.
 
-:data:`EXPERIMENTS` maps each command name to its module and one-line help.
+Their files go through :mod:`jaxcfl._results` (the result folder, atomic CSV / JSON,
+the row cache, the clock and the progress log).
+
+This module is the registry, and imports none of them: :data:`EXPERIMENTS` maps each
+``jaxcfl reproduce`` name to its module and one-line help, :data:`COMMANDS` the same for
+the top-level commands that run one experiment module. The command line builds its
+parser from these names and imports a module only when its command runs (or shows its
+``--help``), so that ``jaxcfl theory`` does not load Flax.
 """
 
 from __future__ import annotations
@@ -19,3 +26,12 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "fig4": ("jaxcfl.experiments.fig4", "Section 5, Figure 4: restrained instabilities of the nonlinear CNN, by lr"),
     "appendix-f": ("jaxcfl.experiments.appendix_f", "appendix F: largest stable lr of standard networks against 2/alpha"),
 }
+"""``jaxcfl reproduce NAME``: name -> (module, one-line help)."""
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "variance": ("jaxcfl.experiments.variance",
+                 "appendix C: accuracy spread from last-bit perturbations (k) against batch order (seeds)"),
+    "determinism": ("jaxcfl.experiments.determinism_check",
+                    "bit-exact determinism: repeated processes, k vs k*2^n, odd k, deterministic mode on/off"),
+}
+"""``jaxcfl NAME``: top-level commands that run one experiment module, as :data:`EXPERIMENTS`."""

@@ -38,11 +38,7 @@ loss at the initialisation (:func:`jaxcfl.sharpness.sharpness`, the same for eve
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import json
-import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,12 +50,13 @@ from jax import Array
 
 from jaxcfl import _validate as v
 from jaxcfl import data, nets, plot, theory
-from jaxcfl._io import atomic_open
+from jaxcfl._results import ResultDir, Stopwatch, stderr
 from jaxcfl._text import table
 from jaxcfl.curvature import BELOW_RANGE, FOUND, max_stable_lr, sharpness
 from jaxcfl.train import cross_entropy, network_loss
 
-MODELS = ("mlp", "cnn", "resnet20")
+ARCHITECTURES = ("mlp", "cnn", "resnet20")
+"""The networks whose largest stable lr is measured (not :data:`jaxcfl.MODELS`, the PDE's right-hand sides)."""
 DEFAULT_ALPHAS = (1.0, 10.0, 100.0, 1000.0)
 #: Per-model default ``(train_size, steps)``: sized so that the default command takes minutes on a 2-core CPU.
 DEFAULT_WORKLOAD = {"mlp": (256, 100), "cnn": (64, 50), "resnet20": (2, 10)}
@@ -67,10 +64,6 @@ DEFAULT_RTOL = 0.05
 SHARPNESS_ITERATIONS = 20  # Lanczos steps: the top eigenvalue converges first (its residual bound is reported)
 SEARCH = dict(initial_points=2, candidates=2)  # two runs per compiled call: vmap width is costly for convolutions
 ROW_KEYS = ("model", "alpha", "max_lr", "ratio")
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # --- the models --------------------------------------------------------------------------------
@@ -140,7 +133,7 @@ class Workload:
 
 
 def workload(model: str, *, train_size: int | None = None, seed: int = 0) -> Workload:
-    """Build ``model`` (one of :data:`MODELS`) and its batch: the first ``train_size`` built-in training images.
+    """Build ``model`` (one of :data:`ARCHITECTURES`) and its batch: the first ``train_size`` built-in training images.
 
     Args:
       model: ``"mlp"``, ``"cnn"`` or ``"resnet20"``.
@@ -150,7 +143,7 @@ def workload(model: str, *, train_size: int | None = None, seed: int = 0) -> Wor
     Returns:
       :class:`Workload` (float32, or float64 under ``jax_enable_x64``).
     """
-    v.check_choice("model", model, MODELS)
+    v.check_choice("model", model, ARCHITECTURES)
     meta = data.info("builtin")
     train_size = DEFAULT_WORKLOAD[model][0] if train_size is None else train_size
     train_size = v.check_int("train_size", train_size, minimum=1)
@@ -207,7 +200,7 @@ def measure(
     lam = None if sharpness_max is None else max(float(sharpness_max), 0.0)
     guess = bound if lam is None else theory.multilayer_lr_bound(alpha, lam)  # eq 50 with F_max = l_max
     lr_range = (guess / 2, 1.5 * bound)
-    start = time.perf_counter()
+    clock = Stopwatch()
     res = max_stable_lr(loss_fn, params, *args, alpha=alpha, steps=steps, rtol=rtol, lr_range=lr_range, **SEARCH)
     evaluations, rounds, notes = res.evaluations, res.rounds, list(res.notes)
     if res.status == BELOW_RANGE:
@@ -226,7 +219,7 @@ def measure(
         bracket=list(res.bracket) if found else None,
         evaluations=evaluations,
         rounds=rounds,
-        seconds=time.perf_counter() - start,
+        seconds=clock.seconds(),
         notes=notes,
     )
 
@@ -240,35 +233,21 @@ def top_eigenvalue(work: Workload) -> tuple[float, float]:
 
 # --- the experiment ----------------------------------------------------------------------------
 
-def _row_path(out: Path, settings: dict[str, Any]) -> Path:
-    return out / "rows" / f"{settings['model']}_alpha{settings['alpha']:g}.json"
-
-
-def _load_row(out: Path | None, settings: dict[str, Any]) -> dict[str, Any] | None:
-    if out is None:
-        return None
-    try:
-        row = json.loads(_row_path(out, settings).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return row if all(row.get(k) == val for k, val in settings.items()) else None
-
-
 def run(
     *,
-    models: Sequence[str] = MODELS,
+    models: Sequence[str] = ARCHITECTURES,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     train_size: int | None = None,
     steps: int | None = None,
     rtol: float = DEFAULT_RTOL,
     seed: int = 0,
     out: str | Path | None = None,
-    log: Callable[[str], None] = _stderr,
+    log: Callable[[str], None] = stderr,
 ) -> list[dict[str, Any]]:
     """Run appendix F; returns one row per ``(model, alpha)`` (JSON-able), in the order given.
 
     Args:
-      models: any of :data:`MODELS`.
+      models: any of :data:`ARCHITECTURES`.
       alphas: weight decays (each > 0).
       train_size, steps: images in the full batch and gradient-descent steps per run;
         ``None``: each model's default (:data:`DEFAULT_WORKLOAD`).
@@ -288,7 +267,7 @@ def run(
       ValueError: an unknown model, a non-positive alpha, steps or train_size.
     """
     for name in models:
-        v.check_choice("model", name, MODELS)
+        v.check_choice("model", name, ARCHITECTURES)
     if not models or not alphas:
         raise ValueError("give at least one model and one alpha")
     alphas = [float(a) for a in alphas]
@@ -296,18 +275,19 @@ def run(
         if not (np.isfinite(a) and a > 0):
             raise ValueError(f"alpha must be a finite number > 0 (eq 51 divides by it), got {a}")
     v.check_positive("rtol", rtol)
-    out = Path(out) if out is not None else None
+    results = ResultDir(out, kind="appendix_f")
+    cache = results.row_cache(lambda s: f"{s['model']}_alpha{s['alpha']:g}")
     dtype = str(jnp.dtype(jnp.result_type(float)))
     rows: list[dict[str, Any]] = []
     for name in models:
         size = DEFAULT_WORKLOAD[name][0] if train_size is None else v.check_int("train_size", train_size)
         n_steps = DEFAULT_WORKLOAD[name][1] if steps is None else v.check_int("steps", steps)
         common = dict(model=name, train_size=size, steps=n_steps, rtol=float(rtol), seed=seed, dtype=dtype)
-        cached = {a: _load_row(out, dict(common, alpha=a)) for a in alphas}
+        cached = {a: cache.load(dict(common, alpha=a)) for a in alphas}
         work, lam = None, None
         for a in alphas:
             if cached[a] is not None:
-                log(f"[appendix-f] {name} alpha {a:g}: reusing {_row_path(out, dict(common, alpha=a))}")
+                log(f"[appendix-f] {name} alpha {a:g}: reusing {cache.path(dict(common, alpha=a))}")
                 rows.append(cached[a])
                 continue
             if work is None:
@@ -323,28 +303,18 @@ def run(
             found = measure(work.loss_fn, work.params, *work.args, alpha=a, steps=n_steps, rtol=rtol, sharpness_max=lam[0])
             row = (dict(model=name, alpha=a, max_lr=found["max_lr"], ratio=found["ratio"], sharpness=lam[0],
                         sharpness_residual=lam[1]) | found | common | dict(params=work.num_params))
-            if out is not None:
-                with atomic_open(_row_path(out, common | dict(alpha=a)), "w") as fh:
-                    json.dump(row, fh, indent=1)
+            cache.save(common | dict(alpha=a), row)
             ratio = "-" if row["ratio"] is None else f"{row['ratio']:.3f}"
             log(f"[appendix-f]   {row['status']}: max lr {row['max_lr']}, ratio {ratio} "
                 f"(quadratic prediction {row['predicted_ratio']:.3f}) [{row['seconds']:.1f}s, {row['evaluations']} runs]")
             rows.append(row)
-    if out is not None:
-        _write_csv(out / "appendix_f.csv", rows)
-        with atomic_open(out / "appendix_f.json", "w") as fh:
-            json.dump(rows, fh, indent=1)
-        plot.save(plot.ratio_vs_alpha(rows), out / "appendix_f.png")
-        log(f"[appendix-f] wrote {out / 'appendix_f.csv'}, {out / 'appendix_f.json'}, {out / 'appendix_f.png'}")
+    if results.writes:
+        written = [results.write_csv("appendix_f.csv", rows, joins={"bracket": " ", "notes": "; "}),
+                   results.write_json("appendix_f.json", rows),
+                   plot.save(plot.ratio_vs_alpha(rows), results.file("appendix_f.png"))]
+        log(f"[appendix-f] wrote {', '.join(written)}")
+        results.close()
     return rows
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    flat = [{**r, "bracket": " ".join(map(str, r["bracket"] or [])), "notes": "; ".join(r["notes"])} for r in rows]
-    with atomic_open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(flat[0]))
-        writer.writeheader()
-        writer.writerows(flat)
 
 
 def render(rows: list[dict[str, Any]]) -> str:
@@ -370,7 +340,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from jaxcfl._cli_types import positive_float, positive_int
 
     defaults = ", ".join(f"{m} {n}/{s}" for m, (n, s) in DEFAULT_WORKLOAD.items())
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
+    parser.add_argument("--models", nargs="+", choices=ARCHITECTURES, default=list(ARCHITECTURES),
                         help="architectures (default: mlp cnn resnet20)")
     parser.add_argument("--alphas", type=positive_float, nargs="+", default=list(DEFAULT_ALPHAS),
                         help="weight decays alpha > 0 (default 1 10 100 1000)")

@@ -21,15 +21,12 @@ check sets them per process.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jaxcfl._io import atomic_open
+from jaxcfl._results import ResultDir, stderr
 from jaxcfl._text import table
 
 POWERS = (1.0, 2.0, 4.0)
@@ -65,13 +62,13 @@ def run(
     seed: int = 1,
     processes: int = 2,
     out: str | Path | None = "jaxcfl-determinism",
-    log=lambda msg: print(msg, file=sys.stderr, flush=True),
+    log=stderr,
 ) -> dict[str, Any]:
     """Run every check; returns the JSON payload."""
     from jaxcfl.determinism import deterministic_mode_enabled, run_in_processes
     from jaxcfl.train import train
 
-    start = time.perf_counter()
+    results = ResultDir(out, kind="determinism")
     args = dict(model=model, epochs=epochs, train_size=train_size, batch_size=batch_size, seed=seed)
     repeats = {}
     for mode in (True, False):
@@ -102,21 +99,20 @@ def run(
         "separate_k3_differs": separate[3.0] != separate[1.0],
         "separate_equals_lockstep": all(separate[k] == prints[k] for k in separate),
         "divergence_k1_k3": curve.tolist(),
-        "seconds": time.perf_counter() - start,
+        "seconds": results.seconds(),
         "files": {},
     }
-    if out is not None:
-        out = Path(out)
-        with atomic_open(out / "determinism.json", "w") as fh:
-            json.dump(payload, fh, indent=1)
-        payload["files"] = {"json": str(out / "determinism.json"), "plot": _plot(out / "determinism.png", curve)}
+    if results.writes:
+        payload["files"] = {"json": results.write_json("determinism.json", payload),
+                            "plot": _plot(results.file("determinism.png"), curve)}
+        results.close()
     return payload
 
 
 def _plot(path: Path, curve: np.ndarray) -> str:
-    from jaxcfl.plot import _pyplot, moving_average, save
+    from jaxcfl.plot import moving_average, pyplot, save
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4))
     steps = np.arange(1, len(curve) + 1)
     ax.plot(steps, curve, color="0.7", lw=0.8, label="after each step")
@@ -156,9 +152,9 @@ def render(payload: dict[str, Any]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from jaxcfl._cli_types import positive_int
-    from jaxcfl.nets import MODELS
+    from jaxcfl.nets import NETWORKS
 
-    parser.add_argument("--model", choices=MODELS, default="cnn", help="network (default: the small cnn)")
+    parser.add_argument("--model", choices=NETWORKS, default="cnn", help="network (default: the small cnn)")
     parser.add_argument("--epochs", type=positive_int, default=3,
                         help="epochs (default 3: lr 0.1, divided by 10 for the last epoch)")
     parser.add_argument("--train-size", type=positive_int, default=None, help="first N training images (default: all)")

@@ -34,10 +34,6 @@ condition starts to hold. ``--model resnet56 --dataset cifar10 --data-root DIR
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,7 +46,7 @@ from jaxcfl import _validate as v
 from jaxcfl import data as datasets
 from jaxcfl import statistics as st
 from jaxcfl import plot
-from jaxcfl._io import atomic_open
+from jaxcfl._results import ResultDir, Stopwatch, read_json, stderr, write_json, write_npz
 from jaxcfl._text import table
 from jaxcfl.train import TrainConfig, TrainResult, init_lockstep, probe_mask, train
 
@@ -60,10 +56,6 @@ BASE_LR = 0.3
 PAPER_BASE_LR = 0.1
 EPOCHS_PER_N = 4
 PAPER_BETA = 5.0
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def probe_path(config: TrainConfig) -> str:
@@ -99,7 +91,7 @@ def run(
     with_sharpness: bool = True,
     out: str | Path | None = "jaxcfl-fig2",
     progress: bool | None = None,
-    log: Callable[[str], None] = _stderr,
+    log: Callable[[str], None] = stderr,
 ) -> dict[str, Any]:
     """Run Figure 2; returns ``{"rows": [...], "files": {...}, ...}`` (JSON-able).
 
@@ -132,19 +124,20 @@ def run(
     ``probe_divergence_max``, the final test accuracy of each copy, the epochs
     trained by this call (0 when the run was already finished in ``out``) and seconds.
     """
-    start = time.perf_counter()
+    clock = Stopwatch()
     ns = [int(x) for x in n]
     if not ns or min(ns) < 1 or len(set(ns)) != len(ns):
         raise ValueError(f"n must be distinct integers >= 1, got {list(n)}")
     if window < 0:
         raise ValueError(f"window must be >= 0, got {window}")
-    out = Path(out) if out is not None else None
     epochs_per_n = v.check_int("epochs_per_n", epochs_per_n)
     configs = {m: TrainConfig(model=model, dataset=dataset, data_root=data_root, activation=activation, beta=beta,
                               epochs=m * epochs_per_n, batch_size=batch_size, lr=base_lr / m, momentum=0.0, nesterov=False,
                               weight_decay=weight_decay, milestones=(), augment=augment, init_seed=init_seed,
                               train_size=train_size, test_size=test_size, probe=probe) for m in ns}
     probed = probe_path(configs[ns[0]])
+    results_dir = ResultDir(out, kind="fig2", clock=clock)
+    out = results_dir.path
     log(f"[fig2] {activation} {model} on {dataset}, plain SGD (wd {weight_decay:g}), lr = {base_lr:g}/n for "
         f"{epochs_per_n} n epochs, "
         f"n in {ns}, k = 1 vs {k:g}; probe {probed}")
@@ -152,8 +145,8 @@ def run(
     rows = []
     for m in ns:
         trained: list[int] = []
-        t0 = time.perf_counter()
-        run_dir = None if out is None else out / f"n{m}"
+        run_clock = Stopwatch()
+        run_dir = results_dir.file(f"n{m}") if results_dir.writes else None
 
         def on_epoch(epoch: int, partial: TrainResult, m=m, run_dir=run_dir, trained=trained) -> None:
             trained.append(epoch)
@@ -164,7 +157,7 @@ def run(
                        copies_mode=copies_mode)
         results[m] = result
         resumed = configs[m].epochs - len(trained)
-        rows.append(_row(m, result, len(trained), time.perf_counter() - t0))
+        rows.append(_row(m, result, len(trained), run_clock.seconds()))
         log(f"[fig2]   n = {m:<6d} lr {base_lr / m:<10.4g} {result.probe_divergence.shape[0]} steps: probe divergence "
             f"{rows[-1]['probe_divergence']:.3g}, all parameters {rows[-1]['divergence']:.3g}"
             + (f"; {resumed} of {configs[m].epochs} epochs resumed from {out / f'n{m}'}" if resumed else "")
@@ -195,21 +188,16 @@ def run(
         max_stable_lr=stable,
     )
     payload["answer"] = answer(payload)
-    payload["files"] = {} if out is None else dict(
-        png=plot.save(figure(curves, payload), out / "fig2.png"), csv=_write_csv(out / "fig2.csv", rows),
-        npz=_write_npz(out / "fig2_curves.npz", curves, rows), runs=str(out / "n{n}"), json=str(out / "fig2.json"))
-    payload["seconds"] = time.perf_counter() - start
-    if out is not None:
-        with atomic_open(out / "fig2.json", "w") as fh:
-            json.dump(payload, fh, indent=1)
-    return payload
+    files = {} if out is None else dict(
+        png=plot.save(figure(curves, payload), results_dir.file("fig2.png")), csv=results_dir.write_csv("fig2.csv", rows),
+        npz=results_dir.write_npz("fig2_curves.npz", _curve_arrays(curves, rows)), runs=str(out / "n{n}"))
+    return results_dir.finish(payload, "fig2.json", files)
 
 
 def save_snapshot(path: Path, state: Any) -> None:
     """Copy 0's parameters and batch statistics, as ``leaf_<i>`` arrays (read by :func:`load_snapshot`)."""
     leaves = jax.tree.leaves(jax.device_get((state.params, state.batch_stats)))
-    with atomic_open(path, "wb") as fh:
-        np.savez(fh, **{f"leaf_{i}": np.asarray(leaf[0]) for i, leaf in enumerate(leaves)})
+    write_npz(path, {f"leaf_{i}": np.asarray(leaf[0]) for i, leaf in enumerate(leaves)})
 
 
 def load_snapshot(path: Path, template: Any) -> Any:
@@ -299,7 +287,7 @@ def amplification_threshold(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def sharpness_along(results: dict[int, TrainResult], out: Path | None, *, batch: int = 256,
-                    iterations: int = 20, log: Callable[[str], None] = _stderr) -> dict[int, list[dict[str, float]]]:
+                    iterations: int = 20, log: Callable[[str], None] = stderr) -> dict[int, list[dict[str, float]]]:
     """Sharpness of the training loss (plus weight decay) at the initialisation and every scaled epoch of each run.
 
     The loss is the cross-entropy on the first ``batch`` training images, BatchNorm in
@@ -325,7 +313,7 @@ def sharpness_along(results: dict[int, TrainResult], out: Path | None, *, batch:
     for n, result in results.items():
         cache = out / f"n{n}" / "sharpness.json"
         settings = dict(batch=batch, iterations=iterations, weight_decay=result.config.weight_decay)
-        saved = json.loads(cache.read_text()) if cache.exists() else {}
+        saved = read_json(cache) or {}
         if saved.get("settings") == settings and len(saved.get("records", [])) == result.config.epochs // n + 1:
             table[n] = saved["records"]
             continue
@@ -339,8 +327,7 @@ def sharpness_along(results: dict[int, TrainResult], out: Path | None, *, batch:
             records.append(dict(scaled_epoch=e // n, epoch=e, sharpness=float(lam), stable_lr=2.0 / float(lam)))
         log(f"[fig2]   n = {n}: sharpness " + ", ".join(f"{r['sharpness']:.3g}" for r in records)
             + f" at scaled epochs {[r['scaled_epoch'] for r in records]}")
-        with atomic_open(cache, "w") as fh:
-            json.dump(dict(settings=settings, records=records), fh, indent=1)
+        write_json(cache, dict(settings=settings, records=records), strict=False)
         table[n] = records
     return table
 
@@ -467,19 +454,10 @@ def figure(curves: dict[int, dict[str, np.ndarray]], payload: dict[str, Any]):
     return fig
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> str:
-    with atomic_open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(rows[0].keys())
-        writer.writerows(r.values() for r in rows)
-    return str(path)
-
-
-def _write_npz(path: Path, curves: dict[int, dict[str, np.ndarray]], rows: list[dict[str, Any]]) -> str:
+def _curve_arrays(curves: dict[int, dict[str, np.ndarray]], rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """The contents of ``fig2_curves.npz``: ``n``, ``lr`` and every curve of run n as ``n{n}_<name>``."""
     arrays = {f"n{n}_{name}": value for n, c in curves.items() for name, value in c.items()}
-    with atomic_open(path, "wb") as fh:
-        np.savez(fh, n=np.array([r["n"] for r in rows]), lr=np.array([r["lr"] for r in rows]), **arrays)
-    return str(path)
+    return dict(n=np.array([r["n"] for r in rows]), lr=np.array([r["lr"] for r in rows]), **arrays)
 
 
 def render(payload: dict[str, Any]) -> str:
@@ -530,7 +508,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs-per-n", type=positive_int, default=EPOCHS_PER_N,
                         help=f"E: run n trains n * E epochs (default {EPOCHS_PER_N}; the paper's: 1)")
     parser.add_argument("--k", type=positive_float, default=3.0, help="perturbation factor compared with k = 1 (default 3)")
-    parser.add_argument("--model", choices=nets.MODELS, default="cnn", help="network (default cnn; the paper's: resnet56)")
+    parser.add_argument("--model", choices=nets.NETWORKS, default="cnn", help="network (default cnn; the paper's: resnet56)")
     parser.add_argument("--dataset", choices=tuple(datasets.DATASETS), default="builtin",
                         help="dataset (default builtin; the paper's: cifar10)")
     parser.add_argument("--data-root", default=None, help="folder of the dataset's files (see jaxcfl.data.load)")

@@ -19,10 +19,6 @@ when the command is run again with the same settings.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,18 +27,14 @@ import jax
 import numpy as np
 
 from jaxcfl import plot, theory
-from jaxcfl._io import atomic_open
+from jaxcfl._results import ResultDir, stderr, sweep_chunks_on_disk
 from jaxcfl._text import table
 from jaxcfl.images import checkerboard
-from jaxcfl.sweeps import SweepResult, _chunk_path, sweep
+from jaxcfl.sweeps import SweepResult, sweep
 
 PAPER_LR = (0.01, 0.03, 0.05, 0.07, 0.09, 0.1, 0.11, 0.13)
 PAPER_ALPHA = 20.0
 WINDOW = 100  # the paper's moving-average window (Figure 4 right)
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def run(
@@ -58,7 +50,7 @@ def run(
     chunk_size: int = 2,
     out: str | Path | None = None,
     progress: bool | None = None,
-    log: Callable[[str], None] = _stderr,
+    log: Callable[[str], None] = stderr,
 ) -> dict[str, Any]:
     """Run Figure 4 (left and right); returns ``{"rows": [...], "files": {...}, ...}`` (JSON-able).
 
@@ -81,20 +73,19 @@ def run(
     the largest and the last value of the moving-average divergence curve (``None``
     once the run is non-finite).
     """
-    start = time.perf_counter()
+    results = ResultDir(out, kind="fig4")
     lr = [float(x) for x in np.atleast_1d(lr)]
     image = np.asarray(checkerboard(size), np.float64)
-    out = Path(out) if out is not None else None
-    sweep_dir = None if out is None else out / "sweep"
+    sweep_dir = results.file("sweep") if results.writes else None
     n_chunks = -(-len(lr) // chunk_size)
-    on_disk = 0 if sweep_dir is None else sum(_chunk_path(sweep_dir, i).exists() for i in range(n_chunks))
+    on_disk = sweep_chunks_on_disk(sweep_dir, n_chunks)
     log(f"[fig4] nonlinear CNN, checkerboard {size}, kernel {kernel_size}, alpha {alpha:g}, {steps} gd steps, "
         f"k = 1 vs {k:g}, {len(lr)} learning rates in {n_chunks} chunk(s)"
         + (f", {on_disk} found in {sweep_dir}" if on_disk else "") + " ...")
     result = sweep(image, kernel_size, lr, alpha, scheme="gd", model="nonlinear", pool="mean", beta=1.0, label=1.0,
                    compare_k=k, steps=steps, key=jax.random.key(seed), record_points=steps, chunk_size=chunk_size,
                    out=sweep_dir, progress=progress)
-    sweep_seconds = time.perf_counter() - start
+    sweep_seconds = results.seconds()
     curves = _curves(result, window)
     rows = result.rows()
     for row, smooth in zip(rows, curves["divergence_ma"]):
@@ -107,7 +98,7 @@ def run(
         experiment="fig4",
         settings=dict(lr=lr, alpha=float(alpha), size=size, kernel_size=kernel_size, steps=steps, k=float(k),
                       window=int(curves["window"]), seed=seed, scheme="gd", model="nonlinear", pool="mean", beta=1.0,
-                      label=1.0, dtype=result.spec["dtype"]),
+                      label=1.0, dtype=result.spec.dtype),
         rule=result.rule.to_dict(),
         lr_bound=theory.multilayer_lr_bound(alpha),
         counts=result.counts(),
@@ -117,18 +108,13 @@ def run(
         sweep_seconds=sweep_seconds,
     )
     files: dict[str, str] = {}
-    if out is not None:
-        files["png"] = plot.save(figure(result, curves), out / "fig4.png")
-        files["csv"] = str(_write_csv(out / "fig4.csv", rows))
-        files["npz"] = str(_write_npz(out / "fig4_curves.npz", result, curves))
+    if results.writes:
+        files["png"] = plot.save(figure(result, curves), results.file("fig4.png"))
+        files["csv"] = results.write_csv("fig4.csv", rows)
+        arrays = {name: np.asarray(value) for name, value in curves.items()}
+        files["npz"] = results.write_npz("fig4_curves.npz", dict(lr=result.lr, status=result.status[:, 0], **arrays))
         files["sweep"] = str(sweep_dir)
-        files["json"] = str(out / "fig4.json")
-    payload["files"] = files
-    payload["seconds"] = time.perf_counter() - start
-    if out is not None:
-        with atomic_open(out / "fig4.json", "w") as fh:
-            json.dump(payload, fh, indent=1)
-    return payload
+    return results.finish(payload, "fig4.json", files)
 
 
 def _curves(result: SweepResult, window: int) -> dict[str, Any]:
@@ -154,13 +140,13 @@ def figure(result: SweepResult, curves: dict[str, Any]):
     labels = [f"lr = {x:g}" for x in result.lr]
     spec = result.spec
     plot.loss_curves(curves["iterations"], curves["loss"], labels, statuses=status, ax=left,
-                     title=f"Figure 4 left: nonlinear CNN, alpha = {result.alpha[0]:g}, kernel {spec['kernel_size']}")
+                     title=f"Figure 4 left: nonlinear CNN, alpha = {result.alpha[0]:g}, kernel {spec.kernel_size}")
     smooth = curves["divergence_ma"]
     # A log axis cannot show identical copies (divergence 0) or a run that blew up within the first window.
     notes = np.where(np.all(~np.isfinite(smooth), axis=1), ", non-finite", np.where(np.any(smooth > 0, axis=1), "", ", = 0"))
     plot.loss_curves(curves["ma_iterations"], np.where(smooth > 0, smooth, np.nan),
                      [lab + note for lab, note in zip(labels, notes)], statuses=status, ax=right,
-                     title=f"Figure 4 right: k = 1 vs k = {spec['compare_k']:g}",
+                     title=f"Figure 4 right: k = 1 vs k = {spec.compare_k:g}",
                      ylabel=f"divergence, moving average of {curves['window']}", loglog=False)
     right.set_yscale("log")
     for ax in (left, right):  # runs of one class share a colour: tell them apart by line style
@@ -175,21 +161,6 @@ def _styles(status: np.ndarray) -> list[str]:
     """The j-th run of each class gets the j-th line style."""
     cycle = ("-", "--", ":", "-.")
     return [cycle[int(np.sum(status[:i] == s)) % len(cycle)] for i, s in enumerate(status)]
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
-    with atomic_open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
-def _write_npz(path: Path, result: SweepResult, curves: dict[str, Any]) -> Path:
-    arrays = {name: np.asarray(value) for name, value in curves.items()}
-    with atomic_open(path, "wb") as fh:
-        np.savez(fh, lr=result.lr, status=result.status[:, 0], **arrays)
-    return path
 
 
 def render(payload: dict[str, Any]) -> str:

@@ -12,19 +12,15 @@ when the command is run again with the same settings.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from jaxcfl import empirical_bounds, theory
+from jaxcfl._results import ResultDir, jsonable, stderr
 from jaxcfl._text import table
-from jaxcfl import theory
-from jaxcfl.bisect import empirical_bounds
 from jaxcfl.images import checkerboard
-from jaxcfl._io import atomic_open as _atomic_open
 
 PAPER_EMPIRICAL = {16: (3.9e6, 1.42e8), 32: (1.3e7, 1.42e8), 64: (3.9e7, 1.42e8)}  # Table 5, Nesterov
 SETTINGS = {"nesterov": 1e-4, "gd": 1e-8}
@@ -42,7 +38,7 @@ def run(
     out: str | Path | None = None,
     stability_map: bool = True,
     progress: bool | None = None,
-    log=lambda msg: print(msg, file=sys.stderr, flush=True),
+    log=stderr,
 ) -> dict[str, Any]:
     """Run the reproduction; returns ``{"rows": [...], "files": {...}, "seconds": ...}``.
 
@@ -50,9 +46,9 @@ def run(
     (``"auto"``: separable products on the rank-1 checkerboard; ``"dense"`` or ``"fft"``
     reproduce the slower paths, with the same bounds to within ``rtol``).
     """
-    start = time.perf_counter()
+    results = ResultDir(out, kind="table5")
+    cache = results.row_cache(lambda s: f"{s['scheme']}_w{s['kernel_size']}")
     image = np.asarray(checkerboard(size), np.float64)
-    out = Path(out) if out is not None else None
     rows = []
     for w in kernel_sizes:
         spectrum = None  # the windowed spectrum does not depend on the scheme: computed once per kernel
@@ -60,9 +56,9 @@ def run(
             lr = SETTINGS[scheme]
             settings = dict(size=size, kernel_size=w, scheme=scheme, lr=lr, steps=steps, rtol=rtol, momentum=momentum,
                             operator=operator)
-            cached = _load_row(out, settings)
+            cached = cache.load(settings)
             if cached is not None:
-                log(f"[table5] {scheme} kernel {w}: reusing {out}")
+                log(f"[table5] {scheme} kernel {w}: reusing {results.path}")
                 rows.append(cached)
                 continue
             log(f"[table5] {scheme} (lr={lr:g}) kernel {w}x{w}: bisecting alpha_min and alpha_max ...")
@@ -90,59 +86,30 @@ def run(
                 seconds=res.seconds,
                 notes=res.notes,
             )
-            row = json.loads(json.dumps(row, default=float).replace("NaN", "null"))
-            if out is not None:
-                with _atomic_open(_row_path(out, settings), "w") as fh:
-                    json.dump(row, fh, indent=1)
+            row = jsonable(row)
+            cache.save(settings, row)
             log(f"[table5]   alpha in ({res.alpha_min:.4g}, {res.alpha_max:.4g})  [{res.seconds:.1f}s, {res.evaluations} runs]")
             rows.append(row)
     files: dict[str, str] = {}
-    if out is not None:
-        files["csv"] = str(_write_csv(out / "table5.csv", rows))
-        with _atomic_open(out / "table5.json", "w") as fh:
-            json.dump(dict(rows=rows), fh, indent=1)
-        files["json"] = str(out / "table5.json")
+    if results.writes:
+        files["csv"] = results.write_csv("table5.csv", rows, joins={"notes": "; "}, last=("notes",))
+        files["json"] = results.write_json("table5.json", dict(rows=rows))
         if stability_map:
-            files["stability_map"] = _stability_map(image, out, steps, momentum, operator, progress, log)
-    return dict(rows=rows, files=files, seconds=time.perf_counter() - start)
+            files["stability_map"] = _stability_map(image, results, steps, momentum, operator, progress, log)
+        results.close()
+    return dict(rows=rows, files=files, seconds=results.seconds())
 
 
-def _row_path(out: Path, settings: dict) -> Path:
-    return out / "rows" / f"{settings['scheme']}_w{settings['kernel_size']}.json"
-
-
-def _load_row(out: Path | None, settings: dict) -> dict | None:
-    if out is None:
-        return None
-    path = _row_path(out, settings)
-    try:
-        row = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return row if all(row.get(k) == v for k, v in settings.items()) else None
-
-
-def _write_csv(path: Path, rows: list[dict]) -> Path:
-    import csv
-
-    fields = [k for k in rows[0] if k != "notes"] + ["notes"]
-    with _atomic_open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "notes": "; ".join(row.get("notes") or [])})
-    return path
-
-
-def _stability_map(image, out: Path, steps: int, momentum: float, operator: str, progress, log) -> str:
+def _stability_map(image, out: ResultDir, steps: int, momentum: float, operator: str, progress, log) -> str:
     from jaxcfl import plot
     from jaxcfl.sweeps import sweep
 
     log("[table5] stability map: nesterov, kernel 16, 6 x 16 (lr, alpha) grid ...")
     result = sweep(image, 16, np.geomspace(3e-5, 3e-4, 6), np.geomspace(1e6, 1e9, 16), scheme="nesterov",
-                   momentum=momentum, steps=steps, out=out / f"map_sweep_{operator}", progress=progress, operator=operator)
+                   momentum=momentum, steps=steps, out=out.file(f"map_sweep_{operator}"), progress=progress,
+                   operator=operator)
     return plot.save(plot.stability_map(result, title="Table 5 set-up: Nesterov, kernel 16, checkerboard 256"),
-                     out / "stability_map.png")
+                     out.file("stability_map.png"))
 
 
 def render(payload: dict[str, Any]) -> str:

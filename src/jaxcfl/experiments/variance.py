@@ -34,9 +34,6 @@ command resumes where it stopped.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import time
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -44,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from jaxcfl import statistics as st
-from jaxcfl._io import atomic_open
+from jaxcfl._results import ResultDir, stderr
 from jaxcfl._text import table
 
 DEFAULT_KS = (1.0, 3.0, 5.0, 7.0, 9.0, 11.0)
@@ -70,7 +67,7 @@ def run(
     last_epochs: int | None = None,
     trace_params: int = TRACE_PARAMS,
     resamples: int = 2000,
-    log=lambda msg: print(msg, file=sys.stderr, flush=True),
+    log=stderr,
     **train_options: Any,
 ) -> dict[str, Any]:
     """Run the k x seed grid; returns the JSON payload.
@@ -106,23 +103,22 @@ def run(
         raise ValueError(f"ks and seeds must not repeat values, got ks={list(ks)} seeds={list(seeds)}")
     train_options = {"batch_size": DEFAULTS["batch_size"], **train_options}
     config = TrainConfig(model=model, dataset=dataset, data_root=data_root, epochs=epochs, **train_options)
-    out = Path(out) if out is not None else None
-    start = time.perf_counter()
+    folder = ResultDir(out, kind="variance")
     results = {}
     for seed in seeds:
         log(f"[variance] {model} on {dataset}, seed {seed}: {len(ks)} copies k={[f'{k:g}' for k in ks]}, "
             f"{epochs} epoch(s) ...")
-        res = train(config, ks, seed=seed, out=None if out is None else out / f"seed{seed}", progress=progress,
+        res = train(config, ks, seed=seed, out=folder.file(f"seed{seed}") if folder.writes else None, progress=progress,
                     copies_mode=copies_mode, trace_params=trace_params)
         results[seed] = res
         log(f"[variance]   final accuracy {np.array2string(100 * res.final_accuracy(last_epochs), precision=2)}"
             f"  [{res.seconds:.1f}s]")
     curves = divergence_curves(ks, seeds, results)
     payload = summarise(config, ks, seeds, results, curves, last_epochs=last_epochs, resamples=resamples)
-    payload["seconds"] = time.perf_counter() - start
+    payload["seconds"] = folder.seconds()
     payload["files"] = {}
-    if out is not None:
-        payload["files"] = _write_outputs(out, payload, curves)
+    if folder.writes:
+        payload["files"] = _write_outputs(folder, payload, curves)
     return payload
 
 
@@ -223,20 +219,16 @@ def answer(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_outputs(out: Path, payload: dict[str, Any], curves: dict[str, np.ndarray]) -> dict[str, str]:
-    lines = ["k,seed,final_accuracy,final_loss"] + [f"{r['k']:g},{r['seed']},{r['final_accuracy']:.6f},{r['final_loss']:.8g}"
-                                                   for r in payload["runs"]]
-    with atomic_open(out / "variance.csv", "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    files = {"csv": str(out / "variance.csv"), "json": str(out / "variance.json")}
-    files["plot"] = _plot(out / "variance.png", payload)
+def _write_outputs(out: ResultDir, payload: dict[str, Any], curves: dict[str, np.ndarray]) -> dict[str, str]:
+    runs = [dict(k=f"{r['k']:g}", seed=r["seed"], final_accuracy=f"{r['final_accuracy']:.6f}",
+                 final_loss=f"{r['final_loss']:.8g}") for r in payload["runs"]]
+    files = {"csv": out.write_csv("variance.csv", runs, lineterminator="\n"), "json": str(out.file("variance.json"))}
+    files["plot"] = _plot(out.file("variance.png"), payload)
     if curves:
-        with atomic_open(out / "divergence.npz", "wb") as fh:
-            np.savez(fh, **curves)
-        files["divergence"] = str(out / "divergence.npz")
-        files["divergence_plot"] = _plot_divergence(out / "divergence.png", payload, curves)
-    with atomic_open(out / "variance.json", "w") as fh:
-        json.dump({**payload, "files": files}, fh, indent=1)
+        files["divergence"] = out.write_npz("divergence.npz", curves)
+        files["divergence_plot"] = _plot_divergence(out.file("divergence.png"), payload, curves)
+    out.write_json("variance.json", {**payload, "files": files})
+    out.close()
     return files
 
 
@@ -339,9 +331,9 @@ def render(payload: dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from jaxcfl._cli_types import nonnegative_float, nonnegative_int, positive_float, positive_int
     from jaxcfl.data import DATASETS
-    from jaxcfl.nets import MODELS
+    from jaxcfl.nets import NETWORKS
 
-    parser.add_argument("--model", choices=MODELS, default=DEFAULTS["model"],
+    parser.add_argument("--model", choices=NETWORKS, default=DEFAULTS["model"],
                         help="network (default cnn: three conv-BN-ReLU blocks; the paper: resnet56)")
     parser.add_argument("--dataset", choices=tuple(DATASETS), default="builtin",
                         help="dataset (default: the built-in digits, no files needed)")

@@ -1,0 +1,227 @@
+"""The one-layer CNN's loss and the right-hand sides of its gradient PDE, and the run's set-up.
+
+The loss is binary cross-entropy with label ``y`` plus ``alpha/2 ||K||^2``
+(eq 2) for ``f(I) = s(c sum_x r((K * I)(x)) + b)`` (:mod:`jaxcfl.problem`). The
+gradient PDE is ``dK/dt = -G(K)``; this module computes ``G`` ("the gradient")
+for four models:
+
+==============  ===============================================================
+``nonlinear``   eqs 11-13: ``G = c (yhat - y) C^T r'(C K) + alpha K``
+``linear``      eq 20 (constant ``a = yhat - y``):
+                ``G = (c a / 2) (Ibar + beta C^T C K) + alpha K``
+``nonconstant`` eq 28 (D.4), ``a(K) = s(b) - y + (c/2) s'(b) <Ibar, K>``:
+                ``G = (c a(K) / 2) (Ibar + beta C^T C K) + alpha K``
+``activated``   eq 35 (D.5), ``r' = 1`` with the same ``a(K)``:
+                ``G = c a(K) Ibar + alpha K``
+==============  ===============================================================
+
+``Ibar = C^T 1`` is the windowed input sum (eq 19's "input sum"): for each
+kernel offset ``z``, the sum of the image over the positions the kernel visits.
+Every right-hand side is a ``w x w`` array. A new right-hand side is one
+function ``G(problem, kernel, hyper)`` added to :data:`RIGHT_HAND_SIDES`; the
+integrator, the sweeps, the bounds and the windowed theory (the Jacobian of
+``G`` at ``K = 0``) take it from there.
+
+Conventions that differ from the printed text (kept consistent with the
+paper's own amplifier, eq 23):
+
+* Swish has ``r'(0) = 1/2`` and ``r''(0) = beta/2``, so ``r'(x) ~ (1 + beta x)/2``
+  and ``r'(K*I)*I ~ (Ibar + beta C^T C K)/2`` (eq 19). paper-notes writes
+  ``beta x / 4``; that would halve the ``|I(w)|^2`` term of eq 23, so we follow
+  the Taylor coefficient and eq 23.
+* The constant (forcing) term is the exact windowed ``Ibar = C^T 1``; the
+  reference code uses ``mean(I)``. It does not enter any stability bound.
+
+:class:`Setup` is the typed, frozen record of a run's model constants and
+scheme (model, scheme, pool, beta, a, label, bias, momentum) that the sweeps,
+the bounds and their manifests share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+from jax.typing import ArrayLike, DTypeLike
+
+from jaxcfl import _validate as v
+from jaxcfl.problem import POOLS, Hyper, Problem, correlate, correlate_adjoint, make_hyper, normal_operator
+from jaxcfl.schemes import canonical_scheme
+
+RightHandSide = Callable[[Problem, Array, Hyper], Array]
+
+
+def swish(x: Array, beta: ArrayLike) -> Array:
+    """``r(x) = x sigmoid(beta x)`` (eq 14)."""
+    return x * jax.nn.sigmoid(beta * x)
+
+
+def swish_grad(x: Array, beta: ArrayLike) -> Array:
+    """``r'(x) = s(beta x) + beta x s(beta x)(1 - s(beta x))`` (eq 15)."""
+    s = jax.nn.sigmoid(beta * x)
+    return s + beta * x * s * (1.0 - s)
+
+
+def logit(problem: Problem, kernel: Array, hyper: Hyper) -> Array:
+    """``z = c sum_x r((K*I)(x)) + b``, so that ``yhat = s(z)``."""
+    return problem.pool_scale * jnp.sum(swish(correlate(problem, kernel), hyper.beta)) + hyper.bias
+
+
+def loss(problem: Problem, kernel: Array, hyper: Hyper) -> Array:
+    """The regularised cross-entropy of eq 2: ``BCE(y, s(z)) + alpha/2 ||K||^2``.
+
+    Written as ``softplus(z) - y z`` so that it stays finite for large ``|z|``.
+    """
+    z = logit(problem, kernel, hyper)
+    return jax.nn.softplus(z) - hyper.label * z + 0.5 * hyper.alpha * jnp.sum(kernel * kernel)
+
+
+# --- right-hand sides (the gradient G; the PDE is dK/dt = -G) -------------------
+
+def _a_of_kernel(problem: Problem, kernel: Array, hyper: Hyper) -> Array:
+    """``a(K) = s(b) - y + (c/2) s'(b) <Ibar, K>``: the linearised ``yhat - y`` of D.4."""
+    s_b = jax.nn.sigmoid(hyper.bias)
+    c = problem.pool_scale
+    return s_b - hyper.label + 0.5 * c * s_b * (1.0 - s_b) * jnp.sum(problem.window_sum * kernel)
+
+
+def grad_nonlinear(problem: Problem, kernel: Array, hyper: Hyper) -> Array:
+    """Eqs 11-13: ``c (yhat - y) C^T r'(C K) + alpha K``."""
+    c = problem.pool_scale
+    z_map = correlate(problem, kernel)
+    logit_ = c * jnp.sum(swish(z_map, hyper.beta)) + hyper.bias
+    residual = jax.nn.sigmoid(logit_) - hyper.label
+    return (c * residual) * correlate_adjoint(problem, swish_grad(z_map, hyper.beta)) + hyper.alpha * kernel
+
+
+def _linearised_data_term(problem: Problem, kernel: Array, hyper: Hyper) -> Array:
+    """``(Ibar + beta C^T C K) / 2``: eq 19's linearisation of ``r'(K*I)*I``."""
+    return 0.5 * (problem.window_sum + hyper.beta * normal_operator(problem, kernel))
+
+
+def grad_linear(problem: Problem, kernel: Array, hyper: Hyper) -> Array:
+    """Eq 20: ``(c a / 2)(Ibar + beta C^T C K) + alpha K`` with constant ``a``."""
+    return (problem.pool_scale * hyper.a) * _linearised_data_term(problem, kernel, hyper) + hyper.alpha * kernel
+
+
+def grad_nonconstant(problem: Problem, kernel: Array, hyper: Hyper) -> Array:
+    """Eq 28: the linearised model with ``a(K) = s(b) - y + (c/2) s'(b) <Ibar, K>``."""
+    a_k = _a_of_kernel(problem, kernel, hyper)
+    return (problem.pool_scale * a_k) * _linearised_data_term(problem, kernel, hyper) + hyper.alpha * kernel
+
+
+def grad_activated(problem: Problem, kernel: Array, hyper: Hyper) -> Array:
+    """Eq 35, the activated regime ``r' = 1``: ``c a(K) Ibar + alpha K``."""
+    a_k = _a_of_kernel(problem, kernel, hyper)
+    return (problem.pool_scale * a_k) * problem.window_sum + hyper.alpha * kernel
+
+
+#: The right-hand sides by name; the keys are :data:`MODELS`.
+RIGHT_HAND_SIDES: Mapping[str, RightHandSide] = {
+    "nonlinear": grad_nonlinear,
+    "linear": grad_linear,
+    "nonconstant": grad_nonconstant,
+    "activated": grad_activated,
+}
+MODELS = tuple(RIGHT_HAND_SIDES)
+
+
+def gradient_fn(model: str) -> RightHandSide:
+    """The right-hand side ``G(problem, kernel, hyper)`` of ``model`` (one of :data:`MODELS`)."""
+    v.check_choice("model", model, MODELS)
+    return RIGHT_HAND_SIDES[model]
+
+
+def gradient(problem: Problem, kernel: Array, hyper: Hyper, model: str = "nonlinear") -> Array:
+    """``G(K)`` for ``model``; the gradient PDE is ``dK/dt = -G(K)``.
+
+    Example:
+      >>> import jax, jaxcfl
+      >>> prob = jaxcfl.make_problem(jaxcfl.checkerboard(16), 4)
+      >>> K = jax.random.normal(jax.random.key(0), (4, 4))
+      >>> jaxcfl.gradient(prob, K, jaxcfl.make_hyper(1e-3, 1.0), "linear").shape
+      (4, 4)
+    """
+    return gradient_fn(model)(problem, kernel, hyper)
+
+
+# --- the set-up of a run ---------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """The model constants and the scheme of a run: everything but ``lr``, ``alpha``, ``k`` and the data.
+
+    Frozen and validated on construction (``scheme`` is stored under its
+    canonical name). :meth:`hyper` packs it with ``lr`` and ``alpha`` into the
+    traced :class:`~jaxcfl.problem.Hyper`; :meth:`to_dict` and
+    :meth:`from_dict` round-trip it through a JSON manifest.
+
+    Attributes:
+      model: the right-hand side (:data:`MODELS`).
+      scheme: ``"gd"`` (eq 21) or ``"nesterov"`` (eqs 37-38).
+      pool: ``"sum"`` or ``"mean"`` (the ``c`` of eq 1).
+      beta, a, label, bias: the model's constants (:class:`~jaxcfl.problem.Hyper`).
+      momentum: Nesterov's ``mu``.
+
+    Example:
+      >>> import jaxcfl
+      >>> s = jaxcfl.Setup(model="nonlinear", scheme="euler", beta=5.0)
+      >>> s.scheme, jaxcfl.Setup.from_dict(s.to_dict()) == s
+      ('gd', True)
+    """
+
+    model: str = "linear"
+    scheme: str = "gd"
+    pool: str = "sum"
+    beta: float = 1.0
+    a: float = -0.5
+    label: float = 1.0
+    bias: float = 0.0
+    momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        v.check_choice("model", self.model, MODELS)
+        object.__setattr__(self, "scheme", canonical_scheme(self.scheme))
+        v.check_choice("pool", self.pool, POOLS)
+        for name in ("beta", "a", "label", "bias"):
+            v.check_finite(name, getattr(self, name))
+        v.check_unit_interval("momentum", self.momentum)
+        for name in ("beta", "a", "label", "bias", "momentum"):
+            value = getattr(self, name)
+            if np.ndim(value) != 0:
+                raise ValueError(f"{name} must be a real scalar in a Setup, got shape {np.shape(value)}")
+            object.__setattr__(self, name, float(value))
+
+    @property
+    def rhs(self) -> RightHandSide:
+        """The right-hand side ``G`` of :attr:`model`."""
+        return RIGHT_HAND_SIDES[self.model]
+
+    def hyper(self, lr: ArrayLike, alpha: ArrayLike, *, k: ArrayLike = 1.0, dtype: DTypeLike | None = None) -> Hyper:
+        """:func:`~jaxcfl.make_hyper` with this set-up's constants; every field broadcast to ``lr``/``alpha``'s shape."""
+        return make_hyper(lr, alpha, beta=self.beta, a=self.a, label=self.label, bias=self.bias, k=k,
+                          mu=self.momentum, dtype=dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Setup":
+        """The set-up recorded by :meth:`to_dict` (other keys, e.g. a sweep's, are ignored)."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"Setup.from_dict needs a mapping, got {type(data).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise ValueError(f"Setup.from_dict: missing {', '.join(missing)}")
+        return cls(**{n: data[n] for n in names})
+
+    def theory_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`jaxcfl.theory.windowed_alpha_bounds` for this set-up."""
+        return dict(a=self.a, beta=self.beta, scheme=self.scheme, momentum=self.momentum, model=self.model,
+                    pool=self.pool, label=self.label, bias=self.bias)
