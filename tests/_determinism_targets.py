@@ -4,15 +4,21 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def conv_and_matmul(seed: int, size: int = 64):
-    """A small network-like computation: deterministic for a fixed seed."""
-    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-    x = jax.random.normal(k1, (4, size, size, 3))
-    w = jax.random.normal(k2, (3, 3, 3, 8))
+    """A small network-like computation: deterministic for a fixed seed.
+
+    The inputs come from NumPy: eager ``jax.random`` calls would compile the PRNG
+    kernels in every child process (about 3 s each), and only the convolution and
+    the matrix product are under test.
+    """
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((4, size, size, 3)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 3, 8)), jnp.float32)
+    m = jnp.asarray(rng.standard_normal((size * size * 8 // 16, 32)), jnp.float32)
     y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    m = jax.random.normal(k3, (size * size * 8 // 16, 32))
     return {"conv": y, "dense": jnp.tanh(y.reshape(4, -1, 16).sum(-1) @ m)}
 
 

@@ -15,7 +15,8 @@ import pytest
 from jaxcfl import cli, plot
 from jaxcfl.experiments import EXPERIMENTS, appendix_f
 
-# Two cheap models at a tiny size; resnet20 takes minutes on a CPU (see the slow test).
+# Two cheap models at a tiny size; resnet20 takes minutes on a CPU (see the slow test). The notebook test
+# (tests/test_notebooks.py) runs appendix F at this train size and these steps, reusing the compiled searches.
 TINY_ARGS = ["--models", "mlp", "cnn", "--alphas", "1", "1000", "--train-size", "16", "--steps", "20"]
 
 
@@ -40,6 +41,8 @@ def test_registered():
     assert EXPERIMENTS["appendix-f"][0] == "jaxcfl.experiments.appendix_f"
     for name in ("add_arguments", "main", "render", "run"):
         assert callable(getattr(appendix_f, name))
+    # its networks; jaxcfl.MODELS names the PDE's right-hand sides
+    assert appendix_f.ARCHITECTURES == ("mlp", "cnn", "resnet20") and not hasattr(appendix_f, "MODELS")
 
 
 def test_json_is_a_list_of_rows_with_the_ratio(tiny):

@@ -20,10 +20,14 @@ CASES = [  # (N, side, C, O, kernel, stride)
 ]
 
 
+def _normal(shape, seed=0):
+    # NumPy draws: jax.random compiles its sampler for every new shape (about 0.3 s each).
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
 def _conv_case(case):
     n, side, c, o, k, s = case
-    kx, kw = jax.random.split(jax.random.key(0))
-    x, w = jax.random.normal(kx, (n, side, side, c)), jax.random.normal(kw, (k, k, c, o))
+    x, w = _normal((n, side, side, c)), _normal((k, k, c, o), seed=1)
     return x, w, (s, s), [(k // 2, k // 2)] * 2
 
 
@@ -40,7 +44,7 @@ def test_alternative_convolutions_match_lax(impl):
         return  # its gradient is autodiff of slices, a concatenation and a product; XLA compiles it slowly
     # gradients on the strided 3x3 case
     x, w, s, p = cases[1]
-    ct = jax.random.normal(jax.random.key(2), forward(conv_options.conv_lax)[1].shape)
+    ct = _normal(forward(conv_options.conv_lax)[1].shape, seed=2)
     grads = jax.jit(lambda f, x, w: jax.vjp(lambda a, b: f(a, b, s, p), x, w)[1](ct), static_argnums=0)
     for got, want in zip(grads(conv_options.CONVS[impl], x, w), grads(conv_options.conv_lax, x, w)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
@@ -61,7 +65,7 @@ def test_replace_conv_keeps_the_network():
     assert swapped != graphdef
     convs = [m for _, m in nnx.iter_modules(nets.merge(swapped, params, stats)) if isinstance(m, nnx.Conv)]
     assert convs and all(m.conv_general_dilated is conv_options.conv_nchw for m in convs)
-    x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+    x = _normal((4, 16, 16, 3), seed=1)
     apply = jax.jit(lambda g, p, b, x: nets.apply(g, p, b, x, train=True)[0], static_argnums=0)
     want, got = apply(graphdef, params, stats, x), apply(swapped, params, stats, x)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

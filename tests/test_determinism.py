@@ -113,7 +113,16 @@ def test_run_in_processes_identical_for_a_deterministic_function():
         import _determinism_targets as targets
     finally:
         sys.path.remove(TESTS)
-    assert check.fingerprints[0] == fingerprint(targets.conv_and_matmul(3))
+    assert check.fingerprints[0] == fingerprint(targets.conv_and_matmul(3))  # the args reached the children
+    assert check.to_dict()["identical"] is True and check.to_dict()["deterministic"] is True
+
+
+@pytest.mark.slow
+def test_run_in_processes_identical_without_the_deterministic_mode():
+    # Two more processes; by default the mode-off path runs in the test below, and that the arguments
+    # reach the children in the one above.
+    env = {**os.environ, "PYTHONPATH": TESTS}
+    check = run_in_processes("_determinism_targets:conv_and_matmul", 2, args=[3], env=env)
     other = run_in_processes("_determinism_targets:conv_and_matmul", 2, args=[4], env=env, deterministic=False)
     assert other.identical and other.fingerprints[0] != check.fingerprints[0]
     assert other.to_dict()["identical"] is True
@@ -121,7 +130,8 @@ def test_run_in_processes_identical_for_a_deterministic_function():
 
 def test_run_in_processes_detects_differences_and_failures():
     env = {**os.environ, "PYTHONPATH": TESTS}
-    assert not run_in_processes("_determinism_targets:process_dependent", 2, env=env).identical
+    differ = run_in_processes("_determinism_targets:process_dependent", 2, env=env, deterministic=False)
+    assert not differ.identical and differ.to_dict()["deterministic"] is False
     with pytest.raises(RuntimeError, match="boom from the child"):
         run_in_processes("_determinism_targets:fails", 2, env=env)
 

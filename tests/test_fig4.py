@@ -17,6 +17,7 @@ from jaxcfl.classify import STATUSES
 from jaxcfl.experiments import EXPERIMENTS, fig4
 
 # 64 x 64 checkerboard, 16 x 16 kernel, 300 steps: the three classes appear at alpha = 20 as in the paper.
+# The notebook test (tests/test_notebooks.py) runs Figure 4 with these settings, reusing the compiled sweep.
 SMALL = dict(size=64, kernel_size=16, steps=300, lr=(0.01, 0.09, 0.13), chunk_size=1)
 SMALL_ARGS = ["--size", "64", "--kernel-size", "16", "--steps", "300", "--lr", "0.01", "0.09", "0.13", "--chunk-size", "1"]
 

@@ -8,6 +8,10 @@ import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
+# The notebooks' small sizes are those of tests that run earlier in the session, so that their compiled
+# programs are reused here: table5_figure3 <- test_cli.py::test_reproduce_table5_small (64 image, 8 kernel,
+# 1000 steps); restrained_eos_appendix_f <- test_fig4.py's SMALL and test_appendix_f.py's TINY_ARGS.
+
 
 @pytest.mark.parametrize("name", ["table5_figure3.ipynb", "restrained_eos_appendix_f.ipynb"])
 def test_notebook_runs_at_small_size(name, monkeypatch, tmp_path):

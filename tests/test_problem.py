@@ -55,15 +55,18 @@ def test_window_sum_is_adjoint_of_ones():
 def test_nonlinear_gradient_equals_autodiff_of_loss(pool, image, operator, dtype):
     img = _image(18, 18) if image == "random" else np.asarray(jaxcfl.checkerboard(18), np.float64)
     prob = jaxcfl.make_problem(img.astype(dtype), 7, pool=pool, operator=operator)
-    kernel = (0.1 if image == "random" else 0.05) * jax.random.normal(jax.random.key(0), (7, 7), dtype)
+    kernel = jnp.asarray((0.1 if image == "random" else 0.05) * np.random.default_rng(0).standard_normal((7, 7)), dtype)
     hyper = jaxcfl.make_hyper(1e-3, 0.7, beta=1.3, bias=0.2, label=0.0, dtype=dtype)
-    ours = jaxcfl.gradient(prob, kernel, hyper, "nonlinear")
-    auto = jax.grad(lambda k: jaxcfl.loss(prob, k, hyper))(kernel)
+    # Compiled: one program per function instead of one per operation (op by op, the first call of each
+    # shape and dtype compiles about a hundred small programs).
+    gradient = jax.jit(jaxcfl.gradient, static_argnums=3)
+    ours = gradient(prob, kernel, hyper, "nonlinear")
+    auto = jax.jit(jax.grad(lambda k, p, h: jaxcfl.loss(p, k, h)))(kernel, prob, hyper)
     rtol = 2e-4 if dtype == jnp.float32 else 1e-10
     atol = rtol * float(jnp.abs(auto).max())
     np.testing.assert_allclose(ours, auto, rtol=rtol, atol=atol)
     fft = jaxcfl.make_problem(img.astype(dtype), 7, pool=pool, operator="fft")
-    np.testing.assert_allclose(ours, jaxcfl.gradient(fft, kernel, hyper, "nonlinear"), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(ours, gradient(fft, kernel, hyper, "nonlinear"), rtol=rtol, atol=atol)
 
 
 def test_loss_matches_numpy_forward():
@@ -84,21 +87,23 @@ def test_linear_models_are_the_linearisations_of_the_nonlinear_one():
         hyper = jaxcfl.make_hyper(1e-3, 0.3, beta=1.7, bias=0.4, label=1.0, dtype=jnp.float64)
         s_b = 1 / (1 + np.exp(-0.4))
         zero = jnp.zeros((5, 5))
-        direction = jax.random.normal(jax.random.key(1), (5, 5), jnp.float64)
+        direction = jnp.asarray(np.random.default_rng(1).standard_normal((5, 5)), jnp.float64)
+        # Compiled, one program per model (op by op, the first calls compile about a hundred small programs).
+        gradient = jax.jit(jaxcfl.gradient, static_argnums=3)
+        jvp = jax.jit(lambda h, m: jax.jvp(lambda k: jaxcfl.gradient(prob, k, h, m), (zero,), (direction,))[1],
+                      static_argnums=1)
         # eq 29: the Jacobian of the nonlinear gradient at K = 0 is the nonconstant model's.
-        jac = lambda m: jax.jvp(lambda k: jaxcfl.gradient(prob, k, hyper, m), (zero,), (direction,))[1]
+        jac = lambda m: jvp(hyper, m)
         np.testing.assert_allclose(jac("nonlinear"), jac("nonconstant"), rtol=1e-10, atol=1e-14)
         # eq 20 with a = s(b) - y is the nonconstant model without its rank-one term.
         h_lin = jaxcfl.make_hyper(1e-3, 0.3, beta=1.7, a=s_b - 1.0, bias=0.4, dtype=jnp.float64)
         c = prob.pool_scale
         rank_one = 0.25 * c * c * s_b * (1 - s_b) * prob.window_sum * jnp.sum(prob.window_sum * direction)
-        np.testing.assert_allclose(
-            jax.jvp(lambda k: jaxcfl.gradient(prob, k, h_lin, "linear"), (zero,), (direction,))[1] + rank_one,
-            jac("nonconstant"), rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(jvp(h_lin, "linear") + rank_one, jac("nonconstant"), rtol=1e-10, atol=1e-14)
         # At K = 0 the constant term of every linearisation is the nonlinear gradient.
         for model in ("linear", "nonconstant"):
             hyp = h_lin if model == "linear" else hyper
-            np.testing.assert_allclose(jaxcfl.gradient(prob, zero, hyp, model), jaxcfl.gradient(prob, zero, hyper, "nonlinear"), rtol=1e-12)
+            np.testing.assert_allclose(gradient(prob, zero, hyp, model), gradient(prob, zero, hyper, "nonlinear"), rtol=1e-12)
 
 
 def test_activated_regime_matches_the_nonlinear_gradient_for_large_positive_response():
@@ -109,7 +114,7 @@ def test_activated_regime_matches_the_nonlinear_gradient_for_large_positive_resp
         kernel = jnp.full((3, 3), 5.0)
         hyper = jaxcfl.make_hyper(1e-3, 0.0, beta=5.0, label=1.0)
         g = jaxcfl.gradient(prob, kernel, hyper, "nonlinear")
-        yhat = jax.nn.sigmoid(jaxcfl.problem.logit(prob, kernel, hyper))
+        yhat = jax.nn.sigmoid(jaxcfl.model.logit(prob, kernel, hyper))
         np.testing.assert_allclose(g, (yhat - 1.0) * prob.window_sum, rtol=1e-8)
 
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from numpy.lib.stride_tricks import sliding_window_view
 
 import jaxcfl
-from jaxcfl import problem as pb
+from jaxcfl import operators as ops
 
 
 def _low_rank(n0, n1, rank, seed=0):
@@ -32,7 +32,7 @@ def test_checkerboard_factors_are_exact_and_rank_one():
     np.testing.assert_array_equal(u @ v.T, img)  # integer image: exact
     prob = jaxcfl.make_problem(jaxcfl.checkerboard(256), 32)
     assert prob.operator == "separable" and prob.rank == 1
-    assert prob.toeplitz[0].shape == (1, 225, 32) and prob.gram[0].shape == (1, 1, 32, 32)
+    assert prob.backend.toeplitz[0].shape == (1, 225, 32) and prob.backend.gram[0].shape == (1, 1, 32, 32)
 
 
 @settings(max_examples=15, deadline=None)
@@ -100,10 +100,19 @@ def test_trajectories_and_vmap_agree_with_the_fft_path(model):
 
 def test_operator_choice_and_errors():
     img = np.asarray(jaxcfl.checkerboard(32))
-    assert jaxcfl.make_problem(img, 8, operator="fft").toeplitz is None
+    assert jaxcfl.make_problem(img, 8, operator="fft").rank is None
     assert jaxcfl.make_problem(img, 8, operator="separable").rank == 1
-    with pytest.raises(ValueError, match="operator"):
-        jaxcfl.make_problem(img, 8, operator="dense")
+    dense = jaxcfl.make_problem(img, 8, operator="dense")
+    assert dense.operator == "dense" and dense.rank is None  # the dense matrix over FFT correlations
+    assert jaxcfl.make_problem(img, 8, model="linear").operator == "separable"  # w^4 > 2 r^2 w^3 at r = 1, w = 8
+    assert jaxcfl.make_problem(img[:, :31] + np.eye(32)[:, :31], 8, model="linear").operator == "dense"
+    assert jaxcfl.make_problem(img, 8, model="nonlinear").operator == "separable"
+    with pytest.raises(ValueError, match="operator='dense' applies to the linearised models only"):
+        jaxcfl.make_problem(img, 8, operator="dense", model="nonlinear")
+    with pytest.raises(ValueError, match="unknown operator 'gpu'"):
+        jaxcfl.make_problem(img, 8, operator="gpu")
+    with pytest.raises(ValueError, match="unknown model"):
+        jaxcfl.make_problem(img, 8, model="quadratic")
     with pytest.raises(ValueError, match="max_rank"):
         jaxcfl.make_problem(np.random.default_rng(0).standard_normal((16, 16)), 4, operator="separable", max_rank=2)
     with pytest.raises(ValueError, match="max_rank"):
@@ -125,7 +134,7 @@ def test_separable_pays_is_monotone_in_rank(n, w_frac, rank):
     w = max(1, int(n * w_frac))
     if jaxcfl.separable_pays((n, n), w, rank + 1):
         assert jaxcfl.separable_pays((n, n), w, rank)
-    assert pb._cheapest_rank((n, n), w) >= (1 if jaxcfl.separable_pays((n, n), w, 1) else 0)
+    assert ops._cheapest_rank((n, n), w) >= (1 if jaxcfl.separable_pays((n, n), w, 1) else 0)
 
 
 def test_auto_picks_separable_for_the_paper_sizes_and_new_values_do_not_recompile():

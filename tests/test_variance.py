@@ -98,19 +98,21 @@ def test_determinism_cli(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(determinism, "run_in_processes", fake)
     out = tmp_path / "det"
-    argv = ["determinism", "--train-size", "128", "--batch-size", "64", "--epochs", "2", "--out", str(out), "--json"]
+    # 192 images in batches of 64 over 2 epochs, as tests/test_train.py's SMALL: the one-copy runs reuse
+    # the trainer's compiled step (its ``alone`` fixture) when both run in one session.
+    argv = ["determinism", "--train-size", "192", "--batch-size", "64", "--epochs", "2", "--out", str(out), "--json"]
     assert cli.main(argv) == 0
     payload = json.loads(capsys.readouterr().out)
     assert [c[2] for c in calls] == [True, False]
     assert calls[0][0] == "jaxcfl.experiments.determinism_check:lockstep_weights"
     assert payload["powers_of_two_identical"] and payload["odd_k_differ"]
     assert payload["separate_k1_equals_k2"] and payload["separate_k3_differs"] and payload["separate_equals_lockstep"]
-    assert len(payload["divergence_k1_k3"]) == payload["steps"] == 4
+    assert len(payload["divergence_k1_k3"]) == payload["steps"] == 6
     assert payload["divergence_k1_k3"][-1] > 0
     acc = payload["test_accuracy"]
     assert acc["1"] == acc["2"] == acc["4"] and all(0 <= a <= 1 for a in acc.values())
     assert (out / "determinism.png").stat().st_size > 0
-    assert json.loads((out / "determinism.json").read_text())["steps"] == 4
+    assert json.loads((out / "determinism.json").read_text())["steps"] == 6
 
 
 @pytest.mark.slow
