@@ -46,9 +46,10 @@ def test_empirical_bounds_match_the_windowed_theory(scheme, lr):
 
 
 def test_misleading_screening_falls_back_to_full_runs():
-    # 5-step screening runs cannot see the slow unstable mode; the full-length check must catch it.
+    # Screening runs of 12 steps (the fewest that classify, jaxcfl.classify.MIN_STEPS) cannot see the slow
+    # unstable mode; the full-length check must catch it.
     img = np.asarray(jaxcfl.checkerboard(32))
-    res = jaxcfl.empirical_bounds(img, 8, 1e-5, scheme="gd", steps=1500, screen_steps=5, alpha_range=(1e2, 1e6),
+    res = jaxcfl.empirical_bounds(img, 8, 1e-5, scheme="gd", steps=1500, screen_steps=12, alpha_range=(1e2, 1e6),
                                   initial_points=24, candidates=15)
     lo, hi = theory.windowed_alpha_bounds(img, 8, 1e-5, scheme="gd")
     assert any("rescanned at full length" in n for n in res.notes)
