@@ -29,3 +29,10 @@ def process_dependent():
 
 def fails():
     raise RuntimeError("boom from the child")
+
+
+def holds_a_path():
+    """A result with a ``Path`` leaf: once hashed by its pointer, so that two processes never agreed."""
+    from pathlib import Path
+
+    return {"out": Path("results"), "value": jnp.ones(2)}

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 
+import _strict_json as strict_json
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +35,7 @@ def tiny(tmp_path_factory):
     code, stdout, stderr = _cli("reproduce", "appendix-f", *TINY_ARGS, "--out", str(out), "--json")
     assert code == 0
     assert stdout.lstrip().startswith("[")  # nothing but the JSON list on stdout
-    return json.loads(stdout), stderr, out
+    return strict_json.loads(stdout), stderr, out
 
 
 def test_registered():
@@ -77,7 +78,7 @@ def test_files_written_and_rows_reused(tiny):
     assert (out / "appendix_f.png").stat().st_size > 0
     assert len(list((out / "rows").glob("*.json"))) == 4
     code, stdout, stderr = _cli("reproduce", "appendix-f", *TINY_ARGS, "--out", str(out), "--json")
-    assert code == 0 and json.loads(stdout) == rows
+    assert code == 0 and strict_json.loads(stdout) == rows
     assert stderr.count("reusing") == 4 and "searching" not in stderr
     # Other settings are not reused: a new alpha is searched, the finished ones are not.
     code, stdout, stderr = _cli("reproduce", "appendix-f", "--models", "mlp", "--alphas", "1000", "30",

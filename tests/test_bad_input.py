@@ -7,6 +7,7 @@ with status 2 and one line on stderr, without a traceback.
 
 import pathlib
 
+import _strict_json as strict_json
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -74,6 +75,8 @@ API = [
     ("integrate scheme", lambda: jaxcfl.integrate(PROB, K3, HYPER, scheme="rk4"), "scheme"),
     ("integrate kernel shape", lambda: jaxcfl.integrate(PROB, np.ones((4, 4)), HYPER, steps=5), "kernel"),
     ("integrate compare_k 0", lambda: jaxcfl.integrate(PROB, K3, HYPER, steps=5, compare_k=0.0), "compare_k"),
+    ("integrate problem not a Problem", lambda: jaxcfl.integrate("prob", K3, HYPER), "problem"),
+    ("integrate kernel a string", lambda: jaxcfl.integrate(PROB, "abc", HYPER), "kernel"),
     ("integrate_many map_batch 0", lambda: jaxcfl.integrate_many(PROB, K3, jaxcfl.make_hyper([1e-3], 1.0), steps=5,
                                                                  map_batch=0), "map_batch"),
     # Setup
@@ -94,7 +97,11 @@ API = [
     ("sweep rule string", lambda: _sweep(rule="strict"), "rule"),
     ("sweep kernel shape", lambda: _sweep(kernel=np.ones((4, 4))), "kernel"),
     ("sweep kernel nan", lambda: _sweep(kernel=np.full((3, 3), np.nan)), "kernel"),
+    ("sweep out is a file", lambda: _sweep(out=__file__), "out=.*is a file"),
+    ("sweep spec from a partial dict", lambda: jaxcfl.sweeps.SweepSpec.from_dict({**jaxcfl.Setup().to_dict()}),
+     "missing"),
     # empirical_bounds
+    ("bounds several lr", lambda: _bounds(lr=[1e-3, 2e-3]), "lr must be one learning rate"),
     ("bounds alpha_range order", lambda: _bounds(alpha_range=(10.0, 1.0)), "alpha_range"),
     ("bounds alpha_range inf", lambda: _bounds(alpha_range=(1.0, float("inf"))), "alpha_range"),
     ("bounds screen_steps 0", lambda: _bounds(screen_steps=0), "screen_steps"),
@@ -185,22 +192,32 @@ def test_at_least_sixty_cases():
     assert len(API) + len(CLI) >= 60
 
 
-def _strict_loads(text):
-    def refuse(constant):
-        raise ValueError(f"not strict JSON: {constant}")
-
-    return __import__("json").loads(text, parse_constant=refuse)
-
-
 def test_json_output_is_strict_and_says_where_values_were_not_finite(capsys):
     from jaxcfl import cli
 
     assert cli.main(["heat", "--dt", "0.8", "--steps", "3000", "--json"]) == 0  # the unstable run overflows
-    payload = _strict_loads(capsys.readouterr().out)
+    payload = strict_json.loads(capsys.readouterr().out)
     run = payload["runs"][0]
     assert run["perturbation"][-1] is None and run["measured_growth_factor"] is None
     assert payload["non_finite"]["count"] >= 1 and "/runs/0/perturbation/" in payload["non_finite"]["paths"][-1]
     assert cli.main(["heat", "--dt", "0.8", "--steps", "3000"]) == 0
     assert "n/a (the run reached NaN or inf)" in capsys.readouterr().out
     assert cli.main(["heat", "--dt", "0.4", "--json"]) == 0
-    assert "non_finite" not in _strict_loads(capsys.readouterr().out)
+    assert "non_finite" not in strict_json.loads(capsys.readouterr().out)
+
+
+def test_every_json_command_prints_through_the_one_strict_writer():
+    """Each command's ``--json`` goes through ``cli._emit`` (strict_payload, ``allow_nan=False``); the
+    tests of each command (test_cli, test_fig2, test_fig4, test_appendix_f, test_variance) read what it
+    printed with the strict reader of ``tests/_strict_json.py``."""
+    import inspect
+    import re
+
+    from jaxcfl import cli
+    from jaxcfl.experiments import COMMANDS, EXPERIMENTS
+
+    source = inspect.getsource(cli)
+    assert len(re.findall(r"json\.dumps?\(", source)) == 1 and "allow_nan=False" in inspect.getsource(cli._emit)
+    for module, _ in (*EXPERIMENTS.values(), *COMMANDS.values()):  # experiments return payloads, never print JSON
+        text = inspect.getsource(__import__(module, fromlist=["_"]))
+        assert not re.search(r"json\.dump\(|print\(json", text), module

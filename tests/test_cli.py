@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import _strict_json as strict_json
 import numpy as np
 import pytest
 
@@ -26,7 +27,7 @@ def test_theory_json_is_pure_json_and_matches_the_library(capsys):
 
     assert cli.main(["theory", "--size", "32", "--kernel-size", "4", "8", "--json"]) == 0
     captured = capsys.readouterr()
-    payload = json.loads(captured.out)
+    payload = strict_json.loads(captured.out)
     assert "[theory]" in captured.err  # progress goes to stderr
     rows = payload["rows"]
     assert [(r["scheme"], r["kernel_size"]) for r in rows] == [("nesterov", 4), ("gd", 4), ("nesterov", 8), ("gd", 8)]
@@ -46,7 +47,7 @@ def test_theory_reads_npy_images(tmp_path, capsys):
     path = tmp_path / "img.npy"
     np.save(path, img)
     assert cli.main(["theory", "--image", str(path), "--kernel-size", "4", "--scheme", "gd", "--lr", "1e-3", "--json"]) == 0
-    (row,) = json.loads(capsys.readouterr().out)["rows"]
+    (row,) = strict_json.loads(capsys.readouterr().out)["rows"]
     assert row["kernel_size"] == 4
     lo, hi = theory.windowed_alpha_bounds(img, 4, 1e-3, scheme="gd")  # the bounds of this image
     assert row["windowed_alpha_min"] == pytest.approx(lo) and row["windowed_alpha_max"] == pytest.approx(hi)
@@ -54,7 +55,7 @@ def test_theory_reads_npy_images(tmp_path, capsys):
 
 def test_heat_json(capsys):
     assert cli.main(["heat", "--dt", "0.4", "0.8", "--steps", "30", "--json"]) == 0
-    runs = json.loads(capsys.readouterr().out)["runs"]
+    runs = strict_json.loads(capsys.readouterr().out)["runs"]
     assert runs[0]["cfl_stable"] and not runs[1]["cfl_stable"]
     assert runs[1]["measured_growth_factor"] == pytest.approx(runs[1]["von_neumann_factor"], rel=0.05)
     assert len(runs[0]["snapshots"]) == 3
@@ -91,7 +92,7 @@ def test_reproduce_table5_small(tmp_path, capsys):
     argv = ["reproduce", "table5", "--size", "64", "--kernel-size", "8", "--steps", "1000", "--out", str(out), "--json"]
     assert cli.main(argv) == 0
     captured = capsys.readouterr()
-    payload = json.loads(captured.out)
+    payload = strict_json.loads(captured.out)
     assert "[table5]" in captured.err
     rows = payload["rows"]
     assert [(r["scheme"], r["kernel_size"]) for r in rows] == [("nesterov", 8), ("gd", 8)]
@@ -111,7 +112,7 @@ def test_reproduce_table5_small(tmp_path, capsys):
     assert cli.main(argv + ["--operator", "dense", "--no-map"]) == 0
     captured = capsys.readouterr()
     assert "reusing" not in captured.err
-    for dense_row, row in zip(json.loads(captured.out)["rows"], rows):
+    for dense_row, row in zip(strict_json.loads(captured.out)["rows"], rows):
         assert dense_row["operator"] == "dense" and row["operator"] == "auto"
         assert dense_row["empirical_alpha_max"] == pytest.approx(row["empirical_alpha_max"], rel=2e-3)
 

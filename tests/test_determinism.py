@@ -134,6 +134,10 @@ def test_run_in_processes_detects_differences_and_failures():
     assert not differ.identical and differ.to_dict()["deterministic"] is False
     with pytest.raises(RuntimeError, match="boom from the child"):
         run_in_processes("_determinism_targets:fails", 2, env=env)
+    # A result that holds a Path is refused in the first child, with the reason; it is never
+    # reported as "not identical" (issue 15: fingerprints once hashed the Path's pointer).
+    with pytest.raises(RuntimeError, match="cannot hash a leaf of type PosixPath"):
+        run_in_processes("_determinism_targets:holds_a_path", 2, env=env)
 
 
 def test_run_in_processes_bad_input():

@@ -9,6 +9,7 @@ import json
 import shutil
 import time
 
+import _strict_json as strict_json
 import numpy as np
 import pytest
 
@@ -28,7 +29,7 @@ def _cli(args: list[str]) -> tuple[dict, str, str, float]:
         assert cli.main(["reproduce", "fig2", *args, "--json"]) == 0
     seconds = time.perf_counter() - t0
     assert stdout.getvalue().lstrip().startswith("{")
-    return json.loads(stdout.getvalue()), stdout.getvalue(), stderr.getvalue(), seconds
+    return strict_json.loads(stdout.getvalue()), stdout.getvalue(), stderr.getvalue(), seconds
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def test_empty_milestones_mean_constant_lr():
 
 def test_json_payload(tiny):
     (payload, stdout, stderr, _), _, out = tiny
-    assert json.loads(stdout) == payload  # nothing but JSON on stdout
+    assert strict_json.loads(stdout) == payload  # nothing but JSON on stdout
     assert "[fig2]" in stderr and "[fig2]" not in stdout
     s = payload["settings"]
     assert s["n"] == [1, 2] and s["k"] == 3.0 and s["base_lr"] == 0.1

@@ -8,6 +8,7 @@ import io
 import json
 import shutil
 
+import _strict_json as strict_json
 import numpy as np
 import pytest
 
@@ -30,7 +31,7 @@ def small(tmp_path_factory):
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         code = cli.main(["reproduce", "fig4", *SMALL_ARGS, "--out", str(out), "--json"])
     assert code == 0
-    return json.loads(stdout.getvalue()), stdout.getvalue(), stderr.getvalue(), out
+    return strict_json.loads(stdout.getvalue()), stdout.getvalue(), stderr.getvalue(), out
 
 
 def test_registered():
@@ -41,7 +42,7 @@ def test_registered():
 
 def test_json_payload_is_pure_and_structured(small):
     payload, stdout, stderr, out = small
-    assert stdout.lstrip().startswith("{") and json.loads(stdout) == payload  # nothing but JSON on stdout
+    assert stdout.lstrip().startswith("{") and strict_json.loads(stdout) == payload  # nothing but JSON on stdout
     assert "[fig4]" in stderr and "[fig4]" not in stdout
     assert payload["experiment"] == "fig4"
     assert payload["settings"]["lr"] == [0.01, 0.09, 0.13]

@@ -1,5 +1,6 @@
 """Result folders under faults: two writers, a kill between two writes, damaged and swapped files, the umask."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import jaxcfl
 from jaxcfl import _folder
 from jaxcfl._folder import FolderInUse, FolderMismatch, ResultFolder
+from jaxcfl._results import npz_bytes
 
 SETTINGS = dict(a=1, b=[1.0, 2.0])
 
@@ -154,7 +156,8 @@ def test_a_sweep_refuses_a_second_writer(tmp_path):
             jaxcfl.sweep(IMG, out=tmp_path, **SWEEP)
 
 
-@pytest.mark.parametrize("fault", ["flip a byte", "swap two chunks", "delete a chunk", "torn commit"])
+@pytest.mark.parametrize("fault", ["flip a byte", "swap two chunks", "delete a chunk", "torn commit",
+                                   "wrong shape, checksum rewritten", "other records, checksum rewritten"])
 def test_a_sweep_recomputes_damaged_chunks_and_ends_correct(tmp_path, reference, fault, monkeypatch):
     jaxcfl.sweep(IMG, out=tmp_path, **SWEEP)
     a, b = tmp_path / "chunk_00000.npz", tmp_path / "chunk_00002.npz"
@@ -168,9 +171,21 @@ def test_a_sweep_recomputes_damaged_chunks_and_ends_correct(tmp_path, reference,
         b.write_bytes(da)
     elif fault == "delete a chunk":
         a.unlink()
-    else:  # the chunk file was replaced, then the process died before the manifest recorded it
+    elif fault == "torn commit":  # the chunk file was replaced, then the process died before the manifest recorded it
         manifest = json.loads((tmp_path / "manifest.json").read_text())
         manifest["files"]["chunk_00000.npz"] = "0" * 64
+        (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    else:  # a chunk of another layout whose checksum was rewritten to match (by hand, or by another version)
+        with np.load(a) as z:
+            arrays = {k: z[k] for k in z.files}
+        if fault.startswith("wrong shape"):
+            arrays = {k: v[:1] for k, v in arrays.items()}
+        else:
+            arrays["record_iterations"] = arrays["record_iterations"] + 1
+        data = npz_bytes(arrays)
+        a.write_bytes(data)
+        manifest = json.loads((tmp_path / "manifest.json").read_text())
+        manifest["files"]["chunk_00000.npz"] = hashlib.sha256(data).hexdigest()
         (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

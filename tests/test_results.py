@@ -87,6 +87,13 @@ def test_sweep_chunks_on_disk_names_the_sweeps_chunk_files(tmp_path):
     assert r.sweep_chunks_on_disk(out, 3) == 3 and r.sweep_chunks_on_disk(out, 5) == 3
     (out / written[1]).unlink()
     assert r.sweep_chunks_on_disk(out, 3) == 2 and r.sweep_chunks_on_disk(None, 3) == 0
+    # A chunk file the manifest does not record (a torn commit) is not finished work.
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["files"][written[2]]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert r.sweep_chunks_on_disk(out, 3) == 1
+    (out / "manifest.json").write_text("[]")
+    assert r.sweep_chunks_on_disk(out, 3) == 0
 
 
 def test_finish_records_the_files_and_the_time_then_writes_the_payload(tmp_path):

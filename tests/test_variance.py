@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import _strict_json as strict_json
 import numpy as np
 import pytest
 
@@ -18,7 +19,7 @@ def test_variance_cli_json_and_resume(tmp_path, capsys):
     argv = ["variance", *TINY, "--k", "1", "2", "3", "--seeds", "1", "2", "--out", str(out), "--json"]
     assert cli.main(argv) == 0
     captured = capsys.readouterr()
-    payload = json.loads(captured.out)  # stdout is pure JSON
+    payload = strict_json.loads(captured.out)  # stdout is pure JSON
     assert "[variance]" in captured.err
     runs = payload["runs"]
     assert sorted((r["k"], r["seed"]) for r in runs) == [(k, s) for k in (1.0, 2.0, 3.0) for s in (1, 2)]
@@ -61,7 +62,7 @@ def test_variance_cli_json_and_resume(tmp_path, capsys):
     assert (out / "divergence.png").stat().st_size > 0
     # Rerun: every epoch is reused from the checkpoints, same numbers.
     assert cli.main(argv) == 0
-    again = json.loads(capsys.readouterr().out)
+    again = strict_json.loads(capsys.readouterr().out)
     assert again["runs"] == runs and again["fingerprints"] == fp
     # The table layout.
     assert cli.main(argv[:-1]) == 0
@@ -102,7 +103,7 @@ def test_determinism_cli(tmp_path, capsys, monkeypatch):
     # the trainer's compiled step (its ``alone`` fixture) when both run in one session.
     argv = ["determinism", "--train-size", "192", "--batch-size", "64", "--epochs", "2", "--out", str(out), "--json"]
     assert cli.main(argv) == 0
-    payload = json.loads(capsys.readouterr().out)
+    payload = strict_json.loads(capsys.readouterr().out)
     assert [c[2] for c in calls] == [True, False]
     assert calls[0][0] == "jaxcfl.experiments.determinism_check:lockstep_weights"
     assert payload["powers_of_two_identical"] and payload["odd_k_differ"]
@@ -119,6 +120,6 @@ def test_determinism_cli(tmp_path, capsys, monkeypatch):
 def test_determinism_cli_real_processes(tmp_path, capsys):
     argv = ["determinism", "--train-size", "128", "--batch-size", "64", "--epochs", "2", "--out", str(tmp_path), "--json"]
     assert cli.main(argv) == 0
-    payload = json.loads(capsys.readouterr().out)
+    payload = strict_json.loads(capsys.readouterr().out)
     assert payload["repeated_processes"]["on"]["identical"]
     assert payload["powers_of_two_identical"] and payload["odd_k_differ"]

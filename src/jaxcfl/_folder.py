@@ -88,6 +88,9 @@ class ResultFolder:
     def open(self) -> "ResultFolder":
         if self._lock_fd is not None:
             return self
+        if self.path.exists() and not self.path.is_dir():
+            raise FolderMismatch(f"{self.label}={str(self.path)!r} is a file, not a folder; give a folder "
+                                 f"(it is created if missing)")
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock()
         try:

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxcfl._folder import ResultFolder
+from jaxcfl._folder import MANIFEST, ResultFolder
 from jaxcfl._io import atomic_open
 
 __all__ = [
@@ -197,10 +197,17 @@ SWEEP_CHUNK = "chunk_{index:05d}.npz"
 
 
 def sweep_chunks_on_disk(folder: str | os.PathLike | None, chunks: int) -> int:
-    """How many of chunks ``0 .. chunks - 1`` of the sweep folder ``folder`` are finished (0 for ``None``)."""
+    """How many of chunks ``0 .. chunks - 1`` of the sweep folder ``folder`` are committed: on disk and
+    recorded in its manifest (0 for ``None`` or a folder without a readable manifest). A report, read
+    without the lock; the sweep itself checks each chunk's checksum before it reuses it."""
     if folder is None:
         return 0
-    return sum((Path(folder) / SWEEP_CHUNK.format(index=i)).exists() for i in range(chunks))
+    recorded = read_json(Path(folder) / MANIFEST)
+    recorded = recorded.get("files") if isinstance(recorded, dict) else None
+    if not isinstance(recorded, dict):
+        return 0
+    names = (SWEEP_CHUNK.format(index=i) for i in range(chunks))
+    return sum(name in recorded and (Path(folder) / name).exists() for name in names)
 
 
 # --- the folder ------------------------------------------------------------------------------------

@@ -144,6 +144,9 @@ def empirical_bounds(
       :class:`EmpiricalBounds`.
     """
     start_time = time.perf_counter()
+    if np.ndim(lr) != 0:
+        raise ValueError(f"lr must be one learning rate (a scalar), got shape {np.shape(lr)}; "
+                         f"call empirical_bounds once per lr")
     v.check_positive("lr", lr)
     lo, hi = (float(x) for x in alpha_range)
     if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo < hi):

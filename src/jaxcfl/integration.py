@@ -21,7 +21,7 @@ from jax.typing import ArrayLike
 from jaxcfl import _validate as v
 from jaxcfl.determinism import divergence
 from jaxcfl.model import MODELS, gradient_fn, loss
-from jaxcfl.problem import Hyper, Problem, check_kernel
+from jaxcfl.problem import Hyper, Problem, as_kernel, check_kernel
 from jaxcfl.schemes import State, get_scheme, init
 
 
@@ -262,8 +262,8 @@ def integrate(
       >>> traj.diagnostics.loss.shape
       (11,)
     """
-    scheme, steps, record_every, pair_k = _check_run(hyper, model, scheme, steps, record_every, compare_k, problem.dtype)
-    state = kernel if isinstance(kernel, State) else init(jnp.asarray(kernel, problem.dtype))
+    scheme, steps, record_every, pair_k = _check_run(problem, hyper, model, scheme, steps, record_every, compare_k)
+    state = kernel if isinstance(kernel, State) else init(as_kernel(problem, kernel))
     check_kernel(problem, state.kernel)
     return _integrate(problem, state, hyper, pair_k, scheme=scheme, model=model, steps=steps, record_every=record_every,
                       compare=compare_k is not None)
@@ -288,11 +288,10 @@ def integrate_many(
     (``lax.map`` over vmapped groups), which on CPU keeps the transforms' working
     set in cache; ``map_batch=None`` is a plain ``vmap`` (best for the dense operator).
     """
-    scheme, steps, record_every, pair_k = _check_run(hypers, model, scheme, steps, record_every, compare_k, problem.dtype)
+    scheme, steps, record_every, pair_k = _check_run(problem, hypers, model, scheme, steps, record_every, compare_k)
     if map_batch is not None:
         map_batch = v.check_int("map_batch", map_batch, minimum=1)
-    state = init(jnp.asarray(kernel, problem.dtype))
-    check_kernel(problem, state.kernel)
+    state = init(as_kernel(problem, kernel))
     return _integrate_many(problem, state, hypers, pair_k, scheme=scheme, model=model, steps=steps,
                            record_every=record_every, compare=compare_k is not None, map_batch=map_batch)
 
@@ -320,8 +319,10 @@ def map_configs(fn, xs, *, groups: int = 1, map_batch: int | None = None):
     return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), out)
 
 
-def _check_run(hyper, model, scheme, steps, record_every, compare_k, dtype):
+def _check_run(problem, hyper, model, scheme, steps, record_every, compare_k):
     """Validate :func:`integrate`'s arguments; returns the canonical scheme, the counts and ``k`` of the copy."""
+    if not isinstance(problem, Problem):
+        raise TypeError(f"problem must be a jaxcfl.Problem (use jaxcfl.make_problem), got {type(problem).__name__}")
     if not isinstance(hyper, Hyper):
         raise TypeError(f"hyper must be a jaxcfl.Hyper (use jaxcfl.make_hyper), got {type(hyper).__name__}")
     v.check_positive("lr", hyper.lr)
@@ -334,5 +335,5 @@ def _check_run(hyper, model, scheme, steps, record_every, compare_k, dtype):
     record_every = v.check_int("record_every", record_every, minimum=1)
     if compare_k is not None:
         v.check_positive("compare_k", compare_k)
-    pair_k = jnp.asarray(1.0 if compare_k is None else compare_k, dtype)
+    pair_k = jnp.asarray(1.0 if compare_k is None else compare_k, problem.dtype)
     return scheme, steps, record_every, pair_k

@@ -275,6 +275,19 @@ def normal_operator(problem: Problem, kernel: Array) -> Array:
     return problem.backend.normal(kernel)
 
 
+def as_kernel(problem: Problem, kernel: Any, name: str = "kernel") -> Array:
+    """``kernel`` as an array in the problem's dtype, after checking that it is a real array of
+    the problem's kernel shape (and that ``problem`` is a :class:`Problem`)."""
+    if not isinstance(problem, Problem):
+        raise TypeError(f"problem must be a jaxcfl.Problem (use jaxcfl.make_problem), got {type(problem).__name__}")
+    try:
+        arr = np.asarray(kernel, dtype=np.float64) if not isinstance(kernel, jax.Array) else kernel
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real array of shape {problem.kernel_shape}, got {kernel!r:.60}") from None
+    check_kernel(problem, arr, name)
+    return jnp.asarray(arr, problem.dtype)
+
+
 def check_kernel(problem: Problem, kernel: Any, name: str = "kernel") -> None:
     if tuple(np.shape(kernel)) != problem.kernel_shape:
         raise ValueError(f"{name} must have shape {problem.kernel_shape} (kernel_size={problem.kernel_size}), got {np.shape(kernel)}")

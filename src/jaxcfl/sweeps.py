@@ -91,10 +91,15 @@ def _fit_slope(x: Array, y: Array, mask: Array) -> tuple[Array, Array]:
     return jnp.where(ok, slope, jnp.nan), jnp.where(ok, stderr, jnp.nan)
 
 
+def _records(steps: int, stride: int) -> SaveAt:
+    """What a sweep records: every ``stride`` iterations, ending at ``steps``."""
+    return SaveAt(stride, offset=steps % stride, initial=False)
+
+
 def _run_one(problem: Problem, kernel0: Array, hyper: Hyper, compare_k: Array, *, scheme: str, model: str,
              steps: int, stride: int, tail: int, compare: bool, with_loss: bool) -> dict[str, Array]:
     """One configuration: :func:`jaxcfl.integration.solve` with records ending at ``steps``, then its summary."""
-    save = SaveAt(stride, offset=steps % stride, initial=False)
+    save = _records(steps, stride)
     sol = solve(problem, init(kernel0), hyper, scheme=scheme, model=model, steps=steps, save=save,
                 pair_k=compare_k if compare else None, tail=tail, with_loss=with_loss)
     rec, state = sol.diagnostics, sol.state
@@ -178,11 +183,15 @@ class SweepSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SweepSpec":
         fields = {f.name for f in dataclasses.fields(cls)} - {"setup"}
+        setup = Setup.from_dict(data)  # checks that data is a mapping
+        missing = sorted(fields - {"lr", "alpha"} - set(data))
+        if missing:
+            raise ValueError(f"SweepSpec.from_dict: missing {', '.join(missing)}")
         kw = {k: data.get(k) for k in fields}
         kw["image_shape"] = tuple(data["image_shape"])
         for axis in ("lr", "alpha"):
             kw[axis] = None if data.get(axis) is None else tuple(data[axis])
-        return cls(setup=Setup.from_dict(data), **kw)
+        return cls(setup=setup, **kw)
 
     def with_grid(self, lr: np.ndarray, alpha: np.ndarray) -> "SweepSpec":
         return dataclasses.replace(self, lr=tuple(map(float, lr)), alpha=tuple(map(float, alpha)))
@@ -270,19 +279,49 @@ def _chunk_name(index: int) -> str:
     return SWEEP_CHUNK.format(index=index)
 
 
-def _load_chunk(folder: ResultFolder, index: int, names: Sequence[str]) -> dict[str, np.ndarray] | None:
-    """A committed chunk whose checksum matches, or ``None`` (never committed, lost or damaged: recompute)."""
-    data, state = folder.read(_chunk_name(index))
+def _load_chunk(folder: ResultFolder, index: int, names: Sequence[str], rows: int,
+                iterations: np.ndarray) -> dict[str, np.ndarray] | None:
+    """A committed chunk whose checksum matches and whose arrays have this sweep's layout, or
+    ``None`` (never committed, lost, damaged or of another layout: recompute).
+
+    The layout: every array holds ``rows`` configurations; the records (``curve_*`` and
+    ``record_iterations``) hold one entry per recorded iteration, and those iterations are this
+    sweep's. A chunk can pass its checksum and still fail here: a file written by another
+    version, or a manifest rewritten by hand.
+    """
+    name = _chunk_name(index)
+    data, state = folder.read(name)
     if data is None:
         if state in ("missing", "corrupt"):
-            warnings.warn(f"{folder.label}={str(folder.path)!r}: {_chunk_name(index)} is {state} "
+            warnings.warn(f"{folder.label}={str(folder.path)!r}: {name} is {state} "
                           f"(its checksum is in the manifest); recomputing it", stacklevel=3)
         return None
     try:
         with np.load(io.BytesIO(data)) as arrays:
-            return {name: arrays[name] for name in names}
+            chunk = {key: arrays[key] for key in names}
     except Exception:  # checksummed but unreadable (a writer's bug): recompute, never trust
+        chunk, problem = None, "unreadable"
+    else:
+        problem = _layout_problem(chunk, rows, iterations)
+    if problem is not None:
+        warnings.warn(f"{folder.label}={str(folder.path)!r}: {name} passed its checksum but is {problem}; "
+                      f"recomputing it", stacklevel=3)
         return None
+    return chunk
+
+
+def _layout_problem(chunk: dict[str, np.ndarray], rows: int, iterations: np.ndarray) -> str | None:
+    """What is wrong with a loaded chunk's layout (``None``: nothing)."""
+    records = (iterations.size,)
+    for key, arr in chunk.items():
+        want = (rows, *records) if key.startswith("curve_") or key == "record_iterations" else (rows,)
+        if arr.shape != want:
+            return f"of another layout ({key} has shape {arr.shape}, this sweep needs {want})"
+        if arr.dtype.kind not in "biuf":
+            return f"of another layout ({key} has dtype {arr.dtype})"
+    if not np.array_equal(chunk["record_iterations"], np.broadcast_to(iterations, (rows, iterations.size))):
+        return "of another record layout (its recorded iterations are not this sweep's)"
+    return None
 
 
 # --- the engine ---------------------------------------------------------------------------------
@@ -340,10 +379,12 @@ def run_configs(
     kernel_d = jax.device_put(kernel0, replicated)
     names = None
     results: list[dict[str, np.ndarray]] = []
+    records = _records(steps, stride).iterations(steps)
     bar = _progress_bar(n_chunks, progress, "sweep")
     for index in range(n_chunks):
         lo, hi = index * chunk_size, min(n, (index + 1) * chunk_size)
-        cached = _load_chunk(folder, index, names or _output_names()) if folder is not None else None
+        cached = (_load_chunk(folder, index, names or _output_names(), hi - lo, records)
+                  if folder is not None else None)
         if cached is None:
             take = np.minimum(np.arange(width) + lo, hi - 1)  # pad with the chunk's last configuration
             hyp = jax.device_put(jax.tree.map(lambda x: x[take], hypers), sharded)
