@@ -37,6 +37,14 @@ For each iteration count (``--iterations``, default 20 64 128 256) it times, in 
     one, call by call, so that both see the same load: ``before / jaxcfl > 1`` means the
     current version is faster.
 
+``--hvp`` (a separate run)
+    Hessian-vector products of a mean loss over ``N`` examples (a one-hidden-layer tanh
+    network, logistic loss, float32), in one call and accumulated over chunks of ``b``
+    examples (``physical_batch_size``, ``jaxcfl.curvature``): the steady time per product,
+    XLA's temporary memory of the compiled product, the relative difference to the
+    one-call product, and the steady time of ``jaxcfl.sharpness`` (``--hvp-iterations``
+    Lanczos steps) with the same chunks.
+
 The Ritz values of the NumPy loop and of jaxcfl agree to rounding (``ritz diff``, relative).
 Other processes may share the CPU: each row carries the fraction of all CPUs that *other*
 processes used meanwhile (``other``; 0.5 = one core of two).
@@ -47,6 +55,7 @@ Usage::
     python benchmarks/lanczos.py --quick      # smoke test (seconds)
     python benchmarks/lanczos.py --json > out.json
     python benchmarks/lanczos.py --before old_spectral.py   # before/after ratios in one run
+    python benchmarks/lanczos.py --hvp        # chunked against one-call Hessian-vector products
 """
 
 from __future__ import annotations
@@ -170,6 +179,54 @@ def run_eigsh(np_matvec, n: int, start: np.ndarray, ncv: int, tol: float) -> dic
                 minimum=float(np.min(vals)) if len(vals) else None, maximum=float(np.max(vals)) if len(vals) else None)
 
 
+def hvp_loss(params, x, y):
+    """Mean logistic loss of a one-hidden-layer tanh network (the ``--hvp`` benchmark's loss)."""
+    return jnp.mean(jax.nn.softplus(-y * (jnp.tanh(x @ params["W"].T) @ params["v"])))
+
+
+def hvp_rows(examples: int, chunks: list[int], iterations: int, repeats: int, out) -> list[dict]:
+    """Chunked against one-call Hessian-vector products (``--hvp``): one row per chunk size."""
+    from jax.flatten_util import ravel_pytree
+
+    from jaxcfl.curvature import _ChunkedHVP, _hvp, sharpness
+
+    rng = np.random.default_rng(0)
+    features, hidden = 64, 256
+    x = jnp.asarray(rng.standard_normal((examples, features)), jnp.float32)
+    y = jnp.asarray(np.sign(rng.standard_normal(examples)), jnp.float32)
+    params = {"W": jnp.asarray(rng.standard_normal((hidden, features)) / np.sqrt(features), jnp.float32),
+              "v": jnp.asarray(rng.standard_normal(hidden) / np.sqrt(hidden), jnp.float32)}
+    n = ravel_pytree(params)[0].size
+    vec = jnp.asarray(rng.standard_normal(n), jnp.float32)
+    loss_fn, alpha = Partial(hvp_loss), jnp.float32(0.0)
+    print(f"hvp: N = {examples} examples, {n} parameters; sharpness with {iterations} iterations", file=out)
+    print(f"{'chunk':>6} {'compile s':>9} {'hvp ms':>8} {'temp MiB':>9} {'rel diff':>9} {'sharpness s':>11} {'other':>5}",
+          file=out, flush=True)
+    rows, whole = [], None
+    for chunk in [None, *chunks]:
+        load = OtherLoad().start()
+        hvp = _hvp if chunk is None else _ChunkedHVP(chunk)
+        fn = jax.jit(lambda p, x, y, v, hvp=hvp: hvp(loss_fn, p, (x, y), alpha, v))
+        t = time.perf_counter()
+        compiled = fn.lower(params, x, y, vec).compile()
+        compile_s = time.perf_counter() - t
+        stats = compiled.memory_analysis()
+        temp = None if stats is None else stats.temp_size_in_bytes
+        steady, result = best_of(lambda c=compiled: c(params, x, y, vec).block_until_ready(), repeats)
+        whole = result if whole is None else whole
+        diff = float(jnp.max(jnp.abs(result - whole)) / jnp.max(jnp.abs(whole)))
+        sharp = lambda b=chunk: sharpness(hvp_loss, params, x, y, iterations=iterations, physical_batch_size=b)
+        sharp()  # compile
+        sharp_s, value = best_of(sharp, repeats)
+        row = dict(chunk=chunk, examples=examples, parameters=n, compile_s=compile_s, hvp_s=steady,
+                   temp_bytes=temp, rel_diff=diff, sharpness_s=sharp_s, sharpness=value, other_load=load.stop())
+        print(f"{'all' if chunk is None else chunk:>6} {compile_s:>9.2f} {1e3 * steady:>8.1f} "
+              f"{'-' if temp is None else f'{temp / 2**20:.1f}':>9} {diff:>9.1e} {sharp_s:>11.3f} "
+              f"{100 * (row['other_load'] or 0):>4.0f}%", file=out, flush=True)
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--iterations", type=int, nargs="+", default=[20, 64, 128, 256])
@@ -179,7 +236,22 @@ def main(argv=None) -> None:
     p.add_argument("--no-eigsh", action="store_true", help="skip the SciPy baseline")
     p.add_argument("--before", metavar="FILE", help="an older jaxcfl/spectral.py to time alongside (before/after)")
     p.add_argument("--json", action="store_true", help="print JSON on stdout (the table goes to stderr)")
+    p.add_argument("--hvp", action="store_true", help="only: chunked against one-call Hessian-vector products")
+    p.add_argument("--hvp-examples", type=int, default=16_384, help="--hvp: examples N (default 16384)")
+    p.add_argument("--hvp-chunks", type=int, nargs="+", default=[4096, 1024, 1000, 256],
+                   help="--hvp: chunk sizes (physical_batch_size)")
+    p.add_argument("--hvp-iterations", type=int, default=20, help="--hvp: Lanczos iterations of the sharpness")
     args = p.parse_args(argv)
+    if args.hvp:
+        out = sys.stderr if args.json else sys.stdout
+        info = machine_info()
+        print(f"cpu: {info['cpu_model']} (nproc {info['nproc']}), jax {info['jax']} ({info['jax_backend']}); float32",
+              file=out)
+        rows = hvp_rows(args.hvp_examples, args.hvp_chunks, args.hvp_iterations, args.repeats, out)
+        if args.json:
+            json.dump(dict(machine=info, hvp=rows), sys.stdout, indent=1)
+            print()
+        return
     old = load_before(args.before) if args.before else None
     if args.quick:
         args.iterations, args.repeats = [20, 64], 1

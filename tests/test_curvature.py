@@ -6,13 +6,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
+from jax.tree_util import Partial
 
 import jaxcfl
 from jaxcfl.curvature import (
     ABOVE_RANGE,
     BELOW_RANGE,
     FOUND,
+    _chunked_objective,
+    _ChunkedHVP,
     _hvp,
+    hessian_eigenpairs,
     integrate_sharpness,
     max_stable_lr,
     one_layer_loss,
@@ -269,3 +274,138 @@ def test_plot_sharpness_draws_the_two_over_lr_line(tmp_path):
     np.testing.assert_allclose(lines[1].get_ydata(), 2.0 / 0.15)
     plot.save(plot_sharpness(traj, log=True), tmp_path / "sharpness.png")
     assert (tmp_path / "sharpness.png").stat().st_size > 0
+
+
+# --- top-k Hessian eigenpairs ----------------------------------------------------------------------
+
+def least_squares(p, x, y):
+    """A mean over examples: ``H = X^T X / N`` (the convention of ``physical_batch_size``)."""
+    return 0.5 * jnp.mean((x @ p["w"] + p["b"] - y) ** 2)
+
+
+def _lsq_setup(dtype, n=40):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((n, 6)) * np.array([4.0, 2.5, 1.5, 1.0, 0.5, 0.2])  # well-separated eigenvalues
+    params = {"w": jnp.asarray(rng.standard_normal(6), dtype), "b": jnp.asarray(0.3, dtype)}
+    return params, jnp.asarray(x, dtype), jnp.asarray(rng.standard_normal(n), dtype)
+
+
+def _dense_hessian(loss_fn, params, *args):
+    flat, unravel = ravel_pytree(params)
+    return np.asarray(jax.jit(jax.hessian(lambda f: loss_fn(unravel(f), *args)))(flat), np.float64)
+
+
+@pytest.mark.parametrize("chunk", [None, 7], ids=["whole", "chunked"])
+def test_hessian_eigenpairs_of_least_squares_match_numpy(dtype, chunk):
+    params, x, y = _lsq_setup(dtype)
+    exact, vecs = np.linalg.eigh(_dense_hessian(least_squares, params, x, y) + 0.25 * np.eye(7))
+    pairs = hessian_eigenpairs(least_squares, params, x, y, k=3, alpha=0.25, physical_batch_size=chunk)
+    assert pairs.iterations == 7 and pairs.vectors.shape == (3, 7) and pairs.vectors.dtype == dtype
+    # iterations = n: the Krylov space is the whole space, only rounding is left
+    np.testing.assert_allclose(pairs.values, exact[::-1][:3], rtol=50 * float(jnp.finfo(dtype).eps))
+    cos = np.abs(np.sum(pairs.vectors.astype(np.float64) * vecs[:, ::-1][:, :3].T, axis=1))
+    np.testing.assert_allclose(cos, 1.0, atol=100 * float(jnp.finfo(dtype).eps))
+    tree = pairs.vector_tree(1)
+    assert jax.tree.structure(tree) == jax.tree.structure(params) and tree["w"].shape == (6,)
+    np.testing.assert_array_equal(ravel_pytree(tree)[0], pairs.vectors[1])
+
+
+def test_hessian_eigenpairs_of_a_nonconvex_loss_match_the_dense_hessian():
+    params, x, y = _mlp_setup()
+    exact, vecs = np.linalg.eigh(_dense_hessian(mlp_loss, params, x, y))
+    pairs = hessian_eigenpairs(mlp_loss, params, x, y, k=3)
+    assert np.all(np.diff(exact[::-1][:4]) < -0.03)  # gaps >= 0.03 = 0.1 l_max: the top three vectors are determined
+    np.testing.assert_allclose(pairs.values, exact[::-1][:3], rtol=1e-4)
+    cos = np.abs(np.sum(pairs.vectors.astype(np.float64) * vecs[:, ::-1][:, :3].T, axis=1))
+    np.testing.assert_allclose(cos, 1.0, atol=1e-4)
+    assert pairs.values[0] == pytest.approx(sharpness(mlp_loss, params, x, y), rel=1e-6)  # same start and Krylov space
+
+
+# --- Hessian-vector products over chunks of the data ------------------------------------------------
+
+@pytest.mark.parametrize("chunk", [1, 4, 32, 5, 7, 33, 100], ids=lambda b: f"b={b}")
+def test_chunked_hvp_and_sharpness_equal_the_whole_batch(chunk):
+    """N = 32 examples: chunks that divide N (1, 4, 32), that leave a remainder (5, 7), and one chunk
+    larger than the data (33, 100: a single call). Equal to rounding; the weight decay counts once."""
+    params, x, y = _mlp_setup()
+    loss_fn, alpha = Partial(mlp_loss), jnp.float32(0.5)
+    vec = jnp.asarray(np.random.default_rng(3).standard_normal(16), jnp.float32)
+    whole = jax.jit(_hvp)(loss_fn, params, (x, y), alpha, vec)
+    np.testing.assert_allclose(jax.jit(_ChunkedHVP(chunk))(loss_fn, params, (x, y), alpha, vec), whole,
+                               rtol=1e-5, atol=1e-6 * float(jnp.abs(whole).max()))
+    np.testing.assert_allclose(_chunked_objective(loss_fn, params, (x, y), alpha, batch=chunk),
+                               float(mlp_loss(params, x, y)) + 0.25 * float(ravel_pytree(params)[0] @ ravel_pytree(params)[0]),
+                               rtol=1e-6)
+    ext = sharpness(mlp_loss, params, x, y, alpha=0.5, physical_batch_size=chunk, return_extremes=True)
+    ref = sharpness(mlp_loss, params, x, y, alpha=0.5, return_extremes=True)
+    assert ext.maximum == pytest.approx(ref.maximum, rel=1e-5)
+    assert ext.minimum == pytest.approx(ref.minimum, rel=1e-4)
+
+
+def test_chunked_sharpness_takes_pytree_data_and_float64(dtype):
+    params, x, y = _lsq_setup(dtype, n=50)
+    loss = lambda p, data: least_squares(p, data["x"], data["y"])
+    ref = sharpness(loss, params, {"x": x, "y": y})
+    got = sharpness(loss, params, {"x": x, "y": y}, physical_batch_size=16)
+    assert got == pytest.approx(ref, rel=20 * float(jnp.finfo(dtype).eps))
+
+
+def _temp_bytes(fn, *args) -> int:
+    stats = jax.jit(fn).lower(*args).compile().memory_analysis()
+    if stats is None:
+        pytest.skip("this backend reports no memory analysis")
+    return stats.temp_size_in_bytes
+
+
+def test_chunked_memory_scales_with_the_chunk_not_the_data():
+    """XLA's temporary buffers of the Hessian-vector product and of the loss: without chunks they grow with
+    N; over chunks of 64 they stay those of one chunk (the data are sliced, never copied)."""
+    loss_fn = Partial(lambda p, x, y: 0.5 * jnp.mean(jnp.tanh(x @ p) ** 2 + (x @ p - y) ** 2))
+    p, alpha = jnp.ones(200), jnp.float32(0.1)
+    temps = {}
+    for n in (2048, 8192):
+        x, y = jnp.ones((n, 200)), jnp.ones(n)
+        temps["whole", n] = _temp_bytes(lambda x, y, v: _hvp(loss_fn, p, (x, y), alpha, v), x, y, p)
+        temps["chunked", n] = _temp_bytes(lambda x, y, v: _ChunkedHVP(64)(loss_fn, p, (x, y), alpha, v), x, y, p)
+        temps["loss", n] = _temp_bytes(lambda x, y: _chunked_objective(loss_fn, p, (x, y), alpha, batch=64), x, y)
+    assert temps["whole", 8192] >= 3 * temps["whole", 2048]
+    assert temps["chunked", 8192] <= 1.1 * temps["chunked", 2048] < temps["whole", 8192] / 1.5
+    assert temps["loss", 8192] <= 1.1 * temps["loss", 2048] + 1024
+
+
+def test_chunked_sharpness_never_retraces_for_new_data():
+    traces = []
+
+    def counted(p, x, y):
+        traces.append(1)
+        return mlp_loss(p, x, y)
+
+    params, x, y = _mlp_setup()
+    first = sharpness(counted, params, x, y, physical_batch_size=5)
+    before = len(traces)
+    second = sharpness(counted, jax.tree.map(lambda a: 1.1 * a, params), -x, y, physical_batch_size=5)
+    assert before > 0 and len(traces) == before and first != second
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda p, x, y: sharpness(mlp_loss, p, x, y, physical_batch_size=0), "physical_batch_size must be an int >= 1"),
+        (lambda p, x, y: sharpness(mlp_loss, p, x, y, physical_batch_size=2.5), "physical_batch_size must be an int >= 1"),
+        (lambda p, x, y: sharpness(mlp_loss, p, x, y, physical_batch_size=True), "physical_batch_size must be an int >= 1"),
+        (lambda p, x, y: sharpness(mlp_loss, p, x, y[:5], physical_batch_size=4),
+         r"same leading length .*args\[0\]: 32, args\[1\]: 5"),
+        (lambda p, x, y: sharpness(lambda q, a, s: mlp_loss(q, a, y) * s, p, x, 2.0, physical_batch_size=4),
+         r"args\[1\] is a scalar"),
+        (lambda p, x, y: sharpness(lambda q: jnp.sum(q["v"] ** 2), p, physical_batch_size=4), "needs data"),
+        (lambda p, x, y: sharpness(lambda q, a: jnp.tanh(a @ q["W"].T) @ q["v"], p, x, physical_batch_size=4),
+         "must return a scalar"),
+        (lambda p, x, y: hessian_eigenpairs(mlp_loss, p, x, y, k=0), "k must be an int in"),
+        (lambda p, x, y: hessian_eigenpairs(mlp_loss, p, x, y, k=17), r"k must be an int in \[1, 16\]"),
+        (lambda p, x, y: hessian_eigenpairs(mlp_loss, p, x, y, k=5, iterations=4), r"k must be an int in \[1, 4\]"),
+        (lambda p, x, y: hessian_eigenpairs(mlp_loss, p, x, y, iterations=17), "iterations"),
+    ],
+)
+def test_bad_chunks_and_k_are_refused_naming_the_argument(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(*_mlp_setup())

@@ -4,8 +4,17 @@ from jaxcfl import data, heat, perturb, statistics, theory
 from jaxcfl.bounds import EmpiricalBounds, empirical_bounds
 from jaxcfl.search import log_bisect
 from jaxcfl.classify import Rule, classify
-from jaxcfl.curvature import MaxStableLR, SharpnessTrajectory, integrate_sharpness, max_stable_lr, sharpness, sharpness_trajectory
+from jaxcfl.curvature import (
+    MaxStableLR,
+    SharpnessTrajectory,
+    hessian_eigenpairs,
+    integrate_sharpness,
+    max_stable_lr,
+    sharpness,
+    sharpness_trajectory,
+)
 from jaxcfl.determinism import divergence, enable_deterministic_mode, fingerprint, run_in_processes
+from jaxcfl.guard import CFLGuardState, cfl_guard, guard_state, guarded_lr, refresh_due
 from jaxcfl.perturb import perturb_update, perturbed_sgd, ulp_perturb
 from jaxcfl.images import checkerboard
 from jaxcfl.integration import Diagnostics, SaveAt, Trajectory, diagnose, integrate, integrate_many
@@ -25,7 +34,7 @@ from jaxcfl.problem import (
 )
 from jaxcfl.rounding import scaled_update
 from jaxcfl.schemes import SCHEMES, State, euler_step, init, nesterov_step
-from jaxcfl.spectral import lanczos_extremes
+from jaxcfl.spectral import Eigenpairs, lanczos_extremes, top_eigenpairs
 from jaxcfl.sweeps import SweepResult, SweepSpec, config_mesh, sweep
 from jaxcfl._version import __version__
 
@@ -55,7 +64,9 @@ __all__ = [
     "MODELS",
     "POOLS",
     "SCHEMES",
+    "CFLGuardState",
     "Diagnostics",
+    "Eigenpairs",
     "EmpiricalBounds",
     "Rule",
     "SaveAt",
@@ -66,6 +77,7 @@ __all__ = [
     "Problem",
     "State",
     "Trajectory",
+    "cfl_guard",
     "checkerboard",
     "classify",
     "config_mesh",
@@ -80,7 +92,10 @@ __all__ = [
     "fingerprint",
     "gradient",
     "gradient_fn",
+    "guard_state",
+    "guarded_lr",
     "heat",
+    "hessian_eigenpairs",
     "init",
     "integrate",
     "integrate_many",
@@ -98,6 +113,7 @@ __all__ = [
     "perturb",
     "perturb_update",
     "plot",
+    "refresh_due",
     "perturbed_sgd",
     "run_in_processes",
     "scaled_update",
@@ -109,6 +125,7 @@ __all__ = [
     "statistics",
     "sweep",
     "theory",
+    "top_eigenpairs",
     "train",
     "TrainConfig",
     "TrainResult",

@@ -72,6 +72,13 @@ def check_int(name: str, value: Any, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_count(name: str, value: Any, upper: int, what: str) -> int:
+    """A static count: an int (not a bool) in ``[1, upper]``, else ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= upper:
+        raise ValueError(f"{name} must be an int in [1, {upper}] ({what}), got {value!r}")
+    return int(value)
+
+
 def check_image(image: Any, name: str = "image") -> None:
     """A 2-D array of finite values, at least 1 x 1."""
     shape = np.shape(image)

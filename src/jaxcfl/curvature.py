@@ -10,7 +10,11 @@ pytree of float arrays:
 
 * :func:`sharpness`: Lanczos (:func:`jaxcfl.spectral.lanczos_extremes`) on
   Hessian-vector products (forward-over-reverse, ``jax.jvp`` of ``jax.grad``);
-  no Hessian is ever formed.
+  no Hessian is ever formed. :func:`hessian_eigenpairs`: the ``k`` largest
+  eigenvalues and their eigenvectors (:func:`jaxcfl.spectral.top_eigenpairs`).
+  Both accept ``physical_batch_size``: the Hessian-vector products are then
+  accumulated over chunks of the data, so that memory scales with the chunk,
+  not with the data set (as locuslab/edge-of-stability does for Cohen et al.).
 * :func:`sharpness_trajectory`: sharpness and loss every ``every`` steps of
   full-batch gradient descent, beside ``2 / lr``; :func:`integrate_sharpness`
   does the same along :func:`jaxcfl.integrate` for the one-layer CNN
@@ -51,12 +55,12 @@ from jax.typing import ArrayLike
 
 from jaxcfl import _validate as v
 from jaxcfl._results import jsonable
-from jaxcfl.search import Bracket, log_bisect
 from jaxcfl.integration import integrate
 from jaxcfl.model import loss
 from jaxcfl.problem import Hyper, Problem, check_kernel
 from jaxcfl.schemes import canonical_scheme, init
-from jaxcfl.spectral import Extremes, lanczos_extremes
+from jaxcfl.search import Bracket, log_bisect
+from jaxcfl.spectral import Eigenpairs, Extremes, lanczos_extremes, top_eigenpairs
 
 LossFn = Callable[..., Array]
 
@@ -68,10 +72,15 @@ DEFAULT_ITERATIONS = 64
 # Module-level functions of a `Partial(loss_fn)`: their compiled programs are cached
 # on the loss function's identity and the shapes of params/args, never on values.
 
+def _decay(params, alpha: Array) -> Array:
+    """``alpha/2 ||params||^2``."""
+    squares = sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(params))
+    return 0.5 * alpha * squares
+
+
 def _objective(loss_fn: Partial, params, args: tuple, alpha: Array) -> Array:
     """``loss_fn(params, *args) + alpha/2 ||params||^2``."""
-    squares = sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(params))
-    return loss_fn(params, *args) + 0.5 * alpha * squares
+    return loss_fn(params, *args) + _decay(params, alpha)
 
 
 _objective_jit = jax.jit(_objective)
@@ -83,6 +92,71 @@ def _hvp(loss_fn: Partial, params, args: tuple, alpha: Array, vec: Array) -> Arr
     grad = functools.partial(jax.grad(_objective, argnums=1), loss_fn, args=args, alpha=alpha)
     _, tangent = jax.jvp(grad, (params,), (unravel(vec),))
     return ravel_pytree(tangent)[0]
+
+
+# --- the same over chunks of the data (``physical_batch_size``) --------------------------------
+# Convention: every leaf of ``args`` is batched along axis 0 (N examples) and ``loss_fn`` is a
+# mean over them, so the full loss is ``sum_c (n_c / N) loss_c`` over chunks c of n_c examples,
+# and so are its gradient and Hessian. The weight decay is added once, outside the sum.
+
+def _chunk_mean(fn: Callable[[tuple], Any], args: tuple, batch: int) -> Any:
+    """``sum_c (n_c / N) fn(args_c)`` over consecutive chunks of ``batch`` examples (a pytree).
+
+    ``lax.scan`` over the ``N // batch`` full chunks, each a ``dynamic_slice`` of the data
+    (no copy of it), then one call on the remainder: the live memory of ``fn`` scales with
+    ``batch``, not ``N``. No padding: every example counts once, with weight ``1 / N``.
+    """
+    total = jax.tree_util.tree_leaves(args)[0].shape[0]
+    full, rest = divmod(total, batch)
+    parts = []
+    if full:
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((batch,) + x.shape[1:], x.dtype), args)
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(fn, shapes))
+
+        def body(acc, i):
+            chunk = jax.tree.map(lambda x: lax.dynamic_slice_in_dim(x, i * batch, batch), args)
+            return jax.tree.map(jnp.add, acc, fn(chunk)), None
+
+        acc, _ = lax.scan(body, zeros, jnp.arange(full))
+        parts.append(jax.tree.map(lambda a: a * (batch / total), acc))
+    if rest:
+        out = fn(jax.tree.map(lambda x: x[full * batch:], args))
+        parts.append(jax.tree.map(lambda a: a * (rest / total), out))
+    return parts[0] if len(parts) == 1 else jax.tree.map(jnp.add, *parts)
+
+
+@functools.partial(jax.jit, static_argnames=("batch",))
+def _chunked_objective(loss_fn: Partial, params, args: tuple, alpha: Array, *, batch: int) -> Array:
+    """:func:`_objective` with the loss accumulated over chunks of ``batch`` examples."""
+
+    def chunk_loss(chunk):
+        value = loss_fn(params, *chunk)
+        if jnp.shape(value) != ():  # checked while tracing: a per-example loss would not add up across chunks
+            raise ValueError(f"loss_fn must return a scalar, got shape {jnp.shape(value)} on a chunk of the data")
+        return value
+
+    return _chunk_mean(chunk_loss, args, batch) + _decay(params, alpha)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ChunkedHVP:
+    """:func:`_hvp` over chunks of ``batch`` examples: ``sum_c (n_c / N) H_c vec + alpha vec``.
+
+    Equal and hashable by ``batch``: as the function of a ``Partial`` mat-vec, its compiled
+    solver is cached per chunk size (``batch`` must be static: it sets the chunks' shapes).
+    """
+
+    batch: int
+
+    def __call__(self, loss_fn: Partial, params, args: tuple, alpha: Array, vec: Array) -> Array:
+        _, unravel = ravel_pytree(params)
+        tangent = unravel(vec)
+
+        def chunk_hvp(chunk):
+            grad = lambda p: jax.grad(loss_fn)(p, *chunk)
+            return ravel_pytree(jax.jvp(grad, (params,), (tangent,))[1])[0]
+
+        return _chunk_mean(chunk_hvp, args, self.batch) + alpha * vec
 
 
 def _gd_step(loss_fn: Partial, args: tuple, alpha: Array, lr: Array, params):
@@ -129,10 +203,41 @@ class _Setup:
     dtype: Any
     size: int
     value: float  # the objective at params
+    batch: int | None = None  # physical_batch_size: HVPs over chunks of this many examples
 
 
-def _setup(loss_fn: LossFn, params, args: tuple, alpha: float) -> _Setup:
-    """Validate the common inputs; evaluate the objective at ``params`` (it must be a finite scalar)."""
+def _check_batched(args: tuple, physical_batch_size: Any) -> int | None:
+    """``physical_batch_size`` (an int >= 1) and the data it chunks: every leaf of ``args`` batched alike."""
+    if physical_batch_size is None:
+        return None
+    if (isinstance(physical_batch_size, bool) or not isinstance(physical_batch_size, (int, np.integer))
+            or physical_batch_size < 1):
+        raise ValueError(f"physical_batch_size must be an int >= 1 or None, got {physical_batch_size!r}")
+    leaves = jax.tree_util.tree_flatten_with_path(args)[0]
+    if not leaves:
+        raise ValueError("physical_batch_size needs data to chunk: args hold no arrays")
+    lengths: dict[int, str] = {}
+    for path, leaf in leaves:
+        shape = np.shape(leaf)
+        where = "args" + jax.tree_util.keystr(path)
+        if not shape:
+            raise ValueError(f"with physical_batch_size every leaf of args must be batched along axis 0, but {where} "
+                             "is a scalar; close over unbatched values in loss_fn (e.g. jax.tree_util.Partial)")
+        lengths.setdefault(shape[0], where)
+    if len(lengths) > 1:
+        seen = ", ".join(f"{w}: {n}" for n, w in lengths.items())
+        raise ValueError(f"with physical_batch_size every leaf of args must have the same leading length "
+                         f"(the number of examples), got {seen}")
+    if 0 in lengths:
+        raise ValueError("physical_batch_size needs at least one example; args have leading length 0")
+    return int(physical_batch_size)
+
+
+def _setup(loss_fn: LossFn, params, args: tuple, alpha: float, physical_batch_size: int | None = None) -> _Setup:
+    """Validate the common inputs; evaluate the objective at ``params`` (it must be a finite scalar).
+
+    With ``physical_batch_size``, the objective is evaluated over chunks of the data.
+    """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     leaves, treedef = jax.tree_util.tree_flatten(params)
@@ -149,23 +254,38 @@ def _setup(loss_fn: LossFn, params, args: tuple, alpha: float) -> _Setup:
     v.check_nonnegative("alpha", alpha)
     alpha = jnp.asarray(alpha, flat.dtype)
     loss_fn = loss_fn if isinstance(loss_fn, Partial) else Partial(loss_fn)
-    value = _objective_jit(loss_fn, params, tuple(args), alpha)
+    args = tuple(args)
+    batch = _check_batched(args, physical_batch_size)
+    if batch is None:
+        value = _objective_jit(loss_fn, params, args, alpha)
+    else:
+        value = _chunked_objective(loss_fn, params, args, alpha, batch=batch)
     if np.shape(value) != ():
         raise ValueError(f"loss_fn must return a scalar, got shape {np.shape(value)}")
     value = float(value)
     if not np.isfinite(value):
         raise ValueError(f"the loss (loss_fn(params, *args) + alpha/2 ||params||^2) is not finite at params: {value}")
-    return _Setup(loss_fn, params, tuple(args), alpha, flat.dtype, int(flat.size), value)
+    return _Setup(loss_fn, params, args, alpha, flat.dtype, int(flat.size), value, batch)
+
+
+def _matvec(s: _Setup, params) -> Partial:
+    """The Hessian-vector product at ``params`` as a ``Partial`` (compiled once per shapes and chunk size)."""
+    hvp = _hvp if s.batch is None else _ChunkedHVP(s.batch)
+    return Partial(hvp, s.loss_fn, params, s.args, s.alpha)
+
+
+def _start(s: _Setup, key: Array | None) -> tuple[Array, Array]:
+    """The random start vector and the key for restart directions."""
+    key = jax.random.key(0) if key is None else key
+    start_key, restart_key = jax.random.split(key)
+    return jax.random.normal(start_key, (s.size,), s.dtype), restart_key
 
 
 def _spectrum(s: _Setup, params, iterations: int | None, key: Array | None) -> Extremes:
     """Extreme Hessian eigenvalues of the objective at ``params`` (no checks)."""
-    key = jax.random.key(0) if key is None else key
-    start_key, restart_key = jax.random.split(key)
-    start = jax.random.normal(start_key, (s.size,), s.dtype)
+    start, restart_key = _start(s, key)
     iterations = min(s.size, DEFAULT_ITERATIONS) if iterations is None else iterations
-    matvec = Partial(_hvp, s.loss_fn, params, s.args, s.alpha)
-    return lanczos_extremes(matvec, start, iterations=iterations, key=restart_key)
+    return lanczos_extremes(_matvec(s, params), start, iterations=iterations, key=restart_key)
 
 
 # --- sharpness ---------------------------------------------------------------------------------
@@ -178,6 +298,7 @@ def sharpness(
     iterations: int | None = None,
     key: Array | None = None,
     return_extremes: bool = False,
+    physical_batch_size: int | None = None,
 ) -> float | Extremes:
     """The largest eigenvalue of the Hessian of ``loss_fn(params, *args) + alpha/2 ||params||^2``.
 
@@ -199,21 +320,80 @@ def sharpness(
       key: PRNG key of the random start vector (default ``jax.random.key(0)``).
       return_extremes: return the :class:`~jaxcfl.spectral.Extremes` (smallest and
         largest eigenvalue with residual bounds) instead of the largest only.
+      physical_batch_size: accumulate the Hessian-vector products (and the loss
+        checked at ``params``) over chunks of this many examples; memory then scales
+        with the chunk, not with the data. Needs every leaf of ``args`` batched along
+        axis 0 with one length ``N`` and ``loss_fn`` a *mean* over the examples: the
+        product is ``sum_c (n_c / N) H_c v + alpha v`` over the chunks ``c`` (the last
+        one holds ``N mod physical_batch_size`` examples if that is not 0), the same
+        operator as without chunks, up to rounding. ``None`` (default): one call on all the data.
 
     Returns:
       The sharpness as a float, or the :class:`~jaxcfl.spectral.Extremes`.
 
     Raises:
       ValueError: the loss is not a scalar or not finite at ``params``, ``params`` is
-        empty, ``alpha < 0`` or ``iterations`` is outside ``[1, n]``.
+        empty, ``alpha < 0``, ``iterations`` is outside ``[1, n]``, or
+        ``physical_batch_size`` is not an int >= 1 or ``args`` are not batched alike.
       TypeError: ``params`` holds non-floating arrays.
 
     References:
       Cohen et al. (2021), section 2 (sharpness); Sun et al., JMLR 2024, appendix F.
     """
-    s = _setup(loss_fn, params, args, alpha)
+    s = _setup(loss_fn, params, args, alpha, physical_batch_size)
     ext = _spectrum(s, s.params, iterations, key)
     return ext if return_extremes else ext.maximum
+
+
+def hessian_eigenpairs(
+    loss_fn: LossFn,
+    params: Any,
+    *args: Any,
+    k: int = 1,
+    alpha: float = 0.0,
+    iterations: int | None = None,
+    key: Array | None = None,
+    physical_batch_size: int | None = None,
+) -> Eigenpairs:
+    """The ``k`` largest eigenvalues of the Hessian of ``loss_fn(params, *args) + alpha/2 ||params||^2``, with eigenvectors.
+
+    :func:`jaxcfl.spectral.top_eigenpairs` on the Hessian-vector products of
+    :func:`sharpness` (same start vector and Krylov space: ``values[0]`` is the
+    sharpness). The top eigenvectors are the directions along which gradient descent
+    turns unstable first (Cohen et al. 2021; Sun et al., JMLR 2024, appendix F:
+    ``lr < 2 / (alpha + values[0])``).
+
+    Args:
+      loss_fn, params, *args, alpha, key, physical_batch_size: as in :func:`sharpness`.
+      k: how many eigenpairs, an int in ``[1, n]`` (``n`` the number of parameters).
+      iterations: Krylov dimension in ``[k, n]``; default ``min(n, max(64, 2 k))``.
+        The largest pairs converge first; check ``residuals``.
+
+    Returns:
+      :class:`~jaxcfl.spectral.Eigenpairs`: ``values`` descending; ``vectors`` flat,
+      ``(k, n)``, in the order of ``jax.flatten_util.ravel_pytree(params)`` (for dot
+      products, projections, warm starts); ``vector_tree(i)`` gives the ``i``-th one
+      shaped like ``params`` (e.g. to step along it), ``unravel`` the map itself.
+
+    Raises:
+      ValueError: as :func:`sharpness`, and ``k`` not an int in ``[1, iterations]``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxcfl.curvature import hessian_eigenpairs
+      >>> loss = lambda p, x: jnp.mean(jnp.sum(x * p["w"] ** 2, axis=1))  # Hessian diag(2 mean(x))
+      >>> x = jnp.array([[1.0, 2.0, 6.0], [3.0, 2.0, 2.0]])
+      >>> pairs = hessian_eigenpairs(loss, {"w": jnp.ones(3)}, x, k=2, physical_batch_size=1)
+      >>> pairs.values.round(4).tolist(), abs(pairs.vector_tree(0)["w"]).round(4).tolist()  # sign: arbitrary
+      ([8.0, 4.0], [0.0, 0.0, 1.0])
+    """
+    s = _setup(loss_fn, params, args, alpha, physical_batch_size)
+    k = v.check_count("k", k, s.size, "at most the number of parameters")
+    start, restart_key = _start(s, key)
+    if iterations is None:
+        iterations = min(s.size, max(DEFAULT_ITERATIONS, 2 * k))
+    pairs = top_eigenpairs(_matvec(s, s.params), start, k=k, iterations=iterations, key=restart_key)
+    return dataclasses.replace(pairs, unravel=ravel_pytree(s.params)[1])
 
 
 # --- sharpness along a run -----------------------------------------------------------------

@@ -140,6 +140,26 @@ _SCHEMES = {
 }
 
 
+def momentum_limit(momentum: ArrayLike = 0.0, nesterov: bool = False) -> ArrayLike:
+    """The exact upper limit ``S`` on ``lr l`` for SGD on a quadratic mode of curvature ``l``.
+
+    SGD with momentum ``mu`` in the PyTorch convention (``buf = mu buf + d``; the step is
+    ``lr buf``, or ``lr (d + mu buf)`` with Nesterov, as :func:`jaxcfl.perturb.perturbed_sgd`)
+    is stable iff ``0 < lr l < S``:
+
+    * ``mu = 0``: ``S = 2``, forward Euler (eq 21), the ``gd`` scheme's limit;
+    * heavy ball: ``S = 2 (1 + mu)`` (characteristic polynomial ``z^2 - (1 + mu - x) z + mu``,
+      ``x = lr l``; its root ``-1`` is reached at ``x = 2 (1 + mu)``);
+    * Nesterov: ``S = 2 (1 + mu) / (1 + 2 mu)``, the ``nesterov`` scheme's limit (eqs 37-38)
+      with ``h = lr``: both have the polynomial ``z^2 - (1 + mu)(1 - x) z + mu (1 - x)``.
+
+    ``momentum`` may be traced (a JAX array); the result then is one.
+    """
+    if nesterov:
+        return _SCHEMES["nesterov"].limit(momentum)
+    return _SCHEMES["gd"].limit(momentum) * (1.0 + momentum)
+
+
 def canonical_scheme(name: str) -> str:
     """Resolve ``"gd"`` (aliases ``"euler"``, ``"forward_euler"``) or ``"nesterov"``."""
     if not isinstance(name, str) or name not in _ALIASES:

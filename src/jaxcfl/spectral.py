@@ -1,9 +1,12 @@
-"""Matrix-free extreme eigenvalues of a symmetric operator (Lanczos).
+"""Matrix-free extreme eigenvalues and top eigenpairs of a symmetric operator (Lanczos).
 
 One solver serves every spectral question in jaxcfl: the windowed stability
 bounds (operator ``W C^T C W`` and its relatives, mat-vecs by FFT) and the
-sharpness of a loss (Hessian-vector products). Only mat-vecs are used; no
-matrix is ever formed.
+sharpness of a loss and its top Hessian eigenvectors (Hessian-vector products).
+Only mat-vecs are used; no matrix is ever formed. One loop (``_krylov``) builds
+the Krylov basis and the tridiagonal matrix for all of :func:`lanczos_extremes`
+(extreme Ritz values), :func:`top_eigenpairs` (the ``k`` largest, with vectors)
+and :func:`lanczos_eigh` (the same, pure: for use inside ``jit``/``vmap``/``scan``).
 
 Cost: per iteration, one mat-vec and the re-orthogonalisation (two classical
 Gram-Schmidt passes, four products with the ``(iterations + 1) x n`` basis, in
@@ -16,13 +19,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array, lax
 from jax.tree_util import Partial
 from jax.typing import ArrayLike
 
+from jaxcfl import _validate as v
 
 BREAKDOWN = 64
 """A residual norm ``beta <= BREAKDOWN * eps * scale`` counts as rounding: the Krylov space is
@@ -64,8 +70,15 @@ class Extremes:
     rounding_floor: float = 0.0
 
 
-@functools.partial(jax.jit, static_argnames=("iterations",))
-def _lanczos(matvec: Partial, start: Array, key: Array, iterations: int):
+def _krylov(matvec: Callable[[Array], Array], start: Array, key: Array, iterations: int, unroll: bool = False):
+    """The Lanczos recurrence, the one loop of this module: ``(basis, alphas, betas, rounding_floor)``.
+
+    ``unroll=True`` unrolls the loop in the compiled program (see :func:`lanczos_eigh`).
+
+    ``basis`` is ``(iterations + 1) x n``, orthonormal rows (the last one is the next
+    direction); ``alphas`` and ``betas`` are the diagonal and off-diagonal of the
+    tridiagonal matrix ``T = Q^T A Q`` (``betas[-1]`` is the residual norm of the last step).
+    """
     n = start.shape[0]
     dtype = start.dtype
     eps = jnp.finfo(dtype).eps
@@ -104,11 +117,119 @@ def _lanczos(matvec: Partial, start: Array, key: Array, iterations: int):
 
     alphas = jnp.zeros(iterations, dtype)
     betas = jnp.zeros(iterations, dtype)
-    basis, alphas, betas, scale = lax.fori_loop(0, iterations, body, (basis, alphas, betas, jnp.zeros((), dtype)))
+    basis, alphas, betas, scale = lax.fori_loop(0, iterations, body, (basis, alphas, betas, jnp.zeros((), dtype)),
+                                                unroll=bool(unroll))
+    return basis, alphas, betas, BREAKDOWN * eps * scale
+
+
+def _ritz(alphas: Array, betas: Array) -> tuple[Array, Array, Array]:
+    """Eigenpairs of the tridiagonal matrix, ascending: ``(ritz, coefficients, residuals)``.
+
+    ``coefficients[:, i]`` is the ``i``-th Ritz vector in the Krylov basis; ``residuals``
+    are the bounds ``|beta_m s_m|``.
+    """
     tri = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
     ritz, vecs = jnp.linalg.eigh(tri)
-    residuals = jnp.abs(betas[-1] * vecs[-1, :])
-    return ritz, residuals, BREAKDOWN * eps * scale
+    return ritz, vecs, jnp.abs(betas[-1] * vecs[-1, :])
+
+
+@functools.partial(jax.jit, static_argnames=("iterations",))
+def _lanczos(matvec: Partial, start: Array, key: Array, iterations: int):
+    """All Ritz values (ascending), their residual bounds and the rounding floor (compiled)."""
+    _, alphas, betas, floor = _krylov(matvec, start, key, iterations)
+    ritz, _, residuals = _ritz(alphas, betas)
+    return ritz, residuals, floor
+
+
+class RitzPairs(NamedTuple):
+    """What :func:`lanczos_eigh` returns: JAX arrays, a pytree (it passes through ``jit``, ``vmap``, ``scan``).
+
+    Attributes:
+      values: the ``k`` largest Ritz values, descending.
+      vectors: ``(k, n)``, the matching Ritz vectors (unit norm, rows).
+      residuals: ``(k,)``, the residual bounds ``|beta_m s_m|`` (as in :class:`Extremes`).
+      rounding_floor: scalar, as in :class:`Extremes`.
+    """
+
+    values: Array
+    vectors: Array
+    residuals: Array
+    rounding_floor: Array
+
+
+def lanczos_eigh(
+    matvec: Callable[[Array], Array],
+    start: Array,
+    key: Array,
+    *,
+    iterations: int,
+    k: int,
+    unroll: bool = False,
+) -> RitzPairs:
+    """The ``k`` largest eigenpairs of the symmetric operator ``matvec``: pure, for use inside ``jit``/``vmap``/``scan``.
+
+    The Lanczos of :func:`lanczos_extremes` (full re-orthogonalisation, restart on
+    breakdown) with Ritz vectors: ``y_i = Q^T s_i`` for the basis ``Q`` and the
+    eigenvectors ``s_i`` of the tridiagonal matrix. Every operand may be traced;
+    ``iterations`` and ``k`` are static (new values of the same shapes never retrace).
+    Warm starts (``start`` = the previous top vector, as when the sharpness is tracked
+    along training, Cohen et al. 2021) converge in a few iterations. A zero or
+    non-finite ``start`` is replaced by a random direction drawn from ``key``.
+
+    Accuracy: in exact arithmetic of the recurrence, ``||A y_i - values[i] y_i||`` equals
+    ``residuals[i]``; an eigenvalue lies within ``residuals[i] + rounding_floor`` of
+    ``values[i]`` (see :class:`Extremes`), and the angle between ``y_i`` and the
+    eigenvector satisfies ``sin <= (residuals[i] + rounding_floor) / gap``, ``gap``
+    the distance from ``values[i]`` to the rest of the spectrum (Davis-Kahan).
+    Interior eigenpairs converge more slowly than the largest: check the residuals.
+
+    Args:
+      matvec: ``v -> A v`` on flat vectors, ``A`` symmetric; any traceable function.
+      start: flat start vector of length ``n``; its dtype sets the working precision.
+      key: PRNG key for restart directions (used only on breakdown or a zero ``start``).
+      iterations: Krylov dimension, in ``[1, n]`` (static).
+      k: how many eigenpairs, in ``[1, iterations]`` (static).
+      unroll: unroll the ``iterations`` steps in the compiled program (static). Worth it
+        for a few iterations of an expensive mat-vec: XLA's CPU backend runs convolutions
+        inside a loop body several times slower than outside one (a conv-net Hessian-vector
+        product took 10x longer in a ``fori_loop``: ``benchmarks/cfl_guard.py``). Unrolling
+        costs compile time in proportion to ``iterations``.
+
+    Returns:
+      :class:`RitzPairs` ``(values, vectors, residuals, rounding_floor)``: ``values``
+      descending, ``vectors`` of shape ``(k, n)`` in ``start``'s dtype, each signed so
+      that its inner product with ``start`` is non-negative.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxcfl.spectral import lanczos_eigh
+      >>> @jax.jit
+      ... def top2(diagonal, start):
+      ...     return lanczos_eigh(lambda v: diagonal * v, start, jax.random.key(0), iterations=10, k=2)
+      >>> values, vectors, residuals, floor = top2(jnp.arange(1.0, 11.0), jnp.ones(10))
+      >>> values.round(4).tolist(), jnp.abs(vectors).argmax(axis=1).tolist()
+      ([10.0, 9.0], [9, 8])
+    """
+    if jnp.ndim(start) != 1 or jnp.shape(start)[0] < 1:
+        raise ValueError(f"start must be a non-empty flat vector, got shape {jnp.shape(start)}")
+    if not jnp.issubdtype(jnp.result_type(start), jnp.floating):
+        raise ValueError(f"start must hold floating values (its dtype sets the precision), got {jnp.result_type(start)}")
+    n = jnp.shape(start)[0]
+    iterations = v.check_count("iterations", iterations, n, "the Krylov dimension, at most the dimension n")
+    k = v.check_count("k", k, iterations, "at most iterations")
+    start = jnp.asarray(start)
+    norm = jnp.linalg.norm(start)
+    start = lax.cond(jnp.isfinite(norm) & (norm > 0), lambda: start,
+                     lambda: jax.random.normal(jax.random.fold_in(key, iterations), (n,), start.dtype))
+    basis, alphas, betas, floor = _krylov(matvec, start, key, iterations, unroll)
+    ritz, coeffs, residuals = _ritz(alphas, betas)
+    top = coeffs[:, ::-1][:, :k].T  # (k, iterations), largest first
+    # ``top @ basis`` with the basis in its stored layout (no transposed copy); its last row,
+    # the next direction, gets a zero coefficient.
+    vectors = jnp.concatenate([top, jnp.zeros((k, 1), top.dtype)], axis=1) @ basis
+    vectors = vectors / jnp.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors = vectors * jnp.where(vectors @ start < 0, -1.0, 1.0).astype(vectors.dtype)[:, None]
+    return RitzPairs(ritz[::-1][:k], vectors, residuals[::-1][:k], floor)
 
 
 def lanczos_extremes(
@@ -167,3 +288,89 @@ def lanczos_extremes(
         iterations=iterations,
         rounding_floor=float(floor),
     )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Eigenpairs:
+    """The largest eigenpairs of a symmetric operator (:func:`top_eigenpairs`).
+
+    Attributes:
+      values: ``(k,)`` Ritz values, descending (largest first).
+      vectors: ``(k, n)`` unit Ritz vectors, one per row; the sign of each is arbitrary
+        (non-negative inner product with the start vector).
+      residuals: ``(k,)`` residual bounds ``|beta_m s_m|`` (exact arithmetic of the
+        recurrence; see :class:`Extremes` and :func:`lanczos_eigh` for rounding and
+        the accuracy of the vectors).
+      iterations: Krylov dimension used.
+      rounding_floor: as in :class:`Extremes`.
+      unravel: for the Hessian of a loss (:func:`jaxcfl.curvature.hessian_eigenpairs`),
+        the map from a flat vector to a pytree shaped like ``params``; else ``None``.
+    """
+
+    values: np.ndarray
+    vectors: np.ndarray
+    residuals: np.ndarray
+    iterations: int
+    rounding_floor: float
+    unravel: Callable[[Array], Any] | None = None
+
+    def vector_tree(self, i: int = 0) -> Any:
+        """The ``i``-th vector shaped like ``params`` (needs ``unravel``)."""
+        if self.unravel is None:
+            raise ValueError("these eigenpairs have no unravel (they were not computed on a pytree)")
+        return self.unravel(jnp.asarray(self.vectors[i]))
+
+
+_lanczos_eigh = jax.jit(lanczos_eigh, static_argnames=("iterations", "k"))
+
+
+def top_eigenpairs(
+    matvec: Callable[[Array], Array],
+    start: ArrayLike,
+    *,
+    k: int = 1,
+    iterations: int | None = None,
+    key: Array | None = None,
+) -> Eigenpairs:
+    """The ``k`` largest eigenvalues and eigenvectors of the symmetric operator ``matvec``.
+
+    :func:`lanczos_eigh`, compiled (one program per shape, ``k`` and ``iterations``)
+    and brought to the host. Memory: ``(iterations + 1) n`` numbers for the basis.
+
+    Args:
+      matvec, start, key: as in :func:`lanczos_extremes` (pass a
+        ``jax.tree_util.Partial`` to reuse the compiled solver).
+      k: how many eigenpairs, an int in ``[1, iterations]``.
+      iterations: Krylov dimension in ``[k, n]``; default ``min(n, max(128, 2 k))``.
+        The largest pairs converge first: check ``residuals``.
+
+    Returns:
+      :class:`Eigenpairs` (NumPy arrays, values descending).
+
+    Raises:
+      ValueError: naming the argument: ``start`` not a non-empty flat floating vector,
+        ``iterations`` outside ``[1, n]``, ``k`` not an int in ``[1, iterations]``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxcfl.spectral import top_eigenpairs
+      >>> diagonal = jnp.arange(1.0, 11.0)
+      >>> pairs = top_eigenpairs(lambda v: diagonal * v, jnp.ones(10), k=3)
+      >>> pairs.values.round(4).tolist(), pairs.vectors.shape, pairs.iterations
+      ([10.0, 9.0, 8.0], (3, 10), 10)
+    """
+    start = jnp.asarray(start)
+    if start.ndim != 1 or start.shape[0] < 1:
+        raise ValueError(f"start must be a non-empty flat vector, got shape {start.shape}")
+    n = start.shape[0]
+    k = v.check_count("k", k, n, "at most the dimension n")
+    if iterations is None:
+        iterations = min(n, max(128, 2 * k))
+    iterations = v.check_count("iterations", iterations, n, "the Krylov dimension, at most the dimension n")
+    k = v.check_count("k", k, iterations, "at most iterations")
+    key = jax.random.key(0) if key is None else key
+    if not isinstance(matvec, Partial):
+        matvec = Partial(matvec)
+    values, vectors, residuals, floor = jax.device_get(_lanczos_eigh(matvec, start, key, iterations=iterations, k=k))
+    return Eigenpairs(values=values, vectors=vectors, residuals=residuals, iterations=iterations,
+                      rounding_floor=float(floor))
