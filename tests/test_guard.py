@@ -133,7 +133,7 @@ def test_guarded_runs_can_be_perturbed_powers_of_two_are_bit_identical(mlp, wher
     lr = 2.0  # large enough that the guard acts
 
     def opt(k):
-        guard = cfl_guard(lr, momentum=0.9, weight_decay=1e-3, every=2, iterations=6)
+        guard = cfl_guard(lr, momentum=0.9, weight_decay=1e-3, every=2, iterations=6, first_iterations=6)
         if where == "perturbed_sgd before":
             return optax.chain(perturbed_sgd(lr, k, momentum=0.9, weight_decay=1e-3), guard)
         return optax.chain(perturbed_sgd(lr, momentum=0.9, weight_decay=1e-3), guard, perturb_update(k))
@@ -159,7 +159,8 @@ def test_new_numbers_do_not_recompile(mlp):
     def step(params, numbers):
         lr, k, mu, wd, safety, every = numbers
         opt = optax.chain(perturbed_sgd(lr, k, momentum=mu, weight_decay=wd),
-                          cfl_guard(lr, momentum=mu, weight_decay=wd, safety=safety, every=every, iterations=4))
+                          cfl_guard(lr, momentum=mu, weight_decay=wd, safety=safety, every=every, iterations=4,
+                                    first_iterations=4))
         loss = lambda p: _mlp_loss(p, x, y)  # noqa: E731
         state = opt.init(params)
         u, state = opt.update(jax.grad(loss)(params), state, params, value_fn=loss)
@@ -181,12 +182,13 @@ def test_guarded_lr_and_the_state_of_a_chain():
     assert guard_state(optax.sgd(0.1).init({"w": jnp.ones(2)})) is None
 
 
+@pytest.mark.slow  # the perturbation tests above run under vmap too
 def test_it_runs_under_vmap_over_copies(mlp):
     params, x, y = mlp
     loss = lambda p: _mlp_loss(p, x, y)  # noqa: E731
 
     def final(k):
-        opt = optax.chain(perturbed_sgd(2.0, k), cfl_guard(2.0, every=2, iterations=4))
+        opt = optax.chain(perturbed_sgd(2.0, k), cfl_guard(2.0, every=2, iterations=4, first_iterations=4))
         p, s = _run(opt, loss, params, 10)
         return p, guard_state(s).lr
 
@@ -229,9 +231,10 @@ def test_a_host_side_refresh_follows_the_same_schedule(mlp):
     that the in-program schedule gives."""
     params, x, y = mlp
     loss = lambda p: _mlp_loss(p, x, y)  # noqa: E731
-    opt = optax.chain(perturbed_sgd(2.0, momentum=0.9), cfl_guard(2.0, momentum=0.9, every=3, iterations=4))
+    opt = optax.chain(perturbed_sgd(2.0, momentum=0.9),
+                      cfl_guard(2.0, momentum=0.9, every=3, iterations=4, first_iterations=4))
     steps = {flag: jax.jit(lambda p, s, flag=flag: opt.update(jax.grad(loss)(p), s, p, value_fn=loss, refresh=flag))
-             for flag in (None, True, False)}
+             for flag in (None, "first", True, False)}
     runs = {}
     for mode in ("program", "host"):
         p, s, lrs = params, opt.init(params), []

@@ -242,6 +242,9 @@ def test_a_damaged_checkpoint_is_retrained_not_used(tmp_path, lockstep):
         (dict(batch_size=0), "batch_size"),
         (dict(activation="gelu"), "activation"),
         (dict(momentum=0.0, nesterov=True), "nesterov"),
+        (dict(guard=True, guard_safety=1.5), "guard_safety"),
+        (dict(guard=True, guard_safety=0.0), "guard_safety"),
+        (dict(guard=True, guard_every=0), "guard_every"),
     ],
 )
 def test_bad_config(kwargs, match):
@@ -261,3 +264,50 @@ def test_bad_run_arguments():
         train(cfg, ks=(1.0,), progress=False, copies_mode="threads")
     with pytest.raises(ValueError, match="probe"):
         train(TrainConfig(**dict(SMALL, probe="no-such-layer")), ks=(1.0,), progress=False)
+
+
+# lr 1.0 in the first epoch: beyond the limit. Few Lanczos iterations: each one, unrolled, costs compile time.
+GUARDED = dict(SMALL, lr=1.0, guard=True, guard_every=2, guard_iterations=2, guard_first_iterations=4)
+
+
+@pytest.fixture(scope="module")
+def guarded():
+    return train(TrainConfig(**GUARDED), ks=(3.0,), seed=1, progress=False)  # one copy: a third of the compile time
+
+
+def test_a_guarded_run_keeps_every_step_inside_the_limit(guarded):
+    """The CFL guard in the trainer: every step's lr is at most the base lr and, where the guard
+    acted, exactly safety * S / lambda. (Perturbed guarded copies: tests/test_guard.py.)"""
+    from jaxcfl.schemes import momentum_limit
+
+    config = guarded.config
+    lr, lam = guarded.guard_lr[:, 0], guarded.guard_lambda[:, 0]
+    assert lr.shape == (2 * 3,) and np.all(np.isfinite(lam)) and np.all(lam > 0)
+    base = np.array([config.lr_at(e) for e in (0, 1)]).repeat(3)
+    assert np.all(lr <= base * (1 + 1e-6))
+    acted = lr < base * (1 - 1e-6)
+    assert acted[:3].any()  # lr 1.0 breaks the limit of this network from the first step
+    limit = config.guard_safety * float(momentum_limit(config.momentum, config.nesterov))
+    np.testing.assert_allclose(lr[acted] * lam[acted], limit, rtol=1e-5)
+    assert "guard_every" in config.to_dict() and "guard" not in TrainConfig(**SMALL).to_dict()
+    assert np.all(np.isfinite(guarded.test_accuracy))
+
+
+@pytest.mark.slow
+def test_a_killed_guarded_run_resumes_to_the_same_bytes(tmp_path, guarded):
+    """The guard's state (its estimate and warm-start vector) is in the checkpoint."""
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first(epoch, partial):
+        if epoch == 1:
+            raise Killed
+
+    config, out = TrainConfig(**GUARDED), tmp_path / "guarded"
+    with pytest.raises(Killed):
+        train(config, ks=(3.0,), seed=1, out=out, progress=False, on_epoch=kill_after_first)
+    resumed = train(config, ks=(3.0,), seed=1, out=out, progress=False)
+    assert resumed.fingerprints == guarded.fingerprints
+    np.testing.assert_array_equal(resumed.guard_lr, guarded.guard_lr)
+    np.testing.assert_array_equal(resumed.guard_lambda, guarded.guard_lambda)

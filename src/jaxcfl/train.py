@@ -39,6 +39,7 @@ from jaxcfl import nets
 from jaxcfl._folder import ResultFolder
 from jaxcfl._results import npz_bytes
 from jaxcfl.determinism import divergence, fingerprint
+from jaxcfl.guard import cfl_guard, guard_state, refresh_due
 from jaxcfl.perturb import perturbed_sgd
 
 PAPER_MILESTONES = (0.2, 0.4, 0.6, 0.8)
@@ -66,6 +67,10 @@ class TrainConfig:
       eval_batch_size: test examples per evaluation batch.
       probe: substring of the parameter path whose divergence is logged every step
         (Figure 2: "one conv layer"); ``None``: the first convolution kernel.
+      guard: keep every step inside its local stability limit with :func:`jaxcfl.cfl_guard`
+        (``docs/cfl_guard.md``); ``guard_safety``, ``guard_every``, ``guard_iterations`` and
+        ``guard_first_iterations`` are its ``safety``, ``every``, ``iterations`` and
+        ``first_iterations``. The guard sees each batch's loss.
     """
 
     model: str = "resnet20"
@@ -88,6 +93,11 @@ class TrainConfig:
     test_size: int | None = None
     eval_batch_size: int = 500
     probe: str | None = None
+    guard: bool = False
+    guard_safety: float = 0.9
+    guard_every: int = 20
+    guard_iterations: int = 4
+    guard_first_iterations: int = 20
 
     def __post_init__(self) -> None:
         v.check_choice("model", self.model, nets.NETWORKS)
@@ -107,6 +117,13 @@ class TrainConfig:
         for name in ("train_size", "test_size"):
             if getattr(self, name) is not None:
                 v.check_int(name, getattr(self, name))
+        if self.guard:
+            v.check_positive("guard_safety", self.guard_safety)
+            if not self.guard_safety <= 1:
+                raise ValueError(f"guard_safety must lie in (0, 1], got {self.guard_safety!r}")
+            v.check_int("guard_every", self.guard_every)
+            v.check_int("guard_iterations", self.guard_iterations)
+            v.check_int("guard_first_iterations", self.guard_first_iterations)
         if self.milestones is not None:
             object.__setattr__(self, "milestones", tuple(v.check_int("milestones", int(m), minimum=1)
                                                          for m in self.milestones))
@@ -135,9 +152,18 @@ class TrainConfig:
     def uses_flip(self) -> bool:
         return self.flip if self.flip is not None else self.dataset in ("cifar10", "fashion_mnist")
 
+    @property
+    def guard_settings(self) -> tuple[int, int, int] | None:
+        """``(every, iterations, first_iterations)`` of the guard (static: they shape the compiled
+        step), or ``None``."""
+        return (self.guard_every, self.guard_iterations, self.guard_first_iterations) if self.guard else None
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["milestones"] = list(self.milestone_epochs)
+        if not self.guard:  # an unguarded run keeps the identity it had before the guard existed
+            for name in ("guard", "guard_safety", "guard_every", "guard_iterations", "guard_first_iterations"):
+                del d[name]
         return d
 
 
@@ -167,10 +193,18 @@ def step_decay(lr: Any, gamma: Any, boundaries: Sequence[int], xp: Any = jnp) ->
 
 
 def _optimizer(lr: Array, k: Array, momentum: Array, weight_decay: Array, gamma: Array,
-               boundaries: tuple[int, ...], nesterov: bool) -> optax.GradientTransformation:
-    """perturbed_sgd with the :func:`step_decay` schedule; every number traced."""
-    return perturbed_sgd(step_decay(lr, gamma, boundaries), k, momentum=momentum, nesterov=nesterov,
-                         weight_decay=weight_decay)
+               boundaries: tuple[int, ...], nesterov: bool, safety: Array | None = None,
+               guard: tuple[int, int, int] | None = None) -> optax.GradientTransformation:
+    """perturbed_sgd with the :func:`step_decay` schedule, then the CFL guard when ``guard`` is
+    ``(every, iterations, first_iterations)``; every number traced."""
+    schedule = step_decay(lr, gamma, boundaries)
+    sgd = perturbed_sgd(schedule, k, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    if guard is None:
+        return sgd
+    every, iterations, first_iterations = guard
+    return optax.chain(sgd, cfl_guard(schedule, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                                      safety=safety, every=every, iterations=iterations,
+                                      first_iterations=first_iterations))
 
 
 def cross_entropy(logits: Array, labels: Array) -> Array:
@@ -263,13 +297,15 @@ class OptimizerNumbers:
     momentum: float
     weight_decay: float
     gamma: float
+    safety: float = 0.9  # the CFL guard's margin (unused without the guard)
 
     @classmethod
     def of(cls, config: TrainConfig) -> OptimizerNumbers:
-        return cls(config.lr, config.momentum, config.weight_decay, config.gamma)
+        return cls(config.lr, config.momentum, config.weight_decay, config.gamma, config.guard_safety)
 
     def arrays(self) -> tuple[Array, ...]:
-        return tuple(jnp.asarray(x, jnp.float32) for x in (self.lr, self.momentum, self.weight_decay, self.gamma))
+        return tuple(jnp.asarray(x, jnp.float32)
+                     for x in (self.lr, self.momentum, self.weight_decay, self.gamma, self.safety))
 
 
 def trace_indices(num_params: int, size: int) -> np.ndarray:
@@ -292,34 +328,46 @@ def _flat(tree: Any) -> Array:
 @functools.lru_cache(maxsize=16)
 def make_train_step(graphdef: nnx.GraphDef, *, nesterov: bool, boundaries: tuple[int, ...],
                     probe_mask: tuple[bool, ...] | None = None, copies_mode: str = "auto",
-                    trace_params: int = 0) -> Callable:
+                    trace_params: int = 0, guard: tuple[int, int, int] | None = None,
+                    refresh: bool | str = False) -> Callable:
     """The jitted lockstep step ``(state, ks, x, y, hyper) -> (state, metrics)``.
 
     ``ks`` has one perturbation factor per copy; ``x, y`` are one batch shared by
-    all copies; ``hyper`` is ``(lr, momentum, weight_decay, gamma)`` as arrays
+    all copies; ``hyper`` is ``(lr, momentum, weight_decay, gamma, safety)`` as arrays
     (:meth:`OptimizerNumbers.arrays`).
+    With ``guard = (every, iterations, first_iterations)`` the optimiser is followed by :func:`jaxcfl.cfl_guard`,
+    which re-estimates the sharpness in this program as ``refresh`` says (``"first"``, ``True``
+    or ``False``: the caller compiles one step each way and follows :func:`jaxcfl.guard.refresh_due`); ``metrics`` then also holds
+    each copy's effective lr (``"guard_lr"``) and sharpness estimate (``"guard_lambda"``).
     ``metrics`` holds each copy's loss, the divergence of all its parameters from
     copy 0, the divergence of the probed layer and, if ``trace_params > 0``,
     ``"trace"``: copy 0's values at the :func:`trace_indices` entries. Cached: runs
     that differ only in numbers (lr, k, seeds, data) share one compiled step.
     """
 
-    def one(params, batch_stats, opt_state, k, x, y, lr, momentum, weight_decay, gamma):
+    def one(params, batch_stats, opt_state, k, x, y, lr, momentum, weight_decay, gamma, safety):
         def loss_fn(p):
             logits, new_stats = nets.apply(graphdef, p, batch_stats, x, train=True)
             return cross_entropy(logits, y), new_stats
 
         (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        opt = _optimizer(lr, k, momentum, weight_decay, gamma, boundaries, nesterov)
-        updates, opt_state = opt.update(grads, opt_state, params)
+        opt = _optimizer(lr, k, momentum, weight_decay, gamma, boundaries, nesterov, safety, guard)
+        if guard is None:
+            updates, opt_state = opt.update(grads, opt_state, params)
+        else:
+            updates, opt_state = opt.update(grads, opt_state, params, value_fn=lambda p: loss_fn(p)[0],
+                                            refresh=refresh)
         return optax.apply_updates(params, updates), new_stats, opt_state, loss
 
-    batched = over_copies(one, (0, 0, 0, 0, None, None, None, None, None, None), resolve_copies_mode(copies_mode))
+    batched = over_copies(one, (0, 0, 0, 0, *(None,) * 7), resolve_copies_mode(copies_mode))
 
     @jax.jit
     def step(state: LockstepState, ks: Array, x: Array, y: Array, hyper: tuple[Array, ...]):
         params, stats, opt_state, loss = batched(state.params, state.batch_stats, state.opt_state, ks, x, y, *hyper)
         metrics = {"loss": loss, "divergence": _divergence_to_first(params)}
+        if guard is not None:
+            gs = guard_state(opt_state)
+            metrics["guard_lr"], metrics["guard_lambda"] = gs.lr, gs.lambda_max
         if probe_mask is not None:
             metrics["probe_divergence"] = _divergence_to_first(params, probe_mask)
         if trace_params:
@@ -384,8 +432,9 @@ def init_lockstep(config: TrainConfig, ks: Sequence[float], in_channels: int, nu
     params, stats = initialise(jnp.uint32(config.init_seed))
     copies = len(ks)
     stack = lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (copies, *a.shape)).copy(), tree)
-    lr, momentum, wd, gamma = OptimizerNumbers.of(config).arrays()
-    opt_state = _optimizer(lr, jnp.float32(1.0), momentum, wd, gamma, (), config.nesterov).init(params)
+    lr, momentum, wd, gamma, safety = OptimizerNumbers.of(config).arrays()
+    opt_state = _optimizer(lr, jnp.float32(1.0), momentum, wd, gamma, (), config.nesterov, safety,
+                           config.guard_settings).init(params)
     return graphdef, LockstepState(stack(params), stack(stats), stack(opt_state))
 
 
@@ -419,6 +468,8 @@ class TrainResult:
     seconds: float
     compile_seconds: float
     state: LockstepState | None = dataclasses.field(default=None, repr=False)  # the final copies (not serialised)
+    guard_lr: np.ndarray | None = None  # (steps, copies): the CFL guard's effective lr at every step (guard only)
+    guard_lambda: np.ndarray | None = None  # (steps, copies): its sharpness estimate at every step (guard only)
 
     def final_accuracy(self, last: int | None = None) -> np.ndarray:
         """Mean test accuracy over the last ``min(last, epochs)`` epochs, per copy (appendix C).
@@ -479,7 +530,9 @@ def _load_checkpoint(folder: ResultFolder, template: LockstepState):
     with np.load(io.BytesIO(data)) as z:
         leaves, treedef = jax.tree.flatten(template)
         saved = [z[f"leaf_{i}"] for i in range(len(leaves))]
-        curves = {name: z[name] for name in _CURVES}
+        copies = leaves[0].shape[0] if leaves else 0
+        # guard_* came with the CFL guard: a checkpoint written before it has none, and no guard.
+        curves = {name: z[name] if name in z.files else np.zeros((0, copies)) for name in _CURVES}
         meta = json.loads(z["meta"].tobytes())
     for new, old in zip(saved, leaves):
         if new.shape != old.shape or new.dtype != old.dtype:
@@ -487,8 +540,9 @@ def _load_checkpoint(folder: ResultFolder, template: LockstepState):
     return jax.tree.unflatten(treedef, [jnp.asarray(a) for a in saved]), meta, curves
 
 
-_CURVES = ("step_divergence", "probe_divergence", "param_trace", "test_predictions")
-"""Arrays of the checkpoint beside the weights: three per-step curves and the last predictions."""
+_CURVES = ("step_divergence", "probe_divergence", "param_trace", "test_predictions", "guard_lr", "guard_lambda")
+"""Arrays of the checkpoint beside the weights: the per-step curves and the last predictions
+(``guard_*``: the CFL guard's effective lr and sharpness estimate, empty without the guard)."""
 
 
 def _write_metrics(folder: ResultFolder, result: TrainResult) -> None:
@@ -560,8 +614,10 @@ def train(
     boundaries = tuple(m * steps_per_epoch for m in config.milestone_epochs)
     graphdef, state = init_lockstep(config, ks, meta.image_shape[-1], meta.num_classes)
     mask = probe_mask(jax.tree.map(lambda a: a[0], state.params), config.probe)
-    step_fn = make_train_step(graphdef, nesterov=config.nesterov, boundaries=boundaries, probe_mask=mask,
-                              copies_mode=copies_mode, trace_params=trace_params)
+    step_fns = {refresh: make_train_step(graphdef, nesterov=config.nesterov, boundaries=boundaries, probe_mask=mask,
+                                         copies_mode=copies_mode, trace_params=trace_params,
+                                         guard=config.guard_settings, refresh=refresh)
+                for refresh in (("first", False, True) if config.guard else (False,))}
     eval_fn = make_eval_step(graphdef, copies_mode)
     hyper = OptimizerNumbers.of(config).arrays()
     ks_arr = jnp.asarray(ks, jnp.float32)
@@ -571,7 +627,8 @@ def train(
     traced = len(trace_indices(nets.count_params(jax.tree.map(lambda a: a[0], state.params)), trace_params))
     curves = {"step_divergence": np.zeros((0, copies)), "probe_divergence": np.zeros((0, copies)),
               "param_trace": np.zeros((0, traced if trace_params else 0), np.float32),
-              "test_predictions": np.zeros((copies, 0), np.int32)}
+              "test_predictions": np.zeros((copies, 0), np.int32),
+              "guard_lr": np.zeros((0, copies)), "guard_lambda": np.zeros((0, copies))}
     first_epoch = 0
     identity = {"config": config.to_dict(), "ks": list(ks), "seed": seed, "trace_params": trace_params}
     # The folder is locked from here to the end of the run: a second run on it is refused at once.
@@ -589,7 +646,9 @@ def train(
             return TrainResult(config, ks, seed, epochs_done, arr("test_accuracy"), arr("test_loss"), arr("train_loss"),
                                arr("divergence"), curves["step_divergence"], curves["probe_divergence"],
                                curves["param_trace"], curves["test_predictions"], np.asarray(history["lr"], np.float64),
-                               _copy_fingerprints(state), time.perf_counter() - start, compile_seconds, state)
+                               _copy_fingerprints(state), time.perf_counter() - start, compile_seconds, state,
+                               curves["guard_lr"] if config.guard else None,
+                               curves["guard_lambda"] if config.guard else None)
 
         compile_seconds = 0.0
         bar = None
@@ -599,13 +658,14 @@ def train(
             bar = tqdm(total=(config.epochs - first_epoch) * steps_per_epoch, disable=progress is False if progress
                        is not None else None, desc=f"{config.model} seed {seed}", unit="step", leave=False)
         for epoch in range(first_epoch, config.epochs):
-            losses, divs, probes, traces = [], [], [], []
+            losses, divs, probes, traces, guard_lrs, guard_lambdas = [], [], [], [], [], []
             for i, (xb, yb) in enumerate(datasets.batches(x_train, y_train, config.batch_size, seed=seed, epoch=epoch)):
                 if config.augment:
                     xb = datasets.augment(xb, seed=seed, epoch=epoch, step=i, flip=config.uses_flip)
                 xb = datasets.normalize(xb, meta.mean, meta.std)
                 t0 = time.perf_counter()
-                state, metrics = step_fn(state, ks_arr, jnp.asarray(xb), jnp.asarray(yb), hyper)
+                refresh = refresh_due(epoch * steps_per_epoch + i, config.guard_every) if config.guard else False
+                state, metrics = step_fns[refresh](state, ks_arr, jnp.asarray(xb), jnp.asarray(yb), hyper)
                 if epoch == first_epoch and i == 0:
                     jax.block_until_ready(state)
                     compile_seconds = time.perf_counter() - t0
@@ -614,10 +674,14 @@ def train(
                 probes.append(metrics["probe_divergence"])
                 if trace_params:
                     traces.append(metrics["trace"])
+                if config.guard:
+                    guard_lrs.append(metrics["guard_lr"])
+                    guard_lambdas.append(metrics["guard_lambda"])
                 if bar is not None:
                     bar.update()
             losses = np.asarray(jax.device_get(losses))
-            for name, new in (("step_divergence", divs), ("probe_divergence", probes), ("param_trace", traces)):
+            for name, new in (("step_divergence", divs), ("probe_divergence", probes), ("param_trace", traces),
+                              ("guard_lr", guard_lrs), ("guard_lambda", guard_lambdas)):
                 if new:
                     curves[name] = np.concatenate([curves[name], np.asarray(jax.device_get(new))], axis=0)
             accuracy, test_loss, curves["test_predictions"] = evaluate(eval_fn, state, x_test, y_test, meta,
