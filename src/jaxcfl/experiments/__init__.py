@@ -25,6 +25,8 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "fig2": ("jaxcfl.experiments.fig2", "Section 4, Figure 2: lr vs amplification of a last-bit perturbation (k = 1 vs 3)"),
     "fig4": ("jaxcfl.experiments.fig4", "Section 5, Figure 4: restrained instabilities of the nonlinear CNN, by lr"),
     "appendix-f": ("jaxcfl.experiments.appendix_f", "appendix F: largest stable lr of standard networks against 2/alpha"),
+    "open-question": ("jaxcfl.experiments.open_question",
+                      "issue 13: does keeping every step stable (CFL guard, or a constant lr) remove the variance?"),
 }
 """``jaxcfl reproduce NAME``: name -> (module, one-line help)."""
 

@@ -93,7 +93,8 @@ def run(
       ``runs`` (k, seed, final accuracy and loss), ``std_over_k`` / ``std_over_seeds``
       (per seed / per k), ``spread`` (the mean stds with intervals and the verdict,
       for accuracy and loss), ``churn``, ``divergence`` (first crossings), ``answer``,
-      ``fingerprints``, ``files`` and ``seconds``.
+      ``fingerprints``, ``files`` and ``seconds``; with ``guard=True`` also ``guard``
+      (:func:`guard_summary`), and the file ``guard.npz`` (:func:`guard_curves`).
     """
     from jaxcfl.train import TrainConfig, train
 
@@ -116,9 +117,10 @@ def run(
     curves = divergence_curves(ks, seeds, results)
     payload = summarise(config, ks, seeds, results, curves, last_epochs=last_epochs, resamples=resamples)
     payload["seconds"] = folder.seconds()
+    payload["compile_seconds"] = float(sum(r.compile_seconds for r in results.values()))  # of the seconds above
     payload["files"] = {}
     if folder.writes:
-        payload["files"] = _write_outputs(folder, payload, curves)
+        payload["files"] = _write_outputs(folder, payload, curves, guard_curves(seeds, results))
     return payload
 
 
@@ -160,8 +162,69 @@ def summarise(config, ks, seeds, results, curves: dict[str, np.ndarray], *, last
         "divergence": _growth(ks, seeds, results, curves.get("seed_pairs")),
         "fingerprints": {str(s): list(r.fingerprints) for s, r in results.items()},
     }
+    if config.guard:
+        payload["guard"] = guard_summary(config, seeds, results)
     payload["answer"] = answer(payload)
     return payload
+
+
+def guard_curves(seeds, results) -> dict[str, np.ndarray]:
+    """The CFL guard's per-step curves, ``(steps, copies)`` each: ``lr_seed<s>`` (the effective lr) and
+    ``lambda_seed<s>`` (the sharpness estimate); empty without the guard."""
+    curves = {}
+    for s in seeds:
+        if results[s].guard_lr is not None:
+            curves[f"lr_seed{s}"] = np.asarray(results[s].guard_lr, np.float64)
+            curves[f"lambda_seed{s}"] = np.asarray(results[s].guard_lambda, np.float64)
+    return curves
+
+
+def guard_limit_lr(config, guard_lambda: np.ndarray) -> np.ndarray:
+    """``min(lr, safety S(mu) / lambda_max)`` at every entry of ``guard_lambda``: the largest lr the
+    guard allows at each step, at the *base* lr (the schedule's decay left out); ``lr`` where
+    ``lambda_max`` is not a finite positive number (as :func:`jaxcfl.guard.guarded_lr`)."""
+    from jaxcfl.schemes import momentum_limit
+
+    lam = np.asarray(guard_lambda, np.float64)
+    known = np.isfinite(lam) & (lam > 0)
+    limit = config.guard_safety * float(momentum_limit(config.momentum, config.nesterov)) / np.where(known, lam, 1.0)
+    return np.where(known, np.minimum(config.lr, limit), config.lr)
+
+
+def guard_summary(config, seeds, results) -> dict[str, Any]:
+    """What the CFL guard did over all steps, seeds and copies (``config.guard`` runs).
+
+    ``min_lr`` / ``median_lr``: of the effective lr (the schedule's decay included);
+    ``limit_lr``: the minimum of :func:`guard_limit_lr`, the largest constant lr that every
+    guarded step allowed; ``clipped_fraction``: the share of step-copies whose lr the guard
+    lowered below the schedule's; ``max_lambda``: the largest sharpness estimate.
+    """
+    from jaxcfl.schemes import momentum_limit
+    from jaxcfl.train import step_decay
+
+    lr = np.stack([results[s].guard_lr for s in seeds])  # (seeds, steps, copies)
+    lam = np.stack([results[s].guard_lambda for s in seeds])
+    steps = lr.shape[1]
+    per_epoch = max(1, steps // max(1, results[seeds[0]].epochs_done))
+    decay = step_decay(np.float32(config.lr), np.float32(config.gamma),
+                       [m * per_epoch for m in config.milestone_epochs], xp=np)  # the optimiser's, in float32
+    schedule = np.array([decay(step) for step in range(steps)], np.float32)
+    clipped = lr < schedule[None, :, None] * (1 - 1e-6)  # an ulp of float32 is not a clip
+    limit = guard_limit_lr(config, lam)
+    where = np.unravel_index(int(np.argmin(limit)), limit.shape)
+    finite = lam[np.isfinite(lam)]
+    return {
+        "safety": float(config.guard_safety),
+        "stability_limit": float(momentum_limit(config.momentum, config.nesterov)),
+        "every": int(config.guard_every), "iterations": int(config.guard_iterations),
+        "min_lr": float(lr.min()), "median_lr": float(np.median(lr)), "max_lr": float(lr.max()),
+        "limit_lr": float(limit.min()),
+        "limit_lr_at": {"seed": int(seeds[where[0]]), "step": int(where[1]), "copy": int(where[2])},
+        "clipped_fraction": float(clipped.mean()),
+        "max_lambda": float(finite.max()) if finite.size else None,
+        "median_lambda": float(np.median(finite)) if finite.size else None,
+        "steps": int(steps),
+    }
 
 
 def _growth(ks, seeds, results, seed_pairs: np.ndarray | None) -> dict[str, Any] | None:
@@ -219,7 +282,8 @@ def answer(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_outputs(out: ResultDir, payload: dict[str, Any], curves: dict[str, np.ndarray]) -> dict[str, str]:
+def _write_outputs(out: ResultDir, payload: dict[str, Any], curves: dict[str, np.ndarray],
+                   guard: dict[str, np.ndarray] | None = None) -> dict[str, str]:
     runs = [dict(k=f"{r['k']:g}", seed=r["seed"], final_accuracy=f"{r['final_accuracy']:.6f}",
                  final_loss=f"{r['final_loss']:.8g}") for r in payload["runs"]]
     files = {"csv": out.write_csv("variance.csv", runs, lineterminator="\n"), "json": str(out.file("variance.json"))}
@@ -227,6 +291,8 @@ def _write_outputs(out: ResultDir, payload: dict[str, Any], curves: dict[str, np
     if curves:
         files["divergence"] = out.write_npz("divergence.npz", curves)
         files["divergence_plot"] = _plot_divergence(out.file("divergence.png"), payload, curves)
+    if guard:
+        files["guard"] = out.write_npz("guard.npz", guard)
     out.write_json("variance.json", {**payload, "files": files})
     out.close()
     return files
@@ -322,6 +388,12 @@ def render(payload: dict[str, Any]) -> str:
                          + [f"{g['seeds_final_median']:.3g}"])
         text += ["", f"divergence of the weights: first step above each level ({g['steps']} steps)",
                  table(cross, ["", *(f"> {lv:g}" for lv in g["levels"]), "at the end"])]
+    if payload.get("guard"):
+        gd = payload["guard"]
+        text += ["", f"CFL guard (safety {gd['safety']:g}): effective lr {gd['min_lr']:.3g} to {gd['max_lr']:.3g} "
+                     f"(median {gd['median_lr']:.3g}); lowered on {100 * gd['clipped_fraction']:.1f}% of the "
+                     f"step-copies; largest sharpness estimate {gd['max_lambda'] or float('nan'):.3g}; largest constant lr every "
+                     f"guarded step allowed {gd['limit_lr']:.3g}"]
     text += ["", payload["answer"], f"[{payload['seconds']:.1f}s]"]
     if payload["files"]:
         text.append("files: " + ", ".join(payload["files"].values()))
