@@ -137,7 +137,7 @@ def cfl_guard(
       safety: the margin in ``(0, 1]``: ``lr_eff lambda_max <= safety S``.
       every: refresh ``lambda_max`` every ``every`` steps (the first step always refreshes).
       iterations: Lanczos iterations per refresh (static; at most the number of parameters).
-        The defaults (20, 4) cost 22-24% of a training step of the built-in-data ``cnn`` on a
+        The defaults (20, 4) cost 22-26% of a training step of the built-in-data ``cnn`` on a
         2-core CPU, and the warm-started estimates stayed within 15% of a 48-iteration
         sharpness along its first 240 steps (``benchmarks/cfl_guard.py``, ``docs/cfl_guard.md``).
       first_iterations: Lanczos iterations of the first estimate, whose start vector is random
