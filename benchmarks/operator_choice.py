@@ -55,6 +55,42 @@ def seconds_per_config_step(prob, batch, steps, repeats, rng):
     return min(times) / (batch * steps)
 
 
+def auto_is_faster(row: dict) -> bool:
+    """Whether ``operator="auto"`` picked the faster path in a row of :func:`measure`."""
+    return (row["ratio"] < 1) == (row["auto"] == "fft")
+
+
+def measure(cases, ranks, batch, steps, repeats, rng, out=sys.stdout) -> tuple[list[dict], float | None]:
+    """Time the FFT and separable gradients for every ``(N, w)`` of ``cases`` and rank of ``ranks``
+    (one FFT timing per case), printing a table row per rank to ``out`` (``None``: silent).
+
+    Returns the rows and the CPU share other processes used meanwhile. A row: ``N, w, rank, fft_us,
+    separable_us`` (microseconds per config-step), ``ratio`` (FFT time over separable time), ``work``
+    and ``auto`` (what ``make_problem(image, w)`` picks).
+    """
+    say = (lambda *a, **k: None) if out is None else (lambda *a, **k: print(*a, **k, file=out, flush=True))
+    say(f"{'N':>4} {'w':>3} {'fft us/cs':>10} {'r':>3} {'sep us/cs':>10} {'fft/sep':>8} {'work':>6} {'auto':>10}")
+    rows = []
+    load = OtherLoad().start()
+    for n, w in cases:
+        m = n - w + 1
+        base = rng.normal(size=(n, 64)) @ rng.normal(size=(64, n))
+        fft = seconds_per_config_step(pb.make_problem(base.astype(np.float32), w, operator="fft"),
+                                      batch, steps, repeats, rng)
+        for r in ranks:
+            image = (rng.normal(size=(n, r)) @ rng.normal(size=(r, n))).astype(np.float32)
+            prob = pb.make_problem(image, w, operator="separable", max_rank=r)
+            assert prob.rank == r
+            sep = seconds_per_config_step(prob, batch, steps, repeats, rng)
+            work = r * (w * w * m + w * m * m) / (n * n * np.log2(n * n))
+            auto = pb.make_problem(image, w).operator  # what operator="auto" picks for this image
+            rows.append(dict(N=n, w=w, rank=r, fft_us=1e6 * fft, separable_us=1e6 * sep, ratio=fft / sep,
+                             work=work, auto=auto))
+            say(f"{n:>4} {w:>3} {1e6 * fft:>10.1f} {r:>3} {1e6 * sep:>10.1f} {fft / sep:>8.2f} {work:>6.2f} "
+                f"{auto:>10}" + ("" if auto_is_faster(rows[-1]) else "  <- auto picks the slower path"))
+    return rows, load.stop()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=8, help="configurations per call (default 8, the sweep engine's group)")
@@ -67,28 +103,8 @@ def main(argv=None):
     info = machine_info()
     print(f"cpu: {info['cpu_model']} (nproc {info['nproc']}), jax {info['jax']} ({info['jax_backend']}); "
           f"FFT_COST_FACTOR = {ops.FFT_COST_FACTOR}, AUTO_MAX_RANK = {ops.AUTO_MAX_RANK}", file=out)
-    print(f"{'N':>4} {'w':>3} {'fft us/cs':>10} {'r':>3} {'sep us/cs':>10} {'fft/sep':>8} {'work':>6} {'auto':>10}", file=out)
-    rows = []
-    load = OtherLoad().start()
-    for n, w in CASES:
-        m = n - w + 1
-        base = rng.normal(size=(n, 64)) @ rng.normal(size=(64, n))
-        fft = seconds_per_config_step(pb.make_problem(base.astype(np.float32), w, operator="fft"),
-                                      args.batch, args.steps, args.repeats, rng)
-        for r in RANKS:
-            image = (rng.normal(size=(n, r)) @ rng.normal(size=(r, n))).astype(np.float32)
-            prob = pb.make_problem(image, w, operator="separable", max_rank=r)
-            assert prob.rank == r
-            sep = seconds_per_config_step(prob, args.batch, args.steps, args.repeats, rng)
-            work = r * (w * w * m + w * m * m) / (n * n * np.log2(n * n))
-            auto = pb.make_problem(image, w).operator  # what operator="auto" picks for this image
-            rows.append(dict(N=n, w=w, rank=r, fft_us=1e6 * fft, separable_us=1e6 * sep, ratio=fft / sep,
-                             work=work, auto=auto))
-            print(f"{n:>4} {w:>3} {1e6 * fft:>10.1f} {r:>3} {1e6 * sep:>10.1f} {fft / sep:>8.2f} {work:>6.2f} "
-                  f"{auto:>10}" + ("  <- auto picks the slower path" if (fft / sep < 1) == (auto == "separable") else ""),
-                  file=out, flush=True)
-    other = load.stop()
-    wrong = [r for r in rows if (r["ratio"] < 1) == (r["auto"] == "separable")]
+    rows, other = measure(CASES, RANKS, args.batch, args.steps, args.repeats, rng, out)
+    wrong = [r for r in rows if not auto_is_faster(r)]
     print(f"auto picks the faster path in {len(rows) - len(wrong)} of {len(rows)} cases; "
           f"other processes used {100 * (other or 0):.0f}% of the CPUs", file=out)
     if args.json:

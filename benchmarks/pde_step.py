@@ -160,21 +160,27 @@ class JaxCFL:
 
 
 class TorchFFTBatched:
+    """``device``: the torch device the tensors live on (``"cpu"``, or ``"cuda"`` for benchmarks/accelerator_check.py)."""
+
     name = "torch-fft-batched"
 
-    def __init__(self, image, w, K0, beta, label, bias):
+    def __init__(self, image, w, K0, beta, label, bias, device="cpu"):
         self.N = image.shape[0]
         self.w = w
         self.M = self.N - w + 1
-        self.I = torch.from_numpy(np.array(image))
+        self.device = device
+        self.I = self._tensor(image)
         self.Ihat = torch.fft.rfft2(self.I)  # computed once
-        self.K0 = torch.from_numpy(np.array(K0))
+        self.K0 = self._tensor(K0)
         self.beta, self.label, self.bias = float(beta), float(label), float(bias)
+
+    def _tensor(self, a):
+        return torch.from_numpy(np.array(a)).to(self.device)
 
     def prepare(self, batch, steps, lr, alpha):
         self.batch, self.steps = batch, steps
-        self.lr = torch.from_numpy(np.array(lr)).view(batch, 1, 1)
-        self.alpha = torch.from_numpy(np.array(alpha)).view(batch, 1, 1)
+        self.lr = self._tensor(lr).view(batch, 1, 1)
+        self.alpha = self._tensor(alpha).view(batch, 1, 1)
 
     def _correlate(self, K):
         N, M = self.N, self.M
@@ -205,12 +211,11 @@ class TorchFFTBatched:
             for _ in range(self.steps):
                 G = self._grad(K, self.alpha)
                 K.sub_(G.mul_(self.lr))
-        return K.numpy()
+        return K.cpu().numpy()  # waits for the device; a no-op on the CPU
 
     def gradient(self, kernels, lr, alpha):
         with torch.no_grad():
-            a = torch.from_numpy(np.array(alpha)).view(-1, 1, 1)
-            return self._grad(torch.from_numpy(np.array(kernels)), a).numpy()
+            return self._grad(self._tensor(kernels), self._tensor(alpha).view(-1, 1, 1)).cpu().numpy()
 
 
 class TorchSeparableBatched(TorchFFTBatched):
@@ -223,12 +228,12 @@ class TorchSeparableBatched(TorchFFTBatched):
 
     name = "torch-separable-batched"
 
-    def __init__(self, image, w, K0, beta, label, bias):
-        super().__init__(image, w, K0, beta, label, bias)
+    def __init__(self, image, w, K0, beta, label, bias, device="cpu"):
+        super().__init__(image, w, K0, beta, label, bias, device)
         u, v = jaxcfl.separable_factors(image, dtype=np.float32)
         index = np.arange(self.M)[:, None] + np.arange(w)[None, :]
-        self.Tu = torch.from_numpy(np.ascontiguousarray(np.moveaxis(u[index], -1, 0), np.float32))  # (r, M, w)
-        self.Tv = torch.from_numpy(np.ascontiguousarray(np.moveaxis(v[index], -1, 0), np.float32))
+        self.Tu = self._tensor(np.ascontiguousarray(np.moveaxis(u[index], -1, 0), np.float32))  # (r, M, w)
+        self.Tv = self._tensor(np.ascontiguousarray(np.moveaxis(v[index], -1, 0), np.float32))
         self.TvT = self.Tv.transpose(-1, -2).contiguous()
         self.TuT = self.Tu.transpose(-1, -2).contiguous()
 

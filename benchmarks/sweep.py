@@ -171,18 +171,19 @@ def subset_indices(n_total: int, n: int) -> np.ndarray:
 # --- PyTorch baselines ------------------------------------------------------------------
 
 class TorchFFT:
-    """One configuration at a time; explicit gradients with real FFTs (no autograd)."""
+    """One configuration at a time; explicit gradients with real FFTs (no autograd), on torch ``device``."""
 
     def __init__(self, image: np.ndarray, w: int, pool: str, model: str, a: float, beta: float,
-                 label: float = 1.0, bias: float = 0.0):
+                 label: float = 1.0, bias: float = 0.0, device: str = "cpu"):
         self.name = "B: torch loop, torch.fft explicit gradient"
         self.N = image.shape[0]
         self.w = w
         self.M = self.N - w + 1
         self.c = 1.0 if pool == "sum" else 1.0 / (self.M * self.M)
         self.model, self.a, self.beta, self.label, self.bias = model, float(a), float(beta), float(label), float(bias)
-        self.Ihat = torch.fft.rfft2(torch.from_numpy(np.array(image, np.float32)))
-        self.Ibar = self._adjoint(torch.ones(self.M, self.M))
+        self.device = device
+        self.Ihat = torch.fft.rfft2(torch.from_numpy(np.array(image, np.float32)).to(device))
+        self.Ibar = self._adjoint(torch.ones(self.M, self.M, device=device))
 
     def _correlate(self, K):  # Z = K * I (valid), M x M
         s = (self.N, self.N)
@@ -205,24 +206,26 @@ class TorchFFT:
 
     def run(self, K0: np.ndarray, lr: float, alpha: float, steps: int) -> np.ndarray:
         with torch.no_grad():
-            K = torch.from_numpy(np.array(K0, np.float32))
+            K = torch.from_numpy(np.array(K0, np.float32)).to(self.device)
             for _ in range(steps):
                 K = K - lr * self.gradient(K, alpha)
-        return K.numpy()
+        return K.cpu().numpy()  # waits for the device; a no-op on the CPU
 
 
 class TorchConvAutograd:
     """One configuration at a time; ``F.conv2d`` forward and ``loss.backward()`` (nonlinear model)."""
 
-    def __init__(self, image: np.ndarray, w: int, pool: str, beta: float, label: float = 1.0, bias: float = 0.0):
+    def __init__(self, image: np.ndarray, w: int, pool: str, beta: float, label: float = 1.0, bias: float = 0.0,
+                 device: str = "cpu"):
         self.name = "B: torch loop, F.conv2d + autograd"
-        self.I = torch.from_numpy(np.array(image, np.float32))[None, None]
+        self.device = device
+        self.I = torch.from_numpy(np.array(image, np.float32)).to(device)[None, None]
         M = image.shape[0] - w + 1
         self.c = 1.0 if pool == "sum" else 1.0 / (M * M)
         self.beta, self.label, self.bias = float(beta), float(label), float(bias)
 
     def run(self, K0: np.ndarray, lr: float, alpha: float, steps: int) -> np.ndarray:
-        K = torch.from_numpy(np.array(K0, np.float32)).requires_grad_(True)
+        K = torch.from_numpy(np.array(K0, np.float32)).to(self.device).requires_grad_(True)
         for _ in range(steps):
             Z = F.conv2d(self.I, K[None, None])  # valid cross-correlation
             r = F.silu(Z) if self.beta == 1.0 else Z * torch.sigmoid(self.beta * Z)
@@ -232,7 +235,7 @@ class TorchConvAutograd:
             with torch.no_grad():
                 K -= lr * K.grad
             K.grad = None
-        return K.detach().numpy()
+        return K.detach().cpu().numpy()
 
 
 # --- one workload ------------------------------------------------------------------------
@@ -329,11 +332,12 @@ def bench_workload(name: str, wl: dict, args) -> dict:
             first_call_s=t_warm_a, monitored_first_call=cm_a.result,
             subset_counts={s: int(np.sum(status_flat[idx_a] == s)) for s in ("stable", "restrained", "divergent")})
 
-    # -- Baseline B: PyTorch loop.
-    if torch is not None:
-        impls = [TorchFFT(image_np, w, pool, model, a, beta)]
+    # -- Baseline B: PyTorch loop, on args.torch_device (default the CPU; None: no baseline B).
+    device = getattr(args, "torch_device", "cpu")
+    if torch is not None and device is not None:
+        impls = [TorchFFT(image_np, w, pool, model, a, beta, device=device)]
         if model == "nonlinear":
-            impls.append(TorchConvAutograd(image_np, w, pool, beta))
+            impls.append(TorchConvAutograd(image_np, w, pool, beta, device=device))
         threads = [args.torch_threads] if args.torch_threads else sorted({os.cpu_count() or 1, 1}, reverse=True)
         candidates = [(impl, n) for impl in impls for n in threads]
         trial = {}

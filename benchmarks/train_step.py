@@ -116,19 +116,20 @@ def torch_vgg(depth: int = 16) -> tnn.Module:
     return tnn.Sequential(*layers, tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(cin, NUM_CLASSES))
 
 
-TORCH_MODELS: dict[str, Callable[[], tnn.Module]] = {"resnet20": lambda: torch_resnet(20), "vgg16": lambda: torch_vgg(16)}
+TORCH_MODELS: dict[str, Callable[[], tnn.Module]] = {"resnet20": lambda: torch_resnet(20), "vgg16": lambda: torch_vgg(16),
+                                                     "cnn": lambda: torch_vgg(4)}  # cnn: for accelerator_check.py on a CPU
 
 
 class TorchSteps:
-    """K separate torch models and optimisers; ``step(i)`` trains model i on the shared batch."""
+    """K separate torch models and optimisers on ``device``; ``step(i)`` trains model i on the shared batch."""
 
-    def __init__(self, model: str, copies: int, x: np.ndarray, y: np.ndarray):
+    def __init__(self, model: str, copies: int, x: np.ndarray, y: np.ndarray, device: str = "cpu"):
         torch.manual_seed(0)
-        self.models = [TORCH_MODELS[model]().train() for _ in range(copies)]
+        self.models = [TORCH_MODELS[model]().to(device).train() for _ in range(copies)]
         self.opts = [torch.optim.SGD(m.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY)
                      for m in self.models]
-        self.x = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))  # NHWC -> NCHW
-        self.y = torch.from_numpy(y.astype(np.int64))
+        self.x = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)  # NHWC -> NCHW
+        self.y = torch.from_numpy(y.astype(np.int64)).to(device)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.models[0].parameters())
@@ -139,7 +140,7 @@ class TorchSteps:
         loss = F.cross_entropy(model(self.x), self.y)
         loss.backward()
         opt.step()
-        return loss.detach().item()
+        return loss.detach().item()  # waits for the device
 
 
 # --- jaxcfl steps -------------------------------------------------------------------------
@@ -191,17 +192,28 @@ def timed(fn: Callable[[], object]) -> float:
 
 # --- one model ----------------------------------------------------------------------------
 
-def bench_model(model: str, batch: int, copies: int, repeats: int, modes: tuple[str, ...]) -> dict:
-    """Compile and warm up every implementation, then ``repeats`` interleaved rounds."""
-    rng = np.random.default_rng(0)
+def random_batch(batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The benchmark's batch: ``batch`` random 32x32x3 float32 images and int32 labels."""
+    rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, 32, 32, 3)).astype(np.float32)
-    y = rng.integers(0, NUM_CLASSES, batch).astype(np.int32)
-    ks = tuple(float(2 * i + 1) for i in range(copies))  # k = 1, 3, 5, ...
+    return x, rng.integers(0, NUM_CLASSES, batch).astype(np.int32)
+
+
+def bench_model(model: str, batch: int, copies: int, repeats: int, modes: tuple[str, ...],
+                ks: tuple[float, ...] | None = None, torch_device: str | None = "cpu") -> dict:
+    """Compile and warm up every implementation, then ``repeats`` interleaved rounds.
+
+    ``ks``: the copies' perturbation factors (default ``1, 3, 5, ...``; ``copies`` is then
+    ``len(ks)``); ``torch_device``: where the PyTorch baseline runs (``None``: no baseline).
+    """
+    x, y = random_batch(batch)
+    ks = tuple(float(2 * i + 1) for i in range(copies)) if ks is None else tuple(ks)  # k = 1, 3, 5, ...
+    copies = len(ks)
     load = OtherLoad().start()
 
     lockstep = {mode: JaxSteps(model, ks, mode, x, y) for mode in modes}
     separate = [JaxSteps(model, (k,), "unroll", x, y) for k in ks]  # one copy: ordinary convolutions
-    torch_steps = TorchSteps(model, copies, x, y)
+    torch_steps = TorchSteps(model, copies, x, y, torch_device) if torch_device is not None else None
     first = {}
     for mode, impl in lockstep.items():
         log(f"  compiling jaxcfl-{mode} (K = {copies}) ...")
@@ -210,20 +222,22 @@ def bench_model(model: str, batch: int, copies: int, repeats: int, modes: tuple[
     first["jaxcfl-single"] = timed(separate[0].step)
     for impl in separate[1:]:
         impl.step()  # the others reuse the compiled step: their first call is a warm-up
-    for i in range(copies):
+    for i in range(copies) if torch_steps is not None else ():
         torch_steps.step(i)  # warm-up (oneDNN primitives, allocator)
 
     times: dict[str, list[float]] = {f"jaxcfl-{m}": [] for m in modes}
-    times |= {"jaxcfl-separate": [], "torch-separate": [], "jaxcfl-single": [], "torch-single": []}
+    times |= {name: [] for name in ("jaxcfl-separate", "torch-separate", "jaxcfl-single", "torch-single")
+              if torch_steps is not None or not name.startswith("torch")}
     for r in range(repeats):
         for mode, impl in lockstep.items():
             times[f"jaxcfl-{mode}"].append(timed(impl.step))
         single = [timed(impl.step) for impl in separate]
         times["jaxcfl-separate"].append(sum(single))
         times["jaxcfl-single"] += single
-        single = [timed(lambda i=i: torch_steps.step(i)) for i in range(copies)]
-        times["torch-separate"].append(sum(single))
-        times["torch-single"] += single
+        if torch_steps is not None:
+            single = [timed(lambda i=i: torch_steps.step(i)) for i in range(copies)]
+            times["torch-separate"].append(sum(single))
+            times["torch-single"] += single
         log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{name} {t[-1]:.2f} s" for name, t in times.items()
                                                       if not name.endswith("single")))
     other = load.stop()
@@ -237,15 +251,17 @@ def bench_model(model: str, batch: int, copies: int, repeats: int, modes: tuple[
         if name in first:
             rows[name]["compile_s"] = max(0.0, first[name] - med)
     ips = {name: row["images_per_s"] for name, row in rows.items()}
-    ratios = {f"{name} / torch-separate": ips[name] / ips["torch-separate"]
-              for name in ips if name.startswith("jaxcfl") and not name.endswith("single")}
-    ratios["jaxcfl-single / torch-single"] = ips["jaxcfl-single"] / ips["torch-single"]
+    ratios = {}
+    if torch_steps is not None:
+        ratios = {f"{name} / torch-separate": ips[name] / ips["torch-separate"]
+                  for name in ips if name.startswith("jaxcfl") and not name.endswith("single")}
+        ratios["jaxcfl-single / torch-single"] = ips["jaxcfl-single"] / ips["torch-single"]
     if "vmap" in modes and "unroll" in modes:
         ratios["jaxcfl-vmap / jaxcfl-unroll"] = ips["jaxcfl-vmap"] / ips["jaxcfl-unroll"]
     for mode in modes:
         ratios[f"jaxcfl-{mode} / jaxcfl-separate"] = ips[f"jaxcfl-{mode}"] / ips["jaxcfl-separate"]
     return {"model": model, "batch": batch, "copies": copies, "ks": list(ks), "repeats": repeats,
-            "params_jaxcfl": separate[0].params, "params_torch": torch_steps.num_params(),
+            "params_jaxcfl": separate[0].params, "params_torch": torch_steps.num_params() if torch_steps is not None else None,
             "impls": rows, "ratios": ratios, "other_cpu_load": other}
 
 
