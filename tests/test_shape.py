@@ -20,7 +20,7 @@ from jaxcfl.sweeps import SweepSpec
 SRC = Path(jaxcfl.__file__).parent
 
 # The two halves of the library and the shared pieces beside them (README, "Layout").
-SHARED = {"rounding", "spectral", "search", "classify", "determinism", "statistics", "images", "_folder",
+SHARED = {"rounding", "spectral", "search", "classify", "determinism", "statistics", "images", "_folder", "distributed",
           "_validate", "_io", "_results", "_text", "_version", "_cli_types"}
 PDE = {"problem", "operators", "model", "schemes", "integration", "theory", "sweeps", "bounds", "heat"}
 NETWORK = {"perturb", "guard", "data", "nets", "train", "curvature"}

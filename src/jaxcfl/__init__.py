@@ -16,7 +16,7 @@ from jaxcfl.curvature import (
 from jaxcfl.determinism import divergence, enable_deterministic_mode, fingerprint, run_in_processes
 from jaxcfl.guard import CFLGuardState, cfl_guard, guard_state, guarded_lr, refresh_due
 from jaxcfl.perturb import perturb_update, perturbed_sgd, ulp_perturb
-from jaxcfl.images import checkerboard
+from jaxcfl.images import checkerboard, load_image
 from jaxcfl.integration import Diagnostics, SaveAt, Trajectory, diagnose, integrate, integrate_many
 from jaxcfl.model import MODELS, Setup, gradient, gradient_fn, loss
 from jaxcfl.operators import separable_factors, separable_pays
@@ -33,7 +33,7 @@ from jaxcfl.problem import (
     with_separable_operator,
 )
 from jaxcfl.rounding import scaled_update
-from jaxcfl.schemes import SCHEMES, State, euler_step, init, nesterov_step
+from jaxcfl.schemes import SCHEMES, GuardSchedule, State, euler_step, guarded_euler_step, init, nesterov_step
 from jaxcfl.spectral import Eigenpairs, lanczos_extremes, top_eigenpairs
 from jaxcfl.sweeps import SweepResult, SweepSpec, config_mesh, sweep
 from jaxcfl._version import __version__
@@ -68,6 +68,7 @@ __all__ = [
     "Diagnostics",
     "Eigenpairs",
     "EmpiricalBounds",
+    "GuardSchedule",
     "Rule",
     "SaveAt",
     "Setup",
@@ -79,6 +80,7 @@ __all__ = [
     "Trajectory",
     "cfl_guard",
     "checkerboard",
+    "load_image",
     "classify",
     "config_mesh",
     "correlate",
@@ -93,6 +95,7 @@ __all__ = [
     "gradient",
     "gradient_fn",
     "guard_state",
+    "guarded_euler_step",
     "guarded_lr",
     "heat",
     "hessian_eigenpairs",

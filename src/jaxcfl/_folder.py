@@ -18,6 +18,13 @@ Every folder jaxcfl writes results to (a sweep's ``out``, a training run's
   do not match, was never committed (a crash between the two renames) or was
   damaged since, and :meth:`ResultFolder.read` reports which.
 * **The umask is honoured** (:func:`jaxcfl._io.atomic_open`).
+* **One writer across processes.** In a multi-process run (:mod:`jaxcfl.distributed`) a
+  folder opened by every process is *shared*: only process 0 creates, locks, writes and
+  reads it; every method is a collective that every process calls at the same point, and
+  its outcome (the bytes read, the error raised) is process 0's, on every process. The
+  other processes need not see the folder at all (no shared file system is assumed).
+  Inside :func:`jaxcfl.distributed.on_leader` process 0 uses it alone; inside
+  :func:`jaxcfl.distributed.process_local` a folder belongs to the process that opens it.
 """
 
 from __future__ import annotations
@@ -26,9 +33,9 @@ import errno
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from jaxcfl._io import atomic_open
 from jaxcfl._version import __version__
@@ -40,6 +47,7 @@ except ImportError:  # pragma: no cover - Windows
 
 MANIFEST = "manifest.json"
 LOCK = ".jaxcfl.lock"
+T = TypeVar("T")
 
 
 class FolderInUse(RuntimeError):
@@ -79,6 +87,8 @@ class ResultFolder:
         self.label = label
         self._lock_fd: int | None = None
         self._files: dict[str, str] = {}
+        self._shared = False  # opened by every process of a multi-process run: process 0 does the I/O
+        self._follower = False  # a shared folder seen from a process other than 0
 
     def __repr__(self) -> str:
         return f"ResultFolder({str(self.path)!r}, kind={self.kind!r})"
@@ -86,8 +96,19 @@ class ResultFolder:
     # --- lifetime -------------------------------------------------------------------------
 
     def open(self) -> "ResultFolder":
-        if self._lock_fd is not None:
+        if self.is_open:
             return self
+        from jaxcfl import distributed
+
+        if not distributed.shares_folders():
+            self._open_here()
+            return self
+        files = distributed.on_leader(self._open_here)  # every process raises process 0's error, if any
+        self._shared, self._follower = True, not distributed.is_leader()
+        self._files = dict(files)
+        return self
+
+    def _open_here(self) -> dict[str, str]:
         if self.path.exists() and not self.path.is_dir():
             raise FolderMismatch(f"{self.label}={str(self.path)!r} is a file, not a folder; give a folder "
                                  f"(it is created if missing)")
@@ -98,10 +119,11 @@ class ResultFolder:
         except BaseException:
             self.close()
             raise
-        return self
+        return dict(self._files)
 
     def close(self) -> None:
-        """Release the lock (the results stay)."""
+        """Release the lock (the results stay). Not a collective: each process closes its own handle."""
+        self._shared = self._follower = False
         fd, self._lock_fd = self._lock_fd, None
         if fd is not None:
             os.close(fd)  # closing the descriptor releases the flock
@@ -120,7 +142,15 @@ class ResultFolder:
 
     @property
     def is_open(self) -> bool:
-        return self._lock_fd is not None
+        return self._lock_fd is not None or self._follower
+
+    def _on_writer(self, fn: Callable[[], T]) -> T:
+        """``fn()`` here; for a shared folder, on process 0, its result (or error) on every process."""
+        if not self._shared:
+            return fn()
+        from jaxcfl import distributed
+
+        return distributed.on_leader(fn)
 
     def _lock(self) -> None:
         fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
@@ -176,26 +206,34 @@ class ResultFolder:
     # --- units ------------------------------------------------------------------------------
 
     def _check_open(self) -> None:
-        if self._lock_fd is None:
+        if not self.is_open:
             raise RuntimeError(f"{self!r} is not open; use it in a with block or call open()")
 
     def commit(self, name: str, data: bytes) -> Path:
         """Write the unit ``name`` atomically and record its checksum: after this, it is committed."""
         self._check_open()
+        path, self._files[name] = self._on_writer(lambda: self._commit_here(name, data))
+        return path
+
+    def _commit_here(self, name: str, data: bytes) -> tuple[Path, str]:
         path = self.path / name
         with atomic_open(path, "wb") as fh:
             fh.write(data)
         self._files[name] = sha256(data)
         self._write_manifest()
-        return path
+        return path, self._files[name]
 
     def read(self, name: str) -> tuple[bytes | None, str]:
         """``(data, state)`` of unit ``name``; ``data`` is ``None`` unless ``state == "ok"``.
 
         ``state`` is ``"ok"``, ``"absent"`` (never committed), ``"missing"``
         (committed, file gone) or ``"corrupt"`` (its bytes do not match the
-        checksum: damaged, or another file copied over it).
+        checksum: damaged, or another file copied over it). A shared folder: process 0's
+        reading, on every process.
         """
+        return self._on_writer(lambda: self._read_here(name))
+
+    def _read_here(self, name: str) -> tuple[bytes | None, str]:
         expected = self._files.get(name)
         if expected is None:
             return None, "absent"
@@ -209,13 +247,29 @@ class ResultFolder:
 
     def adopt(self, name: str) -> None:
         """Record the checksum of ``name``, a file written into the folder by another writer (a figure)."""
+        self.adopt_present([name], missing_ok=False)
+
+    def adopt_present(self, names: Iterable[str], *, missing_ok: bool = True) -> None:
+        """:meth:`adopt` each of ``names`` that is a file (all of them, unless ``missing_ok``), in one step."""
         self._check_open()
-        self._files[name] = sha256((self.path / name).read_bytes())
-        self._write_manifest()
+        names = list(names)
+        self._files.update(self._on_writer(lambda: self._adopt_here(names, missing_ok)))
+
+    def _adopt_here(self, names: list[str], missing_ok: bool) -> dict[str, str]:
+        found = {name: sha256((self.path / name).read_bytes()) for name in names
+                 if not missing_ok or (self.path / name).is_file()}
+        if found:
+            self._files.update(found)
+            self._write_manifest()
+        return found
 
     def forget(self, name: str) -> None:
         """Drop the unit ``name`` from the manifest (its file, if any, is left to be overwritten)."""
         self._check_open()
+        self._on_writer(lambda: self._forget_here(name))
+        self._files.pop(name, None)
+
+    def _forget_here(self, name: str) -> None:
         if self._files.pop(name, None) is not None:
             self._write_manifest()
 

@@ -327,9 +327,7 @@ class ResultDir:
     def close(self) -> None:
         """Record the checksums of the files named through :meth:`file` and release the folder."""
         if self.folder is not None and self.folder.is_open:
-            for name in dict.fromkeys(self._named):
-                if (self.path / name).is_file():
-                    self.folder.adopt(name)
+            self.folder.adopt_present(dict.fromkeys(self._named))  # one step (a collective in a multi-process run)
             self.folder.close()
 
     def finish(self, payload: dict[str, Any], name: str, files: Mapping[str, str]) -> dict[str, Any]:

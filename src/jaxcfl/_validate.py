@@ -64,6 +64,11 @@ def check_unit_interval(name: str, value: Any) -> Any:
     return _check_values(name, value, lambda x: (x >= 0) & (x < 1), "in [0, 1)")
 
 
+def check_safety(name: str, value: Any) -> Any:
+    """``value`` must lie in (0, 1] (a margin inside a stability limit)."""
+    return _check_values(name, value, lambda x: (x > 0) & (x <= 1), "in (0, 1] (a margin inside the stability limit)")
+
+
 def check_int(name: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")

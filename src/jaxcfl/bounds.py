@@ -12,6 +12,10 @@ together, and the search is the generic one of :mod:`jaxcfl.search`.
 3. :func:`_refine`: full-length bisection down to ``rtol``.
 
 The result sits beside the theory of :mod:`jaxcfl.theory` (paper and windowed bounds).
+
+Started as N processes (:mod:`jaxcfl.distributed`), every evaluation spans every device of
+every process, and every process receives all statuses: each takes the same bisection
+steps and returns the same bounds (docs/scaling.md).
 """
 
 from __future__ import annotations

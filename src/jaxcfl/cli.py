@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxcfl._cli_types import IMAGE_HELP, read_image
 from jaxcfl._cli_types import positive_float as _positive_float
 from jaxcfl._cli_types import positive_int as _positive_int
 from jaxcfl._results import stderr as _progress
@@ -26,25 +27,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _load_image(spec: str, size: int) -> np.ndarray:
-    """``checkerboard`` (the paper's, ``size x size``) or a path to a 2-D ``.npy`` file."""
-    if spec == "checkerboard":
-        from jaxcfl.images import checkerboard
-
-        return np.asarray(checkerboard(size), np.float64)
-    try:
-        image = np.load(spec)
-    except (OSError, ValueError, EOFError) as err:
-        raise ValueError(f"--image: cannot read {spec!r} as a .npy array ({err}); give a 2-D array saved with "
-                         f"numpy.save, or 'checkerboard'") from None
-    if not isinstance(image, np.ndarray):
-        raise ValueError(f"--image: {spec!r} holds several arrays (an .npz); give one 2-D array saved with numpy.save")
-    if image.ndim != 2 or image.dtype.kind not in "biuf":
-        raise ValueError(f"--image: {spec!r} holds an array of shape {image.shape} and dtype {image.dtype}; "
-                         f"it must be a 2-D array of real numbers")
-    return np.asarray(image, np.float64)
 
 
 def _emit(payload: Any, as_json: bool, render) -> None:
@@ -65,7 +47,7 @@ PAPER_LR = {"nesterov": 1e-4, "gd": 1e-8}  # appendix E and Section 5.2
 def cmd_theory(args: argparse.Namespace) -> int:
     from jaxcfl import theory
 
-    image = _load_image(args.image, args.size)
+    image = read_image(args.image, args.size)
     schemes = ["nesterov", "gd"] if args.scheme == "both" else [args.scheme]
     rows = []
     for w in args.kernel_size:
@@ -94,7 +76,7 @@ def cmd_theory(args: argparse.Namespace) -> int:
                 )
             )
     payload = dict(
-        image=args.image if args.image != "checkerboard" else f"checkerboard {args.size}",
+        image=args.image if args.image != "checkerboard" else f"checkerboard {args.size or 256}",
         a=args.a,
         beta=args.beta,
         pool=args.pool,
@@ -213,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     th = sub.add_parser("theory", help="CFL bounds on alpha: paper formulas and exact windowed bounds",
                         description="Print the paper's non-windowed alpha bounds and the exact bounds of the windowed scheme "
                                     "(Lanczos on W C^T C W). Defaults: appendix E's Table 5 set-up.")
-    th.add_argument("--image", default="checkerboard", help="'checkerboard' or a path to a 2-D .npy array (default: checkerboard)")
-    th.add_argument("--size", type=_positive_int, default=256, help="checkerboard side (default 256)")
+    th.add_argument("--image", default="checkerboard", help=IMAGE_HELP + " (default: checkerboard)")
+    th.add_argument("--size", type=_positive_int, default=None, help="checkerboard side (default 256)")
     th.add_argument("--kernel-size", type=_positive_int, nargs="+", default=[16, 32, 64], help="kernel sizes w (default 16 32 64)")
     th.add_argument("--scheme", choices=["gd", "nesterov", "both"], default="both")
     th.add_argument("--lr", type=_positive_float, default=None,
@@ -263,6 +245,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         import jax
 
         jax.config.update("jax_enable_x64", True)
+    from jaxcfl.distributed import initialize_from_env
+
+    try:  # a multi-process run on jax.distributed, when the environment asks for one (docs/scaling.md)
+        initialize_from_env()
+    except ValueError as err:
+        parser.error(str(err))
     if getattr(args, "momentum", 0.0) is not None and not 0.0 <= getattr(args, "momentum", 0.0) < 1.0:
         parser.error(f"--momentum must lie in [0, 1), got {args.momentum}")
     from jaxcfl._folder import FolderInUse

@@ -46,7 +46,7 @@ from jax.flatten_util import ravel_pytree
 from jax.typing import ArrayLike
 
 from jaxcfl import _validate as v
-from jaxcfl.schemes import momentum_limit
+from jaxcfl.schemes import guarded_step_size, momentum_limit
 from jaxcfl.spectral import lanczos_eigh
 
 ScalarOrSchedule = float | ArrayLike | Callable[[Array], ArrayLike]
@@ -82,10 +82,8 @@ def guarded_lr(lr: ArrayLike, lambda_max: ArrayLike, *, safety: ArrayLike = 0.9,
     Every argument but ``nesterov`` may be traced.
     """
     lr = jnp.asarray(lr)
-    lam = jnp.asarray(lambda_max, lr.dtype)
     limit = jnp.asarray(safety, lr.dtype) * jnp.asarray(momentum_limit(momentum, nesterov), lr.dtype)
-    known = jnp.isfinite(lam) & (lam > 0)
-    return jnp.where(known, jnp.minimum(lr, limit / jnp.where(known, lam, 1)), lr)
+    return guarded_step_size(lr, lambda_max, limit)
 
 
 def _check(learning_rate, momentum, nesterov, weight_decay, safety, every, iterations) -> None:
@@ -95,9 +93,7 @@ def _check(learning_rate, momentum, nesterov, weight_decay, safety, every, itera
     if nesterov and v.is_concrete(momentum) and float(momentum) == 0.0:
         raise ValueError("nesterov=True needs momentum > 0")
     v.check_nonnegative("weight_decay", weight_decay)
-    v.check_positive("safety", safety)
-    if v.is_concrete(safety) and not float(safety) <= 1.0:
-        raise ValueError(f"safety must lie in (0, 1] (a margin inside the stability limit), got {float(safety)!r}")
+    v.check_safety("safety", safety)
     if v.is_concrete(every) and (isinstance(every, bool) or not float(every).is_integer() or every < 1):
         raise ValueError(f"every must be an integer >= 1 (steps between refreshes of lambda_max), got {every!r}")
     v.check_int("iterations", iterations, minimum=1)

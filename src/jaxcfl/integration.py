@@ -22,7 +22,14 @@ from jaxcfl import _validate as v
 from jaxcfl.determinism import divergence
 from jaxcfl.model import MODELS, gradient_fn, loss
 from jaxcfl.problem import Hyper, Problem, as_kernel, check_kernel
-from jaxcfl.schemes import State, get_scheme, init
+from jaxcfl.schemes import (
+    GuardSchedule,
+    State,
+    estimate_curvature,
+    get_scheme,
+    init,
+    start_guard,
+)
 
 
 @jax.tree_util.register_dataclass
@@ -38,6 +45,8 @@ class Diagnostics:
       kernel_max: ``max |K^n|``.
       update_norm: ``||K^n - K^{n-1}||_2``.
       finite: whether every entry of ``K^n`` is finite.
+      curvature, step_size: with the guarded scheme, its estimate ``lambda_n`` and the step
+        ``dt_n`` it took last (:class:`~jaxcfl.schemes.State`); ``None`` otherwise.
     """
 
     iteration: Array
@@ -46,6 +55,8 @@ class Diagnostics:
     kernel_max: Array
     update_norm: Array
     finite: Array
+    curvature: Array | None = None
+    step_size: Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -73,6 +84,8 @@ def diagnose(problem: Problem, state: State, hyper: Hyper, *, with_loss: bool = 
         kernel_max=jnp.max(jnp.abs(kernel)),
         update_norm=scaled_norm(kernel - state.previous),
         finite=jnp.all(jnp.isfinite(kernel)),
+        curvature=state.curvature,
+        step_size=state.step_size,
     )
 
 
@@ -133,22 +146,37 @@ class Solution:
 
 
 def solve(problem: Problem, state: State, hyper: Hyper, *, scheme: str, model: str, steps: int, save: SaveAt,
-          pair_k: Array | None = None, tail: int = 0, with_loss: bool = True) -> Solution:
+          pair_k: Array | None = None, tail: int = 0, with_loss: bool = True,
+          guard: GuardSchedule | None = None) -> Solution:
     """The one integrator loop: ``steps`` iterations of ``scheme`` on ``model``, recorded at ``save``.
 
-    Pure and traceable (``scheme``, ``model``, ``steps``, ``save``, ``tail`` and
+    Pure and traceable (``scheme``, ``model``, ``steps``, ``save``, ``tail``, ``guard`` and
     whether ``pair_k`` is given are static). With ``pair_k`` a second copy runs
     in lock-step with perturbation factor ``k = pair_k`` (the first keeps
     ``hyper.k``), and the divergence between them is accumulated at every
     iteration. :func:`integrate`, :func:`integrate_many` and the sweep engine
     (:mod:`jaxcfl.sweeps`) are all this function.
+
+    A guarded scheme (``guarded_gd``) starts its guard if ``state`` has none
+    (:func:`~jaxcfl.schemes.start_guard`) and refreshes ``lambda_n`` before the iterations
+    that ``guard.due`` names (default :class:`~jaxcfl.schemes.GuardSchedule`).
+    The refresh is a ``lax.cond`` on the iteration count, which is the same for every
+    configuration of a batch, so under ``jax.vmap`` it stays a branch: the steps between
+    refreshes cost what an unguarded step costs.
     """
-    step = get_scheme(scheme).step
+    sch = get_scheme(scheme)
+    step = sch.step
     rhs = gradient_fn(model)
 
     def grad_fn(kernel, hyp):
         return rhs(problem, kernel, hyp)
 
+    if sch.guarded:
+        guard = GuardSchedule() if guard is None else guard
+        state = start_guard(state, grad_fn, hyper, guard)
+        refresh_one = lambda st, hyp: estimate_curvature(st, grad_fn, hyp, iterations=guard.iterations)
+    elif state.direction is not None:  # a guarded run continued without its guard
+        state = dataclasses.replace(state, curvature=None, direction=None, step_size=None)
     paired = pair_k is not None
     if paired:
         hyps = jax.tree.map(lambda x: jnp.broadcast_to(x, (2,)), hyper)
@@ -157,9 +185,19 @@ def solve(problem: Problem, state: State, hyper: Hyper, *, scheme: str, model: s
         paired_step = jax.vmap(lambda s, h: step(s, grad_fn, h))
         advance_one = lambda st: paired_step(st, hyps)
         primary = lambda st: jax.tree.map(lambda x: x[0], st)
+        if sch.guarded:
+            refresh = lambda st: jax.vmap(refresh_one)(st, hyps)
     else:
         advance_one = lambda st: step(st, grad_fn, hyper)
         primary = lambda st: st
+        if sch.guarded:
+            refresh = lambda st: refresh_one(st, hyper)
+    if sch.guarded:
+        unguarded_advance = advance_one
+
+        def advance_one(st):
+            due = guard.due(primary(st).iteration)
+            return unguarded_advance(lax.cond(due, refresh, lambda s: s, st))
     zero = jnp.zeros((), state.kernel.dtype)
 
     def body(_, carry):
@@ -213,11 +251,11 @@ def solve(problem: Problem, state: State, hyper: Hyper, *, scheme: str, model: s
     return Solution(state=state, diagnostics=diagnostics, divergence=curve, tail_divergence=div_tail)
 
 
-@functools.partial(jax.jit, static_argnames=("scheme", "model", "steps", "record_every", "compare"))
+@functools.partial(jax.jit, static_argnames=("scheme", "model", "steps", "record_every", "compare", "guard"))
 def _integrate(problem: Problem, state: State, hyper: Hyper, compare_k: Array, *, scheme: str, model: str, steps: int,
-               record_every: int, compare: bool) -> Trajectory:
+               record_every: int, compare: bool, guard: GuardSchedule | None = None) -> Trajectory:
     sol = solve(problem, state, hyper, scheme=scheme, model=model, steps=steps, save=SaveAt(record_every),
-                pair_k=compare_k if compare else None)
+                pair_k=compare_k if compare else None, guard=guard)
     state = jax.tree.map(lambda x: x[0], sol.state) if compare else sol.state
     return Trajectory(state=state, diagnostics=sol.diagnostics, divergence=sol.divergence)
 
@@ -232,6 +270,7 @@ def integrate(
     steps: int = 1000,
     record_every: int = 1,
     compare_k: float | None = None,
+    guard: GuardSchedule | None = None,
 ) -> Trajectory:
     """Run ``steps`` iterations of ``scheme`` on ``model``, recording diagnostics.
 
@@ -241,7 +280,11 @@ def integrate(
       hyper: from :func:`jaxcfl.make_hyper`; its fields are traced, so new
         values reuse the compiled program. ``jax.vmap`` over a batched ``hyper``
         runs many configurations at once.
-      scheme: ``"gd"`` (forward Euler, eq 21) or ``"nesterov"`` (eqs 37-38).
+      scheme: ``"gd"`` (forward Euler, eq 21), ``"nesterov"`` (eqs 37-38) or
+        ``"guarded_gd"``: forward Euler with ``dt_n = min(dt, hyper.safety * 2 / lambda_n)``,
+        ``lambda_n`` the top eigenvalue of the Jacobian of the gradient at ``K^n``
+        (:func:`jaxcfl.schemes.guarded_euler_step`; its estimates and steps are recorded
+        in ``diagnostics.curvature`` and ``diagnostics.step_size``).
       model: ``"nonlinear"``, ``"linear"``, ``"nonconstant"`` or ``"activated"``.
       steps: number of iterations (static).
       record_every: stride of the diagnostics (static). Records are taken at
@@ -249,6 +292,9 @@ def integrate(
       compare_k: also step a copy whose update is perturbed by ``k = compare_k``
         (paper-notes section 2) and record the divergence between the two
         (:attr:`Trajectory.divergence`); traced, so new values reuse the program.
+      guard: the guarded scheme's :class:`~jaxcfl.schemes.GuardSchedule` (static;
+        default ``GuardSchedule()``: a refresh every 10 iterations, 4 Lanczos iterations,
+        30 for the first estimate). Ignored by unguarded schemes.
 
     Returns:
       A :class:`Trajectory`. A diverging run is not an error: its kernel
@@ -263,10 +309,11 @@ def integrate(
       (11,)
     """
     scheme, steps, record_every, pair_k = _check_run(problem, hyper, model, scheme, steps, record_every, compare_k)
+    guard = check_guard(guard)
     state = kernel if isinstance(kernel, State) else init(as_kernel(problem, kernel))
     check_kernel(problem, state.kernel)
     return _integrate(problem, state, hyper, pair_k, scheme=scheme, model=model, steps=steps, record_every=record_every,
-                      compare=compare_k is not None)
+                      compare=compare_k is not None, guard=guard)
 
 
 def integrate_many(
@@ -280,6 +327,7 @@ def integrate_many(
     record_every: int = 1,
     compare_k: float | None = None,
     map_batch: int | None = 8,
+    guard: GuardSchedule | None = None,
 ) -> Trajectory:
     """:func:`integrate` for many configurations (``hypers`` with a leading axis) in one program.
 
@@ -291,15 +339,16 @@ def integrate_many(
     scheme, steps, record_every, pair_k = _check_run(problem, hypers, model, scheme, steps, record_every, compare_k)
     if map_batch is not None:
         map_batch = v.check_int("map_batch", map_batch, minimum=1)
+    guard = check_guard(guard)
     state = init(as_kernel(problem, kernel))
     return _integrate_many(problem, state, hypers, pair_k, scheme=scheme, model=model, steps=steps,
-                           record_every=record_every, compare=compare_k is not None, map_batch=map_batch)
+                           record_every=record_every, compare=compare_k is not None, map_batch=map_batch, guard=guard)
 
 
-@functools.partial(jax.jit, static_argnames=("scheme", "model", "steps", "record_every", "compare", "map_batch"))
-def _integrate_many(problem, state, hypers, pair_k, *, scheme, model, steps, record_every, compare, map_batch):
+@functools.partial(jax.jit, static_argnames=("scheme", "model", "steps", "record_every", "compare", "map_batch", "guard"))
+def _integrate_many(problem, state, hypers, pair_k, *, scheme, model, steps, record_every, compare, map_batch, guard):
     run = lambda h: _integrate(problem, state, h, pair_k, scheme=scheme, model=model, steps=steps,
-                               record_every=record_every, compare=compare)
+                               record_every=record_every, compare=compare, guard=guard)
     return map_configs(run, hypers, map_batch=map_batch)
 
 
@@ -319,6 +368,13 @@ def map_configs(fn, xs, *, groups: int = 1, map_batch: int | None = None):
     return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), out)
 
 
+def check_guard(guard: object) -> GuardSchedule | None:
+    """``guard`` itself, if it is ``None`` or a :class:`~jaxcfl.schemes.GuardSchedule`; else a ``TypeError``."""
+    if guard is not None and not isinstance(guard, GuardSchedule):
+        raise TypeError(f"guard must be a jaxcfl.GuardSchedule or None, got {type(guard).__name__} {guard!r:.60}")
+    return guard
+
+
 def _check_run(problem, hyper, model, scheme, steps, record_every, compare_k):
     """Validate :func:`integrate`'s arguments; returns the canonical scheme, the counts and ``k`` of the copy."""
     if not isinstance(problem, Problem):
@@ -329,6 +385,7 @@ def _check_run(problem, hyper, model, scheme, steps, record_every, compare_k):
     v.check_nonnegative("alpha", hyper.alpha)
     v.check_positive("k", hyper.k)
     v.check_unit_interval("mu", hyper.mu)
+    v.check_safety("safety", hyper.safety)
     v.check_choice("model", model, MODELS)
     scheme = get_scheme(scheme).name
     steps = v.check_int("steps", steps, minimum=1)

@@ -50,8 +50,16 @@ from jax import Array
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxcfl import _validate as v
-from jaxcfl.problem import POOLS, Hyper, Problem, correlate, correlate_adjoint, make_hyper, normal_operator
-from jaxcfl.schemes import canonical_scheme
+from jaxcfl.problem import (
+    POOLS,
+    Hyper,
+    Problem,
+    correlate,
+    correlate_adjoint,
+    make_hyper,
+    normal_operator,
+)
+from jaxcfl.schemes import GuardSchedule, canonical_scheme, get_scheme
 
 RightHandSide = Callable[[Problem, Array, Hyper], Array]
 
@@ -152,6 +160,9 @@ def gradient(problem: Problem, kernel: Array, hyper: Hyper, model: str = "nonlin
 
 # --- the set-up of a run ---------------------------------------------------------
 
+_GUARD_FIELDS = ("safety", "guard")
+
+
 @dataclasses.dataclass(frozen=True)
 class Setup:
     """The model constants and the scheme of a run: everything but ``lr``, ``alpha``, ``k`` and the data.
@@ -167,6 +178,9 @@ class Setup:
       pool: ``"sum"`` or ``"mean"`` (the ``c`` of eq 1).
       beta, a, label, bias: the model's constants (:class:`~jaxcfl.problem.Hyper`).
       momentum: Nesterov's ``mu``.
+      safety, guard: the CFL guard of the ``guarded_gd`` scheme: its margin (``Hyper.safety``)
+        and its :class:`~jaxcfl.schemes.GuardSchedule`; recorded by :meth:`to_dict` only for
+        that scheme.
 
     Example:
       >>> import jaxcfl
@@ -183,10 +197,20 @@ class Setup:
     label: float = 1.0
     bias: float = 0.0
     momentum: float = 0.9
+    safety: float = 0.9
+    guard: GuardSchedule = GuardSchedule()
 
     def __post_init__(self) -> None:
         v.check_choice("model", self.model, MODELS)
         object.__setattr__(self, "scheme", canonical_scheme(self.scheme))
+        v.check_safety("safety", self.safety)
+        if np.ndim(self.safety) != 0:
+            raise ValueError(f"safety must be a real scalar in a Setup, got shape {np.shape(self.safety)}")
+        object.__setattr__(self, "safety", float(self.safety))
+        if isinstance(self.guard, Mapping):  # its JSON form (from_dict)
+            object.__setattr__(self, "guard", GuardSchedule(**self.guard))
+        if not isinstance(self.guard, GuardSchedule):
+            raise TypeError(f"guard must be a jaxcfl.GuardSchedule, got {type(self.guard).__name__}")
         v.check_choice("pool", self.pool, POOLS)
         for name in ("beta", "a", "label", "bias"):
             v.check_finite(name, getattr(self, name))
@@ -202,20 +226,31 @@ class Setup:
         """The right-hand side ``G`` of :attr:`model`."""
         return RIGHT_HAND_SIDES[self.model]
 
+    @property
+    def guarded(self) -> bool:
+        """Whether the scheme carries the CFL guard (``guarded_gd``)."""
+        return get_scheme(self.scheme).guarded
+
     def hyper(self, lr: ArrayLike, alpha: ArrayLike, *, k: ArrayLike = 1.0, dtype: DTypeLike | None = None) -> Hyper:
         """:func:`~jaxcfl.make_hyper` with this set-up's constants; every field broadcast to ``lr``/``alpha``'s shape."""
         return make_hyper(lr, alpha, beta=self.beta, a=self.a, label=self.label, bias=self.bias, k=k,
-                          mu=self.momentum, dtype=dtype)
+                          mu=self.momentum, safety=self.safety, dtype=dtype)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The JSON form. The guard's numbers appear only for a guarded scheme, so an unguarded
+        set-up keeps the identity (result-folder manifest) it had before the guard existed."""
+        out = dataclasses.asdict(self)
+        if not self.guarded:
+            for name in _GUARD_FIELDS:
+                del out[name]
+        return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Setup":
+    def from_dict(cls, data: Mapping[str, Any]) -> Setup:
         """The set-up recorded by :meth:`to_dict` (other keys, e.g. a sweep's, are ignored)."""
         if not isinstance(data, Mapping):
             raise TypeError(f"Setup.from_dict needs a mapping, got {type(data).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in _GUARD_FIELDS or f.name in data]
         missing = [n for n in names if n not in data]
         if missing:
             raise ValueError(f"Setup.from_dict: missing {', '.join(missing)}")

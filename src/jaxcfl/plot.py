@@ -32,7 +32,7 @@ def pyplot():
     return plt
 
 
-def _edges(values: np.ndarray) -> np.ndarray:
+def cell_edges(values: np.ndarray) -> np.ndarray:
     """Cell edges for log-spaced centres (a single value gets a +-10% cell)."""
     v = np.log(np.asarray(values, float))
     if v.size == 1:
@@ -83,18 +83,18 @@ def stability_map(result, *, ax=None, theory: bool = True, title: str | None = N
         fig = ax.figure
     codes = np.vectorize(STATUSES.index)(result.status).T  # rows: alpha
     cmap = ListedColormap([STATUS_COLOURS[s] for s in STATUSES])
-    ax.pcolormesh(_edges(result.lr), _edges(result.alpha), codes, cmap=cmap, vmin=-0.5, vmax=2.5, shading="flat")
+    ax.pcolormesh(cell_edges(result.lr), cell_edges(result.alpha), codes, cmap=cmap, vmin=-0.5, vmax=2.5, shading="flat")
     ax.set_xscale("log")
     ax.set_yscale("log")
     handles = [Patch(color=STATUS_COLOURS[s], label=s) for s in STATUSES]
     if theory:
-        fine = np.geomspace(_edges(result.lr)[0], _edges(result.lr)[-1], 200)
+        fine = np.geomspace(cell_edges(result.lr)[0], cell_edges(result.lr)[-1], 200)
         styles = {"paper": dict(color="k", ls="--"), "windowed": dict(color="navy", ls="-")}
         for name, (lo, hi) in theory_curves(result, fine).items():
             ax.plot(fine, np.where(lo > 0, lo, np.nan), lw=1.5, **styles[name], label=f"{name} alpha_min")
             ax.plot(fine, np.where(hi > 0, hi, np.nan), lw=1.5, alpha=0.7, **styles[name], label=f"{name} alpha_max")
         handles = handles + ax.get_legend_handles_labels()[0]
-    ax.set_ylim(_edges(result.alpha)[0], _edges(result.alpha)[-1])
+    ax.set_ylim(cell_edges(result.alpha)[0], cell_edges(result.alpha)[-1])
     ax.set_xlabel("learning rate (dt)")
     ax.set_ylabel("weight decay alpha")
     spec = result.spec  # a jaxcfl.sweeps.SweepSpec

@@ -112,6 +112,8 @@ class Hyper:
       bias: the sigmoid bias ``b``.
       k: perturbation factor of the update (paper-notes section 2).
       mu: Nesterov momentum coefficient ``(2 - d dt)/(2 + d dt)``.
+      safety: the CFL guard's margin in ``(0, 1]`` (scheme ``guarded_gd`` only):
+        ``dt_n lambda_n <= 2 safety``.
     """
 
     lr: Array
@@ -122,6 +124,7 @@ class Hyper:
     bias: Array
     k: Array
     mu: Array
+    safety: Array
 
 
 def make_hyper(
@@ -134,6 +137,7 @@ def make_hyper(
     bias: ArrayLike = 0.0,
     k: ArrayLike = 1.0,
     mu: ArrayLike = 0.9,
+    safety: ArrayLike = 0.9,
     dtype: DTypeLike | None = None,
 ) -> Hyper:
     """Validate and pack hyperparameters; array arguments broadcast together.
@@ -149,15 +153,16 @@ def make_hyper(
     v.check_finite("bias", bias)
     v.check_positive("k", k)
     v.check_unit_interval("mu", mu)
+    v.check_safety("safety", safety)
     dtype = jax.dtypes.canonicalize_dtype(dtype if dtype is not None else float)
     # Checked in the dtype the numbers will be computed in, not only in float64.
-    for name, value in dict(lr=lr, alpha=alpha, beta=beta, a=a, label=label, bias=bias, k=k, mu=mu).items():
+    for name, value in dict(lr=lr, alpha=alpha, beta=beta, a=a, label=label, bias=bias, k=k, mu=mu, safety=safety).items():
         v.check_representable(name, value, dtype)
     if v.is_concrete((lr, k)):
         with np.errstate(all="ignore"):
             v.check_representable("k * lr", np.multiply(np.asarray(k, np.float64), np.asarray(lr, np.float64)), dtype)
             v.check_representable("1 / k", 1.0 / np.asarray(k, np.float64), dtype)
-    fields = dict(lr=lr, alpha=alpha, beta=beta, a=a, label=label, bias=bias, k=k, mu=mu)
+    fields = dict(lr=lr, alpha=alpha, beta=beta, a=a, label=label, bias=bias, k=k, mu=mu, safety=safety)
     arrays = {name: jnp.asarray(val, dtype) for name, val in fields.items()}
     try:
         shape = jnp.broadcast_shapes(*(x.shape for x in arrays.values()))

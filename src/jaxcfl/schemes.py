@@ -12,6 +12,8 @@ scheme      update                                                       linear 
 ``gd``      eq 21, forward Euler: ``K+ = K - fl(dt k) fl(G(K)/k)``       ``0 < dt l < 2``
 ``nesterov`` eqs 37-38: ``V = K + mu (K - K-)``,                          ``0 < h l < 2(1+mu)/(1+2 mu)``
             ``K+ = V - fl(h k) fl(G(V)/k)``, ``h = (1+mu) dt^2 / 2``
+``guarded_gd`` eq 21 with ``dt_n = min(dt, safety 2 / lambda_n)``: the       stable for every ``l <= lambda_n``
+            CFL guard (:func:`guarded_euler_step`)
 ==========  ===========================================================  ===============================
 
 Forward Euler is explicit and first order. The Nesterov scheme is the
@@ -38,21 +40,31 @@ from jax.typing import ArrayLike
 from jaxcfl import _validate as v
 from jaxcfl.problem import Hyper
 from jaxcfl.rounding import rounded_mul, scaled_update
+from jaxcfl.spectral import lanczos_eigh
 
 GradFn = Callable[[Array, Hyper], Array]
 
-SCHEMES = ("gd", "nesterov")
-_ALIASES = {"gd": "gd", "euler": "gd", "forward_euler": "gd", "nesterov": "nesterov"}
+SCHEMES = ("gd", "nesterov", "guarded_gd")
+_ALIASES = {"gd": "gd", "euler": "gd", "forward_euler": "gd", "nesterov": "nesterov", "guarded_gd": "guarded_gd"}
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class State:
-    """Iterate of a scheme: ``kernel = K^n``, ``previous = K^{n-1}``, ``iteration = n``."""
+    """Iterate of a scheme: ``kernel = K^n``, ``previous = K^{n-1}``, ``iteration = n``.
+
+    The guarded scheme (``guarded_gd``) also carries its CFL guard: ``curvature``, the
+    estimate ``lambda_n`` of the top eigenvalue of the Jacobian of ``G`` (``nan`` before the
+    first); ``direction``, the flat top-eigenvector estimate (the warm start of the next
+    refresh); ``step_size``, the ``dt_n`` of the last step. The other schemes leave them ``None``.
+    """
 
     kernel: Array
     previous: Array
     iteration: Array
+    curvature: Array | None = None
+    direction: Array | None = None
+    step_size: Array | None = None
 
 
 def init(kernel: ArrayLike) -> State:
@@ -93,6 +105,99 @@ def nesterov_step(state: State, grad_fn: GradFn, hyper: Hyper) -> State:
     return State(kernel=new, previous=kernel, iteration=state.iteration + 1)
 
 
+# --- the CFL guard on the PDE (issue 13) ------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class GuardSchedule:
+    """How the guarded scheme estimates ``lambda_n`` (static: part of the compiled program).
+
+    Attributes:
+      every: refresh the estimate before every iteration ``n`` with ``n % every == 0``.
+      warmup: and before every iteration ``n < warmup``. A run's first iterations are where
+        its curvature changes fastest (from a random kernel, the nonlinearity leaves
+        saturation), and where a stale estimate lets unstable steps through.
+      iterations: Lanczos iterations of a refresh, warm-started from the previous top
+        eigenvector (at most ``w^2``).
+      first_iterations: Lanczos iterations of the first estimate, from a random direction.
+    """
+
+    every: int = 10
+    warmup: int = 20
+    iterations: int = 4
+    first_iterations: int = 30
+
+    def __post_init__(self) -> None:
+        for name in ("every", "iterations", "first_iterations"):
+            object.__setattr__(self, name, v.check_int(name, getattr(self, name), minimum=1))
+        object.__setattr__(self, "warmup", v.check_int("warmup", self.warmup, minimum=0))
+
+    def due(self, iteration: Array) -> Array:
+        """Whether ``lambda`` is refreshed before iteration ``iteration``."""
+        return (iteration < self.warmup) | (iteration % self.every == 0)
+
+
+def guarded_step_size(step: ArrayLike, curvature: ArrayLike, limit: ArrayLike) -> Array:
+    """``min(step, limit / curvature)``: the largest step inside the stability limit ``limit``.
+
+    A ``curvature`` that is not a finite positive number leaves ``step`` unchanged (no mode
+    to keep stable, or nothing known). Shared by the PDE's guarded scheme and
+    :func:`jaxcfl.cfl_guard`; every argument may be traced.
+    """
+    step = jnp.asarray(step)
+    lam = jnp.asarray(curvature, step.dtype)
+    known = jnp.isfinite(lam) & (lam > 0)
+    return jnp.where(known, jnp.minimum(step, jnp.asarray(limit, step.dtype) / jnp.where(known, lam, 1)), step)
+
+
+def estimate_curvature(state: State, grad_fn: GradFn, hyper: Hyper, *, iterations: int) -> State:
+    """``lambda_n``: the top eigenvalue of the Jacobian of ``G`` at ``K^n``, into ``state.curvature``.
+
+    The Jacobian of the gradient is the local operator of the PDE (for the linearised
+    models, ``L + alpha`` of eq 22 and :mod:`jaxcfl.theory`; for the nonlinear model, the
+    Hessian of the loss of eq 2). It is applied matrix-free by ``jax.jvp`` of ``G``, and its top
+    eigenpair comes from the Lanczos recurrence of :mod:`jaxcfl.spectral` (the one behind
+    :mod:`jaxcfl.theory`), warm-started from ``state.direction``. The estimate is the top Ritz
+    value plus its residual bound, which errs towards a larger ``lambda``, a smaller step.
+    """
+    kernel = state.kernel
+
+    def matvec(vec):
+        _, tangent = jax.jvp(lambda k: grad_fn(k, hyper), (kernel,), (vec.reshape(kernel.shape).astype(kernel.dtype),))
+        return tangent.reshape(-1)
+
+    key = jax.random.fold_in(jax.random.key(0), state.iteration)
+    pairs = lanczos_eigh(matvec, state.direction, key, iterations=min(iterations, kernel.size), k=1)
+    return dataclasses.replace(state, curvature=(pairs.values[0] + pairs.residuals[0]).astype(kernel.dtype),
+                               direction=pairs.vectors[0].astype(kernel.dtype))
+
+
+def start_guard(state: State, grad_fn: GradFn, hyper: Hyper, schedule: GuardSchedule) -> State:
+    """A state ready for ``guarded_gd``: kept as is if it carries a guard, else with a first
+    estimate of ``lambda`` at its kernel (``schedule.first_iterations`` Lanczos iterations from
+    a fixed random direction). Static branch: whether ``state.direction`` is ``None``."""
+    if state.direction is not None:
+        return state
+    kernel = state.kernel
+    nan = jnp.full((), jnp.nan, kernel.dtype)
+    direction = jax.random.normal(jax.random.key(1), (kernel.size,), kernel.dtype)
+    state = dataclasses.replace(state, curvature=nan, direction=direction, step_size=nan)
+    return estimate_curvature(state, grad_fn, hyper, iterations=schedule.first_iterations)
+
+
+def guarded_euler_step(state: State, grad_fn: GradFn, hyper: Hyper) -> State:
+    """Forward Euler (eq 21) under the CFL guard: ``K^{n+1} = K^n - fl(dt_n k) fl(G(K^n) / k)``,
+    ``dt_n = min(dt, safety 2 / lambda_n)``, ``lambda_n = state.curvature`` (:func:`estimate_curvature`).
+
+    Every mode of the Jacobian with eigenvalue ``0 < l <= lambda_n`` is stable at this step
+    (``dt_n l <= 2 safety < 2``). A step inside the limit (``dt lambda_n <= 2 safety``) is
+    bit-identical to :func:`euler_step`.
+    """
+    dt = guarded_step_size(hyper.lr, state.curvature, hyper.safety * 2.0)
+    g = grad_fn(state.kernel, hyper)
+    new = state.kernel - scaled_update(dt, g, hyper.k)
+    return dataclasses.replace(state, kernel=new, previous=state.kernel, iteration=state.iteration + 1, step_size=dt)
+
+
 # --- what the theory needs to know of each scheme (host float64 arithmetic) ------------------
 
 def _euler_h(lr: float, mu: float) -> float:
@@ -131,12 +236,17 @@ class Scheme(NamedTuple):
     limit: Callable[[float], float]
     factor: Callable[[np.ndarray, float], np.ndarray]
     uses_momentum: bool
+    guarded: bool = False
 
 
 _SCHEMES = {
     "gd": Scheme("gd", euler_step, _euler_h, lambda mu: 2.0, _euler_factor, uses_momentum=False),
     "nesterov": Scheme("nesterov", nesterov_step, _nesterov_h, lambda mu: 2.0 * (1.0 + mu) / (1.0 + 2.0 * mu),
                        _nesterov_factor, uses_momentum=True),
+    # Its linear theory is forward Euler's at the nominal dt: the guard lowers dt only where
+    # that theory says the step is unstable (dt lambda_max > 2 safety).
+    "guarded_gd": Scheme("guarded_gd", guarded_euler_step, _euler_h, lambda mu: 2.0, _euler_factor,
+                         uses_momentum=False, guarded=True),
 }
 
 

@@ -41,15 +41,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
 from jaxcfl import _validate as v
+from jaxcfl import distributed
 from jaxcfl.classify import MIN_STEPS, STATUSES, Rule, classify
 from jaxcfl._folder import ResultFolder
 from jaxcfl._results import SWEEP_CHUNK, csv_text, json_text, jsonable, npz_bytes, write_csv, write_json
 from jaxcfl.determinism import fingerprint
-from jaxcfl.integration import SaveAt, map_configs, solve
+from jaxcfl.integration import SaveAt, check_guard, map_configs, solve
 from jaxcfl.model import Setup
 from jaxcfl.operators import OPERATORS
 from jaxcfl.problem import Hyper, Problem, make_problem
-from jaxcfl.schemes import init
+from jaxcfl.schemes import GuardSchedule, init
 
 SUMMARY_FIELDS = (
     "finite",
@@ -64,10 +65,17 @@ SUMMARY_FIELDS = (
     "divergence",
 )
 CURVE_FIELDS = ("loss", "update_norm", "divergence")
+#: What a guarded scheme (``guarded_gd``) adds to the summary: its last estimate ``lambda_n``,
+#: its last step ``dt_n``, and the smallest recorded ``dt_n`` (NaN for a non-finite run's guard).
+GUARD_FIELDS = ("guard_lambda", "guard_lr", "guard_lr_min")
 
 
 def config_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh named ``"config"`` over ``devices`` (default: all devices)."""
+    """A 1-D mesh named ``"config"`` over ``devices`` (default: all devices).
+
+    In a multi-process run (:mod:`jaxcfl.distributed`) "all devices" means every device of
+    every process: the configuration axis spans the global mesh.
+    """
     devices = list(jax.devices() if devices is None else devices)
     return Mesh(np.array(devices), ("config",))
 
@@ -97,11 +105,12 @@ def _records(steps: int, stride: int) -> SaveAt:
 
 
 def _run_one(problem: Problem, kernel0: Array, hyper: Hyper, compare_k: Array, *, scheme: str, model: str,
-             steps: int, stride: int, tail: int, compare: bool, with_loss: bool) -> dict[str, Array]:
+             steps: int, stride: int, tail: int, compare: bool, with_loss: bool,
+             guard: GuardSchedule | None = None) -> dict[str, Array]:
     """One configuration: :func:`jaxcfl.integration.solve` with records ending at ``steps``, then its summary."""
     save = _records(steps, stride)
     sol = solve(problem, init(kernel0), hyper, scheme=scheme, model=model, steps=steps, save=save,
-                pair_k=compare_k if compare else None, tail=tail, with_loss=with_loss)
+                pair_k=compare_k if compare else None, tail=tail, with_loss=with_loss, guard=guard)
     rec, state = sol.diagnostics, sol.state
     n_records = steps // stride
 
@@ -119,7 +128,10 @@ def _run_one(problem: Problem, kernel0: Array, hyper: Hyper, compare_k: Array, *
     oscillation = (jnp.sum(jnp.abs(diffs)) - jnp.abs(jnp.sum(diffs))) / (jnp.abs(mean_loss) + jnp.finfo(kernel0.dtype).tiny)
     finite = jnp.all(rec.finite) & jnp.all(jnp.isfinite(state.kernel))
     first_bad = jnp.where(jnp.any(~rec.finite), rec.iteration[jnp.argmax(~rec.finite)], -1)
-    return dict(
+    guarded = {}
+    if rec.curvature is not None:
+        guarded = dict(guard_lambda=rec.curvature[-1], guard_lr=rec.step_size[-1], guard_lr_min=jnp.min(rec.step_size))
+    return dict(**guarded,
         finite=finite,
         first_nonfinite=first_bad,
         final_loss=rec.loss[-1],
@@ -137,10 +149,12 @@ def _run_one(problem: Problem, kernel0: Array, hyper: Hyper, compare_k: Array, *
     )
 
 
-@functools.partial(jax.jit, static_argnames=("scheme", "model", "steps", "stride", "tail", "compare", "with_loss", "groups", "map_batch"))
-def _run_batch(problem, kernel0, hypers, compare_k, *, scheme, model, steps, stride, tail, compare, with_loss, groups, map_batch):
+@functools.partial(jax.jit, static_argnames=("scheme", "model", "steps", "stride", "tail", "compare", "with_loss", "groups",
+                                             "map_batch", "guard"))
+def _run_batch(problem, kernel0, hypers, compare_k, *, scheme, model, steps, stride, tail, compare, with_loss, groups, map_batch,
+               guard=None):
     run = functools.partial(_run_one, problem, kernel0, scheme=scheme, model=model, steps=steps, stride=stride, tail=tail,
-                            compare=compare, with_loss=with_loss)
+                            compare=compare, with_loss=with_loss, guard=guard)
     return map_configs(lambda args: run(*args), (hypers, compare_k), groups=groups, map_batch=map_batch)
 
 
@@ -176,6 +190,8 @@ class SweepSpec:
                    scheme=s.scheme, model=s.model, pool=s.pool, beta=s.beta, a=s.a, label=s.label, bias=s.bias,
                    momentum=s.momentum, steps=self.steps, compare_k=self.compare_k, record_points=self.record_points,
                    chunk_size=self.chunk_size, dtype=self.dtype, operator=self.operator)
+        if s.guarded:  # only then: an unguarded sweep keeps the manifest it had before the guard existed
+            out.update({name: value for name, value in s.to_dict().items() if name not in out})
         if self.lr is not None:
             out.update(lr=list(self.lr), alpha=list(self.alpha))
         return out
@@ -375,23 +391,24 @@ def run_configs(
     n_chunks = -(-n // chunk_size)
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec("config"))
-    problem_d = jax.device_put(problem, replicated)
-    kernel_d = jax.device_put(kernel0, replicated)
+    problem_d = distributed.put_global(problem, replicated)
+    kernel_d = distributed.put_global(kernel0, replicated)
     names = None
     results: list[dict[str, np.ndarray]] = []
     records = _records(steps, stride).iterations(steps)
-    bar = _progress_bar(n_chunks, progress, "sweep")
+    bar = _progress_bar(n_chunks, progress if distributed.is_leader() else False, "sweep")
     for index in range(n_chunks):
         lo, hi = index * chunk_size, min(n, (index + 1) * chunk_size)
-        cached = (_load_chunk(folder, index, names or _output_names(), hi - lo, records)
+        cached = (_load_chunk(folder, index, names or _output_names(setup), hi - lo, records)
                   if folder is not None else None)
         if cached is None:
             take = np.minimum(np.arange(width) + lo, hi - 1)  # pad with the chunk's last configuration
-            hyp = jax.device_put(jax.tree.map(lambda x: x[take], hypers), sharded)
-            ck = jax.device_put(np.full(width, 1.0 if compare_k is None else compare_k, kernel0.dtype), sharded)
+            hyp = distributed.put_global(jax.tree.map(lambda x: x[take], hypers), sharded)
+            ck = distributed.put_global(np.full(width, 1.0 if compare_k is None else compare_k, kernel0.dtype), sharded)
             res = _run_batch(problem_d, kernel_d, hyp, ck, scheme=setup.scheme, model=setup.model, steps=steps, stride=stride, tail=tail,
-                             compare=compare, with_loss=with_loss, groups=n_dev, map_batch=map_batch)
-            res = {k: np.asarray(val)[: hi - lo] for k, val in jax.device_get(res).items()}
+                             compare=compare, with_loss=with_loss, groups=n_dev, map_batch=map_batch,
+                             guard=setup.guard if setup.guarded else None)
+            res = {k: np.asarray(val)[: hi - lo] for k, val in distributed.gather(res).items()}
             if folder is not None:
                 folder.commit(_chunk_name(index), npz_bytes(res))
             cached = res
@@ -408,8 +425,9 @@ def run_configs(
     return merged, iterations
 
 
-def _output_names() -> list[str]:
-    return [*SUMMARY_FIELDS, *(f"curve_{c}" for c in CURVE_FIELDS), "record_iterations"]
+def _output_names(setup: Setup) -> list[str]:
+    guard = list(GUARD_FIELDS) if setup.guarded else []
+    return [*SUMMARY_FIELDS, *guard, *(f"curve_{c}" for c in CURVE_FIELDS), "record_iterations"]
 
 
 def _grid(name: str, values: ArrayLike) -> np.ndarray:
@@ -438,6 +456,8 @@ def sweep(
     label: float = 1.0,
     bias: float = 0.0,
     momentum: float = 0.9,
+    safety: float = 0.9,
+    guard: GuardSchedule | None = None,
     steps: int = 1000,
     compare_k: float | None = None,
     key: Array | None = None,
@@ -455,9 +475,17 @@ def sweep(
     Args:
       image, kernel_size, pool: the problem (:func:`jaxcfl.make_problem`).
       lr, alpha: scalars or 1-D arrays; the grid is their outer product.
-      scheme: ``"gd"`` or ``"nesterov"`` (``lr`` is ``dt``; ``momentum`` is ``mu``).
+      scheme: ``"gd"``, ``"nesterov"`` (``lr`` is ``dt``; ``momentum`` is ``mu``) or
+        ``"guarded_gd"``: forward Euler under the CFL guard, ``dt_n = min(lr, safety 2 / lambda_n)``
+        with ``lambda_n`` the top eigenvalue of the Jacobian of the gradient at the current kernel
+        (:func:`jaxcfl.schemes.guarded_euler_step`). Its metrics add ``guard_lambda``,
+        ``guard_lr`` (the last ``lambda_n`` and ``dt_n``) and ``guard_lr_min`` (the smallest
+        recorded ``dt_n``).
       model: ``"linear"``, ``"nonconstant"``, ``"activated"`` or ``"nonlinear"``.
       beta, a, label, bias: the model's constants.
+      safety: the guard's margin in ``(0, 1]`` (``guarded_gd`` only).
+      guard: the guard's :class:`~jaxcfl.schemes.GuardSchedule` (``guarded_gd`` only; default
+        a refresh every 10 iterations with 4 warm-started Lanczos iterations, 30 at first).
       steps: iterations per run.
       compare_k: also run each configuration with perturbation factor ``k`` in
         the same program; ``metrics["divergence"]`` is then the paper's
@@ -492,7 +520,9 @@ def sweep(
     _check_rule(rule)
     v.check_positive("lr", lr_grid)
     v.check_nonnegative("alpha", alpha_grid)
-    setup = Setup(model=model, scheme=scheme, pool=pool, beta=beta, a=a, label=label, bias=bias, momentum=momentum)
+    guard = check_guard(guard) or GuardSchedule()
+    setup = Setup(model=model, scheme=scheme, pool=pool, beta=beta, a=a, label=label, bias=bias, momentum=momentum,
+                  safety=safety, guard=guard)
     problem, kernel0, spec = prepare(image, kernel_size, setup, steps=steps, compare_k=compare_k, key=key, kernel=kernel,
                                      record_points=record_points, chunk_size=chunk_size, operator=operator)
     spec = spec.with_grid(lr_grid, alpha_grid)
@@ -508,7 +538,7 @@ def sweep(
             folder.close()
         raise
     shape = (lr_grid.size, alpha_grid.size)
-    metrics = {k: flat[k].reshape(shape) for k in SUMMARY_FIELDS}
+    metrics = {k: flat[k].reshape(shape) for k in (*SUMMARY_FIELDS, *GUARD_FIELDS) if k in flat}
     curves = {c: flat[f"curve_{c}"].reshape(*shape, -1) for c in CURVE_FIELDS}
     result = SweepResult(lr_grid, alpha_grid, classify_metrics(metrics, rule, spec), metrics, curves, iterations, spec, rule,
                          image=np.asarray(problem.image))

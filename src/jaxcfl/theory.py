@@ -49,7 +49,7 @@ from jax.typing import ArrayLike
 
 from jaxcfl import _validate as v
 from jaxcfl.model import MODELS, gradient_fn
-from jaxcfl.problem import POOLS, make_hyper, make_problem
+from jaxcfl.problem import POOLS, as_kernel, make_hyper, make_problem
 from jaxcfl.schemes import canonical_scheme, get_scheme
 from jaxcfl.spectral import Extremes, lanczos_extremes
 
@@ -185,8 +185,8 @@ def amplifier(
 
 
 def _paper_limit(scheme: str, lr: float, momentum: float) -> float:
-    # eq 25 (gd) and eq 45 (nesterov, written for mu -> 1: 4 / (3 dt^2)).
-    return 2.0 / lr if scheme == "gd" else 4.0 / (3.0 * lr * lr)
+    # eq 25 (gd, and the guarded gd's nominal step) and eq 45 (nesterov, written for mu -> 1: 4 / (3 dt^2)).
+    return 4.0 / (3.0 * lr * lr) if get_scheme(scheme).uses_momentum else 2.0 / lr
 
 
 def alpha_bounds(
@@ -330,6 +330,40 @@ def windowed_spectrum(
         matvec = Partial(_MATVECS[model], problem, hyper)
         start = jax.random.normal(jax.random.key(1), (kernel_size * kernel_size,), jnp.float64)
         return lanczos_extremes(matvec, start, iterations=iterations, key=jax.random.key(2))
+
+
+def _local_matvec(model, problem, kernel, hyper, flat):
+    """``J v``: the Jacobian of ``G`` (weight decay included) at ``kernel``."""
+    grad = gradient_fn(model)
+    _, tangent = jax.jvp(lambda k: grad(problem, k, hyper), (kernel,), (flat.reshape(kernel.shape),))
+    return tangent.reshape(-1)
+
+
+_LOCAL_MATVECS = {model: functools.partial(_local_matvec, model) for model in MODELS}
+
+
+def local_spectrum(problem, kernel: ArrayLike, hyper, *, model: str = "nonlinear", iterations: int | None = None) -> Extremes:
+    """Extreme eigenvalues of the local operator of the PDE: the Jacobian of ``G`` at ``kernel``.
+
+    For the nonlinear model this is the Hessian of the loss of eq 2, weight decay included;
+    its top eigenvalue is what the guarded scheme (``guarded_gd``) keeps below
+    ``2 safety / dt``, and a negative bottom eigenvalue is a mode that grows for every step
+    size (the gradient flow itself is unstable there). Lanczos (:func:`jaxcfl.spectral.lanczos_extremes`)
+    in the problem's dtype, ``min(w^2, 128)`` iterations by default.
+
+    Args:
+      problem: from :func:`jaxcfl.make_problem`.
+      kernel: the ``w x w`` kernel ``K``.
+      hyper: from :func:`jaxcfl.make_hyper` (``alpha`` and the model's constants are used).
+      model: the right-hand side (:data:`jaxcfl.MODELS`).
+      iterations: Krylov dimension.
+    """
+
+    v.check_choice("model", model, MODELS)
+    kernel = as_kernel(problem, kernel)
+    matvec = Partial(_LOCAL_MATVECS[model], problem, kernel, hyper)
+    start = jax.random.normal(jax.random.key(1), (kernel.size,), kernel.dtype)
+    return lanczos_extremes(matvec, start, iterations=iterations, key=jax.random.key(2))
 
 
 def windowed_alpha_bounds(

@@ -25,6 +25,8 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "fig2": ("jaxcfl.experiments.fig2", "Section 4, Figure 2: lr vs amplification of a last-bit perturbation (k = 1 vs 3)"),
     "fig4": ("jaxcfl.experiments.fig4", "Section 5, Figure 4: restrained instabilities of the nonlinear CNN, by lr"),
     "appendix-f": ("jaxcfl.experiments.appendix_f", "appendix F: largest stable lr of standard networks against 2/alpha"),
+    "pde-guard": ("jaxcfl.experiments.pde_guard",
+                  "issue 13: Figure 4 and its lr x alpha stability map without and with the CFL guard"),
     "open-question": ("jaxcfl.experiments.open_question",
                       "issue 13: does keeping every step stable (CFL guard, or a constant lr) remove the variance?"),
 }
@@ -35,5 +37,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
                  "appendix C: accuracy spread from last-bit perturbations (k) against batch order (seeds)"),
     "determinism": ("jaxcfl.experiments.determinism_check",
                     "bit-exact determinism: repeated processes, k vs k*2^n, odd k, deterministic mode on/off"),
+    "sweep": ("jaxcfl.experiments.image_sweep",
+              "stability map of an lr x alpha grid on your own image (--image), beside the CFL theory"),
+    "bounds": ("jaxcfl.experiments.image_bounds",
+               "empirical alpha bounds on your own image (--image), beside the CFL theory, as reproduce table5"),
 }
 """``jaxcfl NAME``: top-level commands that run one experiment module, as :data:`EXPERIMENTS`."""

@@ -86,7 +86,7 @@ def run(
                    compare_k=k, steps=steps, key=jax.random.key(seed), record_points=steps, chunk_size=chunk_size,
                    out=sweep_dir, progress=progress)
     sweep_seconds = results.seconds()
-    curves = _curves(result, window)
+    curves = curves_of(result, window)
     rows = result.rows()
     for row, smooth in zip(rows, curves["divergence_ma"]):
         finite = smooth[np.isfinite(smooth)]
@@ -117,7 +117,7 @@ def run(
     return results.finish(payload, "fig4.json", files)
 
 
-def _curves(result: SweepResult, window: int) -> dict[str, Any]:
+def curves_of(result: SweepResult, window: int) -> dict[str, Any]:
     """The recorded curves of the ``(lr, 1)`` sweep as ``(len(lr), R)`` arrays, plus the moving averages."""
     iterations = np.asarray(result.record_iterations)
     window = max(1, min(window, iterations.size))

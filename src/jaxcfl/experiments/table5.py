@@ -7,6 +7,9 @@ found by :func:`jaxcfl.empirical_bounds` (runs of the scheme, vectorised
 bisection) and printed next to the exact windowed theory and the paper's
 non-windowed formulas. Finished rows are written as they complete and reused
 when the command is run again with the same settings.
+
+Started as N processes (:mod:`jaxcfl.distributed`), every bisection and the stability
+map run over the devices of all processes; process 0 writes the rows, tables and figure.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxcfl import empirical_bounds, theory
+from jaxcfl import distributed, empirical_bounds, theory
 from jaxcfl._results import ResultDir, jsonable, stderr
 from jaxcfl._text import table
 from jaxcfl.images import checkerboard
@@ -69,24 +72,7 @@ def run(
             windowed = theory.bounds_from_spectrum(spectrum, lr, scheme=scheme, momentum=momentum)
             paper = theory.alpha_bounds(image, lr, scheme=scheme, momentum=momentum)
             paper_emp = PAPER_EMPIRICAL.get(w) if scheme == "nesterov" and size == 256 else None
-            row = dict(
-                settings,
-                empirical_alpha_min=res.alpha_min,
-                windowed_alpha_min=windowed.alpha_min,
-                paper_alpha_min=paper.alpha_min,
-                paper_empirical_alpha_min=None if paper_emp is None else paper_emp[0],
-                empirical_alpha_max=res.alpha_max,
-                windowed_alpha_max=windowed.alpha_max,
-                paper_alpha_max=paper.alpha_max,
-                paper_empirical_alpha_max=None if paper_emp is None else paper_emp[1],
-                gap_windowed_min=(res.alpha_min - windowed.alpha_min) / abs(windowed.alpha_min),
-                gap_windowed_max=(res.alpha_max - windowed.alpha_max) / abs(windowed.alpha_max),
-                evaluations=res.evaluations,
-                rounds=res.rounds,
-                seconds=res.seconds,
-                notes=res.notes,
-            )
-            row = jsonable(row)
+            row = bounds_row(settings, res, windowed, paper, paper_emp)
             cache.save(settings, row)
             log(f"[table5]   alpha in ({res.alpha_min:.4g}, {res.alpha_max:.4g})  [{res.seconds:.1f}s, {res.evaluations} runs]")
             rows.append(row)
@@ -108,21 +94,53 @@ def _stability_map(image, out: ResultDir, steps: int, momentum: float, operator:
     result = sweep(image, 16, np.geomspace(3e-5, 3e-4, 6), np.geomspace(1e6, 1e9, 16), scheme="nesterov",
                    momentum=momentum, steps=steps, out=out.file(f"map_sweep_{operator}"), progress=progress,
                    operator=operator)
-    return plot.save(plot.stability_map(result, title="Table 5 set-up: Nesterov, kernel 16, checkerboard 256"),
-                     out.file("stability_map.png"))
+    return distributed.on_leader(  # one figure, drawn by process 0 of a multi-process run
+        lambda: plot.save(plot.stability_map(result, title="Table 5 set-up: Nesterov, kernel 16, checkerboard 256"),
+                          out.file("stability_map.png")))
 
 
-def render(payload: dict[str, Any]) -> str:
-    """The table, in the paper's column order plus the windowed theory."""
+def bounds_row(settings: dict[str, Any], found, windowed, paper, paper_empirical: tuple[float, float] | None = None
+               ) -> dict[str, Any]:
+    """One row of the bounds table (JSON-able): ``settings``, then each bound as found by running the scheme
+    (``found``, a :class:`jaxcfl.EmpiricalBounds`), from the exact windowed theory (``windowed``) and from the
+    paper's formulas (``paper``, ``None`` where they do not apply), both :class:`jaxcfl.theory.AlphaBounds`,
+    with the paper's own empirical values where known and the relative gaps to the windowed theory."""
+    row = dict(
+        settings,
+        empirical_alpha_min=found.alpha_min,
+        windowed_alpha_min=windowed.alpha_min,
+        paper_alpha_min=None if paper is None else paper.alpha_min,
+        paper_empirical_alpha_min=None if paper_empirical is None else paper_empirical[0],
+        empirical_alpha_max=found.alpha_max,
+        windowed_alpha_max=windowed.alpha_max,
+        paper_alpha_max=None if paper is None else paper.alpha_max,
+        paper_empirical_alpha_max=None if paper_empirical is None else paper_empirical[1],
+        gap_windowed_min=(found.alpha_min - windowed.alpha_min) / abs(windowed.alpha_min),
+        gap_windowed_max=(found.alpha_max - windowed.alpha_max) / abs(windowed.alpha_max),
+        evaluations=found.evaluations,
+        rounds=found.rounds,
+        seconds=found.seconds,
+        notes=found.notes,
+    )
+    return jsonable(row)
+
+
+def bounds_table(rows: list[dict[str, Any]]) -> str:
+    """The rows of :func:`bounds_row` as a text table, in the paper's column order plus the windowed theory."""
     fmt = lambda x: "-" if x is None else f"{x:.4g}"
     header = ["scheme", "lr", "kernel", "emp a_min", "win a_min", "paper a_min", "emp a_max", "win a_max", "paper a_max", "time"]
     body = [
         [r["scheme"], f"{r['lr']:g}", str(r["kernel_size"]), fmt(r["empirical_alpha_min"]), fmt(r["windowed_alpha_min"]),
          fmt(r["paper_alpha_min"]), fmt(r["empirical_alpha_max"]), fmt(r["windowed_alpha_max"]), fmt(r["paper_alpha_max"]),
          f"{r['seconds']:.0f}s"]
-        for r in payload["rows"]
+        for r in rows
     ]
-    lines = [table(body, header)]
+    return table(body, header)
+
+
+def render(payload: dict[str, Any]) -> str:
+    """The table, in the paper's column order plus the windowed theory."""
+    lines = [bounds_table(payload["rows"])]
     lines.append("")
     lines.append("emp = found by running the scheme (jaxcfl.empirical_bounds, rtol 1e-3); win = exact windowed theory;")
     lines.append("paper = non-windowed formulas (eqs 26-27, 46-47). Paper's empirical Table 5 (nesterov):")

@@ -29,17 +29,23 @@ epochs), k in {1, 3, ..., 11} crossed with seeds 1..5.
 
 Each seed's run checkpoints under ``OUT/seed<seed>`` after every epoch; a killed
 command resumes where it stopped.
+
+Started as N processes (:mod:`jaxcfl.distributed`), the seeds are dealt round-robin
+(process ``p`` trains ``seeds[p::N]``, each in its own ``OUT/seed<seed>``); the finished
+runs are gathered on every process and process 0 writes the table and the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from itertools import combinations
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from jaxcfl import distributed
 from jaxcfl import statistics as st
 from jaxcfl._results import ResultDir, stderr
 from jaxcfl._text import table
@@ -106,14 +112,16 @@ def run(
     config = TrainConfig(model=model, dataset=dataset, data_root=data_root, epochs=epochs, **train_options)
     folder = ResultDir(out, kind="variance")
     results = {}
-    for seed in seeds:
+    for seed in distributed.local_share(seeds):
         log(f"[variance] {model} on {dataset}, seed {seed}: {len(ks)} copies k={[f'{k:g}' for k in ks]}, "
             f"{epochs} epoch(s) ...")
-        res = train(config, ks, seed=seed, out=folder.file(f"seed{seed}") if folder.writes else None, progress=progress,
-                    copies_mode=copies_mode, trace_params=trace_params)
+        with distributed.process_local():  # a seed's checkpoints belong to the process that trains it
+            res = train(config, ks, seed=seed, out=folder.file(f"seed{seed}") if folder.writes else None,
+                        progress=progress, copies_mode=copies_mode, trace_params=trace_params)
         results[seed] = res
         log(f"[variance]   final accuracy {np.array2string(100 * res.final_accuracy(last_epochs), precision=2)}"
             f"  [{res.seconds:.1f}s]")
+    results = _gather_runs(seeds, results)
     curves = divergence_curves(ks, seeds, results)
     payload = summarise(config, ks, seeds, results, curves, last_epochs=last_epochs, resamples=resamples)
     payload["seconds"] = folder.seconds()
@@ -122,6 +130,17 @@ def run(
     if folder.writes:
         payload["files"] = _write_outputs(folder, payload, curves, guard_curves(seeds, results))
     return payload
+
+
+def _gather_runs(seeds, results: dict[int, Any]) -> dict[int, Any]:
+    """Every process's finished runs (without their final states), by seed in ``seeds`` order; one process:
+    ``results``."""
+    if not distributed.is_multiprocess():
+        return results
+    merged: dict[int, Any] = {}
+    for part in distributed.gather_objects({s: dataclasses.replace(r, state=None) for s, r in results.items()}):
+        merged.update(part)
+    return {s: merged[s] for s in seeds}
 
 
 def summarise(config, ks, seeds, results, curves: dict[str, np.ndarray], *, last_epochs: int | None = None,
@@ -287,10 +306,12 @@ def _write_outputs(out: ResultDir, payload: dict[str, Any], curves: dict[str, np
     runs = [dict(k=f"{r['k']:g}", seed=r["seed"], final_accuracy=f"{r['final_accuracy']:.6f}",
                  final_loss=f"{r['final_loss']:.8g}") for r in payload["runs"]]
     files = {"csv": out.write_csv("variance.csv", runs, lineterminator="\n"), "json": str(out.file("variance.json"))}
-    files["plot"] = _plot(out.file("variance.png"), payload)
+    # Every process calls the folder's writers together (process 0 writes); figures are drawn by process 0 alone.
+    files["plot"] = distributed.on_leader(lambda: _plot(out.file("variance.png"), payload))
     if curves:
         files["divergence"] = out.write_npz("divergence.npz", curves)
-        files["divergence_plot"] = _plot_divergence(out.file("divergence.png"), payload, curves)
+        files["divergence_plot"] = distributed.on_leader(
+            lambda: _plot_divergence(out.file("divergence.png"), payload, curves))
     if guard:
         files["guard"] = out.write_npz("guard.npz", guard)
     out.write_json("variance.json", {**payload, "files": files})
