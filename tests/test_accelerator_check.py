@@ -1,5 +1,9 @@
 """benchmarks/accelerator_check.py: the quick check runs every section and writes one complete JSON file;
-a failing or skipped section is recorded and the check goes on; the full CPU check fits 2 minutes (slow)."""
+a failing or skipped section is recorded and the check goes on; the full CPU check fits 2 minutes (slow).
+
+The default suite runs the quick check's PDE sections (a few seconds). Its training sections compile the
+network in three processes (about 30 s); they are slow here, and the same properties (k vs k * 2^n, two
+processes in deterministic mode) are tested by default in tests/test_train.py and tests/test_determinism.py."""
 
 import importlib.util
 import os
@@ -29,6 +33,9 @@ def _run(out: Path, *args: str, timeout: float) -> tuple[dict, subprocess.Comple
     return strict_json.loads(out.read_text()), proc, wall
 
 
+PDE_SECTIONS = ("pde_step", "sweep", "operator_choice")
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     """One quick run (``--json``: the JSON on stdout too, the table on stderr)."""
@@ -36,6 +43,29 @@ def quick(tmp_path_factory):
     return doc, proc, wall
 
 
+@pytest.fixture(scope="module")
+def quick_pde(tmp_path_factory):
+    """A quick run of the PDE sections only."""
+    return _run(tmp_path_factory.mktemp("accel") / "accel.json", "--quick", "--json", "--sections", *PDE_SECTIONS,
+                timeout=600)
+
+
+def test_quick_pde_sections(quick_pde):
+    doc, proc, wall = quick_pde
+    assert doc["status"] == "complete" and set(doc["sections"]) == {"machine", *PDE_SECTIONS}
+    assert strict_json.loads(proc.stdout) == doc and "non_finite" not in doc
+    sections = doc["sections"]
+    for name in PDE_SECTIONS:
+        assert "error" not in sections[name] and "skipped" not in sections[name], (name, sections[name])
+    for row in sections["pde_step"]["summary"] + sections["sweep"]["summary"]:
+        assert row["config_steps_per_s"] > 0
+        assert (row.get("ratio_vs_torch", 0) > 0) == HAS_TORCH, row
+    choice = sections["operator_choice"]["summary"]
+    assert 0 <= choice["auto_picks_faster"] <= choice["cases"] >= 1
+    print(f"quick PDE sections: {wall:.1f} s wall")
+
+
+@pytest.mark.slow
 def test_quick_check_records_every_section(quick):
     doc, proc, wall = quick
     assert doc["status"] == "complete" and doc["quick"] is True
@@ -55,6 +85,7 @@ def test_quick_check_records_every_section(quick):
     print(f"quick check: {wall:.1f} s wall, {doc['seconds']:.1f} s in the script")
 
 
+@pytest.mark.slow
 def test_quick_check_throughputs_and_torch_ratios(quick):
     sections = quick[0]["sections"]
     pde = sections["pde_step"]["summary"]
@@ -75,6 +106,7 @@ def test_quick_check_throughputs_and_torch_ratios(quick):
     assert HAS_TORCH or machine["torch_note"].startswith("torch: not available")
 
 
+@pytest.mark.slow
 def test_quick_check_bits(quick):
     sections = quick[0]["sections"]
     det = sections["determinism"]

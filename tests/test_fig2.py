@@ -172,6 +172,7 @@ def test_amplification_threshold():
     assert "above" in fig2.amplification_threshold(rows[2:])["note"]
 
 
+@pytest.mark.slow  # 15 s; sharpness and max_stable_lr themselves are default in test_curvature.py
 def test_sharpness_along_the_runs_and_max_stable_lr(tiny):
     """Snapshots once per scaled epoch; the sharpness at each, cached; max_stable_lr from the initialisation."""
     from jaxcfl.train import train

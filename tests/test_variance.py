@@ -87,6 +87,7 @@ def test_variance_repeated_values_refused(tmp_path):
         variance.run(ks=(1, 1), seeds=(1,), out=None)
 
 
+@pytest.mark.slow  # 27 s of compiling; run_in_processes and the k = 2^n checks are default in test_determinism.py
 def test_determinism_cli(tmp_path, capsys, monkeypatch):
     """The in-process checks; the separate processes are replaced (tests/test_determinism.py runs real ones)."""
     from jaxcfl import determinism
