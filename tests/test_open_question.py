@@ -33,6 +33,7 @@ def first(tmp_path_factory):
     return json.loads(json_text(payload)), out, argv
 
 
+@pytest.mark.slow  # the three arms compile the trainer's programs: 40 s (the guard and variance are default elsewhere)
 def test_arms_hold_every_statistic(first):
     payload, _, _ = first
     arms = payload["arms"]
@@ -62,6 +63,7 @@ def test_arms_hold_every_statistic(first):
         assert cmp["divergence"]["seeds_later"] + cmp["divergence"]["seeds_earlier"] + cmp["divergence"]["seeds_same"] == 2
 
 
+@pytest.mark.slow  # the three arms compile the trainer's programs: 40 s (the guard and variance are default elsewhere)
 def test_constant_lr_is_the_smallest_limit_of_the_guarded_arm(first):
     payload, out, _ = first
     c = payload["constant_lr"]
@@ -86,6 +88,7 @@ def test_constant_lr_is_the_smallest_limit_of_the_guarded_arm(first):
     assert "lambda_max" in c["method"] and "min" in c["method"]
 
 
+@pytest.mark.slow  # the three arms compile the trainer's programs: 40 s (the guard and variance are default elsewhere)
 def test_answer_files_and_figure(first):
     payload, out, _ = first
     text = payload["answer"]
@@ -105,6 +108,7 @@ def test_answer_files_and_figure(first):
     assert "constant lr" in text and "acc. std over k" in text and "ANSWER" in text
 
 
+@pytest.mark.slow  # the three arms compile the trainer's programs: 40 s (the guard and variance are default elsewhere)
 def test_rerun_reuses_everything_and_prints_strict_json(first, capsys):
     payload, _, argv = first
     start = time.perf_counter()
