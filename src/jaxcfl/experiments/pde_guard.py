@@ -104,8 +104,9 @@ def run(
     rows = _column_rows(column)
     claims = _claims(rows, np.finfo(np.dtype(dtype)).eps)
     cycles = []
-    if maps:
-        for row in _map_summary(maps)["guarded_not_stable"]:
+    summary = _map_summary(maps) if maps else None
+    if summary:
+        for row in summary["guarded_not_stable"]:
             ratio = row["update_over_rounding_threshold"]
             if ratio is None or ratio > CYCLE_RATIO:
                 cycles.append({**row, **_cycle_spectra(image, kernel_size, row["lr"], row["alpha"], steps=steps,
@@ -119,7 +120,7 @@ def run(
         lr_bound=theory.multilayer_lr_bound(alpha),
         rows=rows,
         claims=claims,
-        map=_map_summary(maps) if maps else None,
+        map=summary,
         cycles=cycles,
         sweep_seconds=seconds,
     )
