@@ -317,7 +317,7 @@ def train_state(model: str, batch: int, ks: list[float], steps: int, mode: str =
 def k_powers_section(ctx: Context) -> dict[str, Any]:
     """k against k 2^n: per-copy fingerprints after a few steps, under vmap and unroll."""
     from jaxcfl.experiments.determinism_check import POWERS
-    from jaxcfl.train import _copy_fingerprints
+    from jaxcfl.lockstep import _copy_fingerprints
 
     t, s = ctx.settings["train_step"], ctx.settings["k_powers"]
     ks = [float(k) for k in t["ks"]]

@@ -1,7 +1,7 @@
 """Benchmark: XLA's CPU convolution options for the ResNet-20 training step, against PyTorch.
 
 One run measures the single-copy ResNet-20 training step of jaxcfl
-(:func:`jaxcfl.train.make_train_step`, ``copies_mode="unroll"``, one copy: batch 128 of
+(:meth:`jaxcfl.Lockstep.step_function`, ``copies_mode="unroll"``, one copy: batch 128 of
 32x32x3 float32 by default, SGD lr 0.1 with Nesterov momentum 0.9 and weight decay 5e-4,
 cross-entropy, BatchNorm in training mode) under several *options* and the same step of the
 PyTorch model of ``benchmarks/train_step.py``, and prints each option's images/s and its ratio
@@ -35,7 +35,7 @@ at 32x32, 32->32 at 16x16, 64->64 at 8x8) plus, for jaxcfl, the transpose (N,H,W
 gradient). Every short item gets an untimed call just before its timed one: the previous
 program's worker threads may still be spinning. The figures are medians over the rounds;
 compile time (first call minus the median step) is reported apart. The jaxcfl step is the
-jitted ``make_train_step`` compiled ahead of time (``.lower(...).compile()``: the executable its
+jitted lockstep step compiled ahead of time (``.lower(...).compile()``: the executable its
 first call would build, and its optimised HLO with it). An option whose step takes over 2 s is
 timed with 1 step in the first round only, without the forward+backward item. Finally every
 other jaxcfl option profiles one step (``jax.profiler``) and sums the time of XLA's thunks by
@@ -221,16 +221,16 @@ class JaxWorker:
         t0 = time.perf_counter()
         # The jitted step, compiled ahead of time: the same executable as the first call would compile, and
         # its optimised HLO (read by profile()) without compiling it twice.
-        compiled = impl.fn.lower(impl.state, impl.ks, impl.x, impl.y, impl.hyper).compile()
+        compiled = impl.fn.compile(impl.state, impl.x, impl.y)
         self.hlo = compiled.as_text()
         impl.fn = compiled
         self.loss = impl.step()
         self.first_s = time.perf_counter() - t0  # trace + compile + one step
-        self.fingerprint = fingerprint((self.impl.state.params, self.impl.state.batch_stats))
+        self.fingerprint = fingerprint((self.impl.state.params, self.impl.state.model_state))
         self.warm_s = _timed(self.impl.step)
 
         graphdef, state = self.impl.graphdef, self.impl.state
-        params, stats = (jax.tree.map(lambda a: a[0], t) for t in (state.params, state.batch_stats))
+        params, stats = state.copy(0).params, state.copy(0).model_state
         xj, yj = jnp.asarray(x), jnp.asarray(y)
 
         def loss(p):

@@ -2,7 +2,7 @@
 
 Section 4 of Sun et al. (JMLR 25(174) 2024) trains K copies of one network that
 differ only in the perturbation factor k of perturbed SGD (Tables 2-4, Figure 2).
-jaxcfl trains them in lockstep, in one compiled step (:func:`jaxcfl.train.make_train_step`).
+jaxcfl trains them in lockstep, in one compiled step (:meth:`jaxcfl.Lockstep.step_function`).
 This script measures, for ResNet-20 and VGG-16-BN on 32x32x3 inputs (float32,
 batch 128 by default (16 for VGG-16 to keep the default run near 10
 minutes on a 2-core CPU), SGD with Nesterov momentum 0.9 and weight decay 5e-4,
@@ -50,7 +50,8 @@ from _machine import OtherLoad, loadavg, machine_info
 from flax import nnx
 
 from jaxcfl import nets
-from jaxcfl.train import OptimizerNumbers, TrainConfig, init_lockstep, make_train_step
+from jaxcfl.lockstep import Lockstep
+from jaxcfl.train import TrainConfig, copies_of, engine_of, init_lockstep
 
 try:
     import torch
@@ -168,18 +169,22 @@ class JaxSteps:
                  conv: Callable | None = None):
         config = TrainConfig(model=model, dataset="cifar10", lr=LR, momentum=MOMENTUM, nesterov=True,
                              weight_decay=WEIGHT_DECAY, milestones=())
+        engine = engine_of(config, steps_per_epoch=1, in_channels=x.shape[-1], num_classes=NUM_CLASSES,
+                           copies_mode=mode)
+        copies = copies_of(config, ks, seed=0)
         graphdef, self.state = init_lockstep(config, ks, x.shape[-1], NUM_CLASSES)
         if conv is not None:
-            first = lambda tree: jax.tree.map(lambda a: a[0], tree)
-            graphdef = replace_conv(graphdef, first(self.state.params), first(self.state.batch_stats), conv)
+            first = self.state.copy(0)
+            graphdef = replace_conv(graphdef, first.params, first.model_state, conv)
+            module = nets.merge(graphdef, first.params, first.model_state, train=True)
+            engine = Lockstep(module, engine.optimizer, copies_mode=mode)
         self.graphdef = graphdef
-        self.fn = make_train_step(graphdef, nesterov=True, boundaries=(), copies_mode=mode)
-        self.ks, self.hyper = jnp.asarray(ks, jnp.float32), OptimizerNumbers.of(config).arrays()
+        self.fn = engine.step_function(copies, self.state)
         self.x, self.y = jnp.asarray(x), jnp.asarray(y)
-        self.params = nets.count_params(jax.tree.map(lambda a: a[0], self.state.params))
+        self.params = nets.count_params(self.state.copy(0).params)
 
     def step(self) -> float:
-        self.state, metrics = self.fn(self.state, self.ks, self.x, self.y, self.hyper)
+        self.state, metrics = self.fn(self.state, self.x, self.y)
         jax.block_until_ready(self.state)
         return float(metrics["loss"][0])
 

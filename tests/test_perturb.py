@@ -305,3 +305,50 @@ def test_ulp_perturb_directions_and_determinism():
         ulp_perturb(x, jax.random.key(0), fraction=0.0)
     with pytest.raises(ValueError, match="direction"):
         ulp_perturb(x, jax.random.key(0), direction="sideways")
+
+
+@pytest.mark.parametrize("x64", [False, True], ids=["float32", "float64"])
+def test_ulp_perturb_count_one_moves_one_entry_of_the_whole_tree_by_one_ulp(x64):
+    with jax.enable_x64(x64):
+        dtype = np.float64 if x64 else np.float32
+        tree = {"a": jnp.asarray(np.linspace(-2, 3, 7), dtype),
+                "b": jnp.asarray(np.linspace(0.5, 9, 12).reshape(3, 4), dtype), "step": jnp.arange(4)}
+        outs = jax.jit(jax.vmap(lambda k: ulp_perturb(tree, k, count=1)))(jax.random.split(jax.random.key(0), 8))
+        before = np.concatenate([np.asarray(tree["a"]).ravel(), np.asarray(tree["b"]).ravel()])
+        for seed in range(8):
+            after = np.concatenate([np.asarray(outs["a"][seed]).ravel(), np.asarray(outs["b"][seed]).ravel()])
+            assert after.dtype == dtype
+            moved = np.flatnonzero(_bits(after) != _bits(before))
+            assert moved.size == 1
+            i = moved[0]
+            up, down = np.nextafter(before[i], dtype(np.inf)), np.nextafter(before[i], dtype(-np.inf))
+            assert _bits(after[i]) in (_bits(up), _bits(down))
+            np.testing.assert_array_equal(outs["step"][seed], np.arange(4))
+
+
+def test_ulp_perturb_count_is_uniform_over_all_leaves_and_jits():
+    tree = {"one": jnp.ones(1), "many": jnp.ones(99)}
+    f = jax.jit(jax.vmap(lambda k: ulp_perturb(tree, k, count=1, direction="up")))
+    out = f(jax.random.split(jax.random.key(0), 2000))
+    hits_one = int((np.asarray(out["one"]) != 1).sum())
+    hits_many = (np.asarray(out["many"]) != 1).sum(axis=0)
+    assert hits_one + hits_many.sum() == 2000  # exactly one entry per draw
+    assert 5 <= hits_one <= 45  # 1% of 2000 = 20, binomial sd 4.4: not per leaf (that would be 50%)
+    assert (hits_many > 0).sum() > 80  # spread over the big leaf
+    three = ulp_perturb(tree, jax.random.key(1), count=3, direction="down")
+    assert sum(int((np.asarray(leaf) != 1).sum()) for leaf in jax.tree.leaves(three)) == 3
+    again = ulp_perturb(tree, jax.random.key(1), count=3, direction="down")
+    assert_bitwise_equal(jnp.concatenate(jax.tree.leaves(three)), jnp.concatenate(jax.tree.leaves(again)))
+    every = ulp_perturb(tree, jax.random.key(1), count=100, direction="up")
+    above_one = np.nextafter(np.float32(1), np.float32(2))
+    assert all(np.all(np.asarray(leaf) == above_one) for leaf in jax.tree.leaves(every))
+
+
+@pytest.mark.parametrize("kwargs", [dict(count=0), dict(count=101), dict(count=1.0), dict(count=True),
+                                    dict(count=1, fraction=0.5), dict(count=1, fraction=1.0)])
+def test_ulp_perturb_bad_count(kwargs):
+    tree = {"w": jnp.ones(100), "i": jnp.arange(3)}
+    with pytest.raises(ValueError, match="count"):
+        ulp_perturb(tree, jax.random.key(0), **kwargs)
+    with pytest.raises(ValueError, match="count"):
+        ulp_perturb({"i": jnp.arange(3)}, jax.random.key(0), count=1)  # no floating entries

@@ -180,3 +180,82 @@ def test_integrate_many_equals_vmap_of_integrate(map_batch):
     many = jaxcfl.integrate_many(prob, kernel0, hyper, model="nonlinear", steps=40, record_every=10, map_batch=map_batch)
     vmapped = jax.vmap(lambda h: jaxcfl.integrate(prob, kernel0, h, model="nonlinear", steps=40, record_every=10))(hyper)
     chex.assert_trees_all_close(many, vmapped, rtol=2e-5, atol=1e-6)
+
+
+# --- the facts of a scheme or a model, never its name (issue 21) -----------------------------
+
+def test_scheme_and_model_tables():
+    from jaxcfl.model import MODELS, RIGHT_HAND_SIDES, get_model
+    from jaxcfl.schemes import SCHEMES, get_scheme
+
+    for name in SCHEMES:
+        assert get_scheme(name).name == name
+    assert get_scheme("euler") is get_scheme("gd")
+    assert get_scheme("guarded_gd").guarded and not get_scheme("gd").guarded
+    assert (get_scheme("gd").dt_power, get_scheme("guarded_gd").dt_power, get_scheme("nesterov").dt_power) == (1, 1, 2)
+    assert tuple(RIGHT_HAND_SIDES) == MODELS
+    for name in MODELS:
+        assert get_model(name).name == name and get_model(name).gradient is RIGHT_HAND_SIDES[name]
+    assert [m for m in MODELS if not get_model(m).linearised] == ["nonlinear"]
+    assert [m for m in MODELS if get_model(m).paper_bounds] == ["linear"]
+    assert [m for m in MODELS if get_model(m).constant_residual] == ["linear"]
+    with pytest.raises(ValueError, match="unknown model"):
+        get_model("quadratic")
+
+
+def _name_comparisons(path):
+    """``(line, text)`` of every comparison in ``path`` with a scheme or model name (aliases included), or
+    of an expression named ``*scheme*``/``*model*`` with a string literal other than a network's name."""
+    import ast
+
+    from jaxcfl.experiments.appendix_f import ARCHITECTURES
+    from jaxcfl.model import MODELS
+    from jaxcfl.nets import NETWORKS
+    from jaxcfl.schemes import _ALIASES, SCHEMES
+
+    names = set(MODELS) | set(SCHEMES) | set(_ALIASES)
+    networks = set(NETWORKS) | set(ARCHITECTURES)  # "model" also names a network in the training experiments
+
+    def literals(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return {node.value}
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return set().union(*(literals(e) for e in node.elts)) if node.elts else set()
+        return set()
+
+    def named(node):
+        if isinstance(node, ast.Subscript):
+            key = node.slice
+            return named(node.value) or bool(literals(key) and any(("scheme" in k or "model" in k) for k in literals(key)))
+        text = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else ""
+        return "scheme" in text.lower() or "model" in text.lower()
+
+    source = path.read_text()
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Compare):
+            continue
+        operands = [node.left, *node.comparators]
+        strings = set().union(*(literals(o) for o in operands))
+        if strings & names or (any(named(o) for o in operands) and strings - networks):
+            found.append((node.lineno, ast.get_source_segment(source, node)))
+    return found
+
+
+def test_no_module_branches_on_a_scheme_or_model_name():
+    """Issue 21: ``dt_bound(scheme="guarded_gd")`` gave Nesterov's bound because theory.py asked
+    ``scheme == "gd"``. A branch takes the fact from :class:`jaxcfl.schemes.Scheme` or
+    :class:`jaxcfl.model.Model` (looked up once from the name); names stay at the public boundary."""
+    from pathlib import Path
+
+    src = Path(jaxcfl.__file__).parent
+    found = {str(p.relative_to(src)): hits for p in sorted(src.rglob("*.py")) if (hits := _name_comparisons(p))}
+    assert found == {}
+
+
+def test_the_name_scan_sees_what_it_should(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text('a = scheme == "gd"\nb = "nonlinear" != m\nc = s["model"] in ("x", "y")\n'
+                    'd = setup.model == "linear"\ne = model == "resnet20"\nf = pool == "sum"\n'
+                    'g = kind not in ("nesterov",)\nfor scheme in ("gd", "nesterov"):\n    pass\n')
+    assert [line for line, _ in _name_comparisons(path)] == [1, 2, 3, 4, 7]

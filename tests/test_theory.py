@@ -235,3 +235,50 @@ def test_activated_upper_bound_separates_stable_from_unstable_runs(dtype):
 def test_theory_rejects_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# --- the scheme's and the model's facts, not their names (issue 21) ---------------------------
+
+def test_dt_bound_of_the_guarded_scheme_is_forward_eulers():
+    img = np.random.default_rng(3).standard_normal((16, 16))
+    alpha = 1.2 * theory.alpha_bounds(img, 1.0, a=-0.5, beta=1.0).alpha_min
+    gd = theory.dt_bound(img, alpha, scheme="gd")
+    guarded = theory.dt_bound(img, alpha, scheme="guarded_gd")
+    nesterov = theory.dt_bound(img, alpha, scheme="nesterov")
+    assert guarded == gd == theory.dt_bound(img, alpha, scheme="euler")
+    assert guarded != pytest.approx(nesterov, rel=1e-3)
+    # eq 25: dt < 2 / (alpha + max l), and eq 45 for Nesterov: dt < 2 / sqrt(3 (alpha + max l)).
+    top = alpha + theory.symbol(img, a=-0.5, beta=1.0).max()
+    assert gd == pytest.approx(2.0 / top, rel=1e-12)
+    assert nesterov == pytest.approx(2.0 / np.sqrt(3.0 * top), rel=1e-12)
+    assert theory.dt_bound(img, 0.0, scheme="guarded_gd") == 0.0
+    # The paper's alpha bounds: forward Euler's for the guarded scheme too.
+    assert theory.alpha_bounds(img, 1e-3, scheme="guarded_gd") == theory.alpha_bounds(img, 1e-3, scheme="gd")
+    with pytest.raises(ValueError, match="scheme"):
+        theory.dt_bound(img, alpha, scheme="adam")
+
+
+@pytest.mark.parametrize("scheme", ["gd", "nesterov", "guarded_gd"])
+@pytest.mark.parametrize("mu", [0.0, 0.9])
+def test_dt_limit_is_the_root_of_the_stability_limit(scheme, mu):
+    from jaxcfl.schemes import get_scheme
+
+    sch, lam = get_scheme(scheme), 3.7e4
+    dt = sch.dt_limit(lam, mu)
+    assert sch.step_size(dt, mu) * lam == pytest.approx(sch.limit(mu), rel=1e-12)
+    assert theory.stability_limit(scheme, dt, mu) == pytest.approx(lam, rel=1e-12)
+
+
+def test_symbol_of_every_model_matches_its_closed_form():
+    img = np.random.default_rng(4).standard_normal((6, 7)) + 0.5
+    power = np.abs(np.fft.fft2(img)) ** 2
+    a, beta, label, bias = -0.3, 2.0, 1.0, 0.4
+    s_b = 1.0 / (1.0 + np.exp(-bias))
+    delta = np.zeros_like(power)
+    delta[0, 0] = img.size
+    rank_one = 0.25 * s_b * (1 - s_b) * power[0, 0] * delta
+    sym = lambda model: theory.symbol(img, model=model, a=a, beta=beta, label=label, bias=bias)
+    np.testing.assert_allclose(sym("linear"), 0.5 * a * beta * power, rtol=1e-13)  # eq 23
+    np.testing.assert_allclose(sym("nonconstant"), 0.5 * (s_b - label) * beta * power + rank_one, rtol=1e-13)  # eq 31
+    np.testing.assert_allclose(sym("activated"), 2.0 * rank_one, rtol=1e-13, atol=0)  # eq 35
+    np.testing.assert_array_equal(sym("nonlinear"), sym("nonconstant"))  # its linearisation at K = 0

@@ -124,3 +124,86 @@ def test_determinism_cli_real_processes(tmp_path, capsys):
     payload = strict_json.loads(capsys.readouterr().out)
     assert payload["repeated_processes"]["on"]["identical"]
     assert payload["powers_of_two_identical"] and payload["odd_k_differ"]
+
+
+# --- one seed, one k: what is missing is said, not guessed (issue 21) -----------------------------
+
+def test_variance_cli_one_seed(tmp_path, capsys):
+    """One seed is a legitimate run: no seed pairs, so nothing over seeds, said as ``None`` and in words;
+    the k pair's divergence is plotted (here k = 2 is k = 1 bit for bit: a curve of zeros)."""
+    out = tmp_path / "var"
+    argv = ["variance", *TINY, "--k", "1", "2", "3", "--seeds", "1", "--out", str(out), "--json"]
+    assert cli.main(argv) == 0
+    payload = strict_json.loads(capsys.readouterr().out)
+    assert strict_json.loads((out / "variance.json").read_text())["not_measured"] == payload["not_measured"]
+    assert set(payload["not_measured"]) == {"over_seeds", "verdict"}
+    assert "one seed" in payload["not_measured"]["over_seeds"]
+    assert payload["std_over_seeds"] is None and payload["mean_std_over_seeds"] is None
+    assert list(payload["std_over_k"]) == ["1"] and payload["mean_std_over_k"] >= 0
+    for name in ("accuracy", "loss"):
+        spread = payload["spread"][name]
+        assert spread["over_seeds"] is None and spread["verdict"] is None and spread["ratio"] is None
+        assert spread["over_k"]["ci_low"] <= spread["over_k"]["ci_high"]
+    assert payload["churn"]["over_seeds"] is None and payload["churn"]["over_k"]["pairs"] == 3
+    growth = payload["divergence"]
+    assert growth["final"] == {"1": 0.0} and growth["seeds_final_median"] is None
+    assert growth["seeds_first_step_above"] is None
+    assert "Not measured: one seed" in payload["answer"]
+    assert "seed_pairs" not in np.load(out / "divergence.npz")
+    for name in ("variance.json", "variance.csv", "variance.png", "divergence.png"):
+        assert (out / name).stat().st_size > 0
+    assert cli.main(argv[:-1]) == 0  # the text, from the checkpoints
+    text = capsys.readouterr().out
+    assert "mean std over seeds (batch order): not measured" in text and "Not measured: one seed" in text
+
+
+def _fake_runs(ks, seeds, traced):
+    """Finished runs as :func:`jaxcfl.experiments.variance.summarise` reads them, without training."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    steps, images = 6, 20
+    runs = {}
+    for s in seeds:
+        divergence = np.cumsum(rng.uniform(1e-4, 1e-2, (steps, len(ks))), axis=0)
+        divergence[:, 0] = 0.0  # copy 0 against itself
+        acc, loss = rng.uniform(0.8, 0.9, len(ks)), rng.uniform(0.3, 0.5, len(ks))
+        runs[s] = SimpleNamespace(
+            final_accuracy=lambda last=None, a=acc: a, final_loss=lambda last=None, x=loss: x,
+            test_predictions=rng.integers(0, 10, (len(ks), images)), step_divergence=divergence,
+            param_trace=rng.standard_normal((steps, 8 if traced else 0)).astype(np.float32),
+            fingerprints=tuple(f"{s}-{i}" for i in range(len(ks))), compile_seconds=0.0, guard_lr=None)
+    return runs
+
+
+@pytest.mark.parametrize(
+    "ks, seeds, traced, missing",
+    [((1.0,), (1,), True, {"over_k", "over_seeds", "verdict"}),
+     ((1.0,), (1, 2), True, {"over_k", "verdict"}),
+     ((1.0, 3.0), (4,), True, {"over_seeds", "verdict"}),
+     ((1.0, 3.0), (1, 2), False, {"seed_divergence"})],
+)
+def test_variance_summary_without_pairs(tmp_path, ks, seeds, traced, missing):
+    from jaxcfl._results import ResultDir
+    from jaxcfl.experiments import variance
+    from jaxcfl.train import TrainConfig
+
+    results = _fake_runs(ks, seeds, traced)
+    curves = variance.divergence_curves(ks, seeds, results)
+    payload = variance.summarise(TrainConfig(model="cnn", epochs=2), ks, seeds, results, curves, resamples=50)
+    payload.update(seconds=0.0, files={})
+    payload = strict_json.loads(json.dumps(payload, allow_nan=False))  # strict JSON: None, never NaN
+    assert set(payload["not_measured"]) == missing
+    several_k, several_seeds = len(ks) > 1, len(seeds) > 1
+    assert (payload["std_over_k"] is None, payload["mean_std_over_k"] is None) == (not several_k,) * 2
+    assert (payload["std_over_seeds"] is None, payload["mean_std_over_seeds"] is None) == (not several_seeds,) * 2
+    assert (payload["churn"]["over_k"] is None, payload["churn"]["over_seeds"] is None) == (not several_k, not several_seeds)
+    assert (payload["divergence"] is None) == (not several_k)
+    assert (payload["spread"]["accuracy"]["verdict"] is None) == ("verdict" in missing)
+    text = variance.render(payload)
+    assert all(f"Not measured: {why}." in text for key, why in payload["not_measured"].items() if key != "verdict")
+    files = variance._write_outputs(ResultDir(tmp_path, kind="variance"), payload, curves)
+    assert (tmp_path / "variance.png").stat().st_size > 0
+    assert ("divergence_plot" in files) == bool(curves)  # one k and one seed: nothing to plot
+    if curves:
+        assert (tmp_path / "divergence.png").stat().st_size > 0

@@ -42,7 +42,11 @@ from jaxcfl._version import __version__
 # first use, so that the PDE core starts fast. ``jaxcfl.train`` is the module
 # (``jaxcfl.train.train(config, ks, ...)``).
 _LAZY = {"nets": ("jaxcfl.nets", None), "train": ("jaxcfl.train", None), "plot": ("jaxcfl.plot", None),
-         "TrainConfig": ("jaxcfl.train", "TrainConfig"), "TrainResult": ("jaxcfl.train", "TrainResult")}
+         "TrainConfig": ("jaxcfl.train", "TrainConfig"), "TrainResult": ("jaxcfl.lockstep", "TrainResult"),
+         "lockstep": ("jaxcfl.lockstep", None), "Lockstep": ("jaxcfl.lockstep", "Lockstep"),
+         "Copies": ("jaxcfl.lockstep", "Copies"), "LockstepState": ("jaxcfl.lockstep", "LockstepState"),
+         "sensitivity": ("jaxcfl.protocol", "sensitivity"),
+         "SensitivityReport": ("jaxcfl.protocol", "SensitivityReport")}
 
 
 def __getattr__(name: str):
@@ -65,6 +69,10 @@ __all__ = [
     "POOLS",
     "SCHEMES",
     "CFLGuardState",
+    "Copies",
+    "Lockstep",
+    "LockstepState",
+    "SensitivityReport",
     "Diagnostics",
     "Eigenpairs",
     "EmpiricalBounds",
@@ -106,6 +114,7 @@ __all__ = [
     "MaxStableLR",
     "max_stable_lr",
     "lanczos_extremes",
+    "lockstep",
     "log_bisect",
     "loss",
     "make_hyper",
@@ -122,6 +131,7 @@ __all__ = [
     "scaled_update",
     "separable_factors",
     "separable_pays",
+    "sensitivity",
     "sharpness",
     "SharpnessTrajectory",
     "sharpness_trajectory",

@@ -31,7 +31,7 @@ from jax.typing import ArrayLike
 from jaxcfl import _validate as v
 from jaxcfl._results import jsonable
 from jaxcfl.classify import MIN_STEPS, STABLE, Rule
-from jaxcfl.model import Setup
+from jaxcfl.model import Setup, get_model
 from jaxcfl.search import Bracket, edge_brackets, log_bisect, narrow
 from jaxcfl.sweeps import classify_metrics, prepare, run_configs
 
@@ -194,12 +194,13 @@ def empirical_bounds(
     if theory:
         from jaxcfl import theory as th
 
-        if model == "linear":
+        rhs = get_model(setup.model)
+        if rhs.paper_bounds:
             paper = tuple(th.alpha_bounds(image, lr, a=a, beta=beta, scheme=scheme, momentum=momentum, pool=pool))
             gap_paper = (_gap(alpha_min, paper[0]), _gap(alpha_max, paper[1]))
         windowed = tuple(th.windowed_alpha_bounds(image, kernel_size, lr, **setup.theory_kwargs()))
         gap_windowed = (_gap(alpha_min, windowed[0]), _gap(alpha_max, windowed[1]))
-        if model == "nonlinear":
+        if not rhs.linearised:
             notes.append("windowed theory for the nonlinear model is that of its linearisation at K = 0")
     return EmpiricalBounds(
         alpha_min=alpha_min,

@@ -42,13 +42,17 @@ def _emit(payload: Any, as_json: bool, render) -> None:
 # --- jaxcfl theory --------------------------------------------------------------------
 
 PAPER_LR = {"nesterov": 1e-4, "gd": 1e-8}  # appendix E and Section 5.2
+THEORY_SCHEMES = {"gd": ("gd",), "nesterov": ("nesterov",), "both": ("nesterov", "gd")}  # --scheme: the schemes it runs
 
 
 def cmd_theory(args: argparse.Namespace) -> int:
     from jaxcfl import theory
+    from jaxcfl.model import get_model
+    from jaxcfl.schemes import get_scheme
 
     image = read_image(args.image, args.size)
-    schemes = ["nesterov", "gd"] if args.scheme == "both" else [args.scheme]
+    schemes = THEORY_SCHEMES[args.scheme]
+    paper_bounds = get_model(args.model).paper_bounds
     rows = []
     for w in args.kernel_size:
         _progress(f"[theory] windowed spectrum, kernel {w}x{w} on a {image.shape[0]}x{image.shape[1]} image ...")
@@ -63,13 +67,13 @@ def cmd_theory(args: argparse.Namespace) -> int:
                 dict(
                     scheme=scheme,
                     lr=lr,
-                    momentum=args.momentum if scheme == "nesterov" else None,
+                    momentum=args.momentum if get_scheme(scheme).uses_momentum else None,
                     kernel_size=w,
                     model=args.model,
                     windowed_alpha_min=windowed.alpha_min,
                     windowed_alpha_max=windowed.alpha_max,
-                    paper_alpha_min=paper.alpha_min if args.model == "linear" else None,
-                    paper_alpha_max=paper.alpha_max if args.model == "linear" else None,
+                    paper_alpha_min=paper.alpha_min if paper_bounds else None,
+                    paper_alpha_max=paper.alpha_max if paper_bounds else None,
                     lanczos_iterations=spectrum.iterations,
                     lanczos_residual=max(spectrum.residual_min, spectrum.residual_max),
                     spectrum_seconds=seconds,
@@ -198,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     th.add_argument("--image", default="checkerboard", help=IMAGE_HELP + " (default: checkerboard)")
     th.add_argument("--size", type=_positive_int, default=None, help="checkerboard side (default 256)")
     th.add_argument("--kernel-size", type=_positive_int, nargs="+", default=[16, 32, 64], help="kernel sizes w (default 16 32 64)")
-    th.add_argument("--scheme", choices=["gd", "nesterov", "both"], default="both")
+    th.add_argument("--scheme", choices=list(THEORY_SCHEMES), default="both")
     th.add_argument("--lr", type=_positive_float, default=None,
                     help="dt; default the paper's: 1e-4 for nesterov, 1e-8 for gd")
     th.add_argument("--momentum", type=float, default=0.9, help="Nesterov mu in [0, 1) (default 0.9)")

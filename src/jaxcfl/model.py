@@ -18,7 +18,8 @@ for four models:
 ``Ibar = C^T 1`` is the windowed input sum (eq 19's "input sum"): for each
 kernel offset ``z``, the sum of the image over the positions the kernel visits.
 Every right-hand side is a ``w x w`` array. A new right-hand side is one
-function ``G(problem, kernel, hyper)`` added to :data:`RIGHT_HAND_SIDES`; the
+function ``G(problem, kernel, hyper)`` and one :class:`Model` (its facts:
+linearised or not, the form of its linearisation) added to ``_MODELS``; the
 integrator, the sweeps, the bounds and the windowed theory (the Jacobian of
 ``G`` at ``K = 0``) take it from there.
 
@@ -41,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -129,20 +130,66 @@ def grad_activated(problem: Problem, kernel: Array, hyper: Hyper) -> Array:
     return (problem.pool_scale * a_k) * problem.window_sum + hyper.alpha * kernel
 
 
-#: The right-hand sides by name; the keys are :data:`MODELS`.
-RIGHT_HAND_SIDES: Mapping[str, RightHandSide] = {
-    "nonlinear": grad_nonlinear,
-    "linear": grad_linear,
-    "nonconstant": grad_nonconstant,
-    "activated": grad_activated,
+class Model(NamedTuple):
+    """A right-hand side and the facts of it that the operators, the sweeps, the bounds and the theory use.
+
+    Every linearised model has the form (eqs 20, 28, 35)
+
+        ``G(K) = c a (r0 Ibar + r1 beta W C^T C W K) + alpha K``
+
+    with ``a`` either the constant ``hyper.a`` (eq 20) or ``a(K) = s(b) - y + (c/2) s'(b) <Ibar, K>``
+    (D.4), and ``r0``, ``r1`` the activation's linearisation ``r'(x) ~ r0 + r1 beta x``
+    (``1/2, 1/2`` for Swish; ``1, 0`` in the activated regime ``r' = 1``). Its Jacobian at
+    ``K = 0``, the operator ``L`` of :mod:`jaxcfl.theory`, is ``c a0 r1 beta W C^T C W``
+    (``a0 = a(0)``) plus, for ``a(K)``, the rank-one term ``(c^2/2) r0 s'(b) Ibar Ibar^T``.
+    The nonlinear model's facts ``constant_residual``, ``slope`` and ``bend`` are those of its
+    linearisation at ``K = 0`` (the ``nonconstant`` model). A new right-hand side is one
+    ``Model`` added to ``_MODELS``: nothing else asks for a model by name.
+
+    Attributes:
+      name: its name (a key of ``_MODELS``, one of :data:`MODELS`).
+      gradient: ``G(problem, kernel, hyper)``.
+      linearised: ``G`` is built from ``Ibar`` and ``W C^T C W`` alone (no ``r'(C K)``): its step
+        is matrix products and the dense operator serves it. ``False``: the correlations of the
+        nonlinearity are needed (no dense operator), and the theory of :mod:`jaxcfl.theory` is
+        that of the linearisation at ``K = 0`` only.
+      constant_residual: ``a`` is the constant ``hyper.a``; else ``a(K)``, through which
+        ``label`` and ``bias`` enter.
+      slope, bend: ``r0`` and ``r1`` above.
+      paper_bounds: the paper's closed-form non-windowed bounds (eqs 26-27, 46-47;
+        :func:`jaxcfl.theory.alpha_bounds`, :func:`jaxcfl.theory.dt_bound`) are this model's.
+    """
+
+    name: str
+    gradient: RightHandSide
+    linearised: bool
+    constant_residual: bool
+    slope: float = 0.5
+    bend: float = 0.5
+    paper_bounds: bool = False
+
+
+_MODELS: Mapping[str, Model] = {
+    "nonlinear": Model("nonlinear", grad_nonlinear, linearised=False, constant_residual=False),
+    "linear": Model("linear", grad_linear, linearised=True, constant_residual=True, paper_bounds=True),
+    "nonconstant": Model("nonconstant", grad_nonconstant, linearised=True, constant_residual=False),
+    "activated": Model("activated", grad_activated, linearised=True, constant_residual=False, slope=1.0, bend=0.0),
 }
-MODELS = tuple(RIGHT_HAND_SIDES)
+
+#: The right-hand sides by name; the keys are :data:`MODELS`.
+RIGHT_HAND_SIDES: Mapping[str, RightHandSide] = {name: m.gradient for name, m in _MODELS.items()}
+MODELS = tuple(_MODELS)
+
+
+def get_model(name: str) -> Model:
+    """The :class:`Model` called ``name`` (one of :data:`MODELS`; anything else is refused)."""
+    v.check_choice("model", name, MODELS)
+    return _MODELS[name]
 
 
 def gradient_fn(model: str) -> RightHandSide:
     """The right-hand side ``G(problem, kernel, hyper)`` of ``model`` (one of :data:`MODELS`)."""
-    v.check_choice("model", model, MODELS)
-    return RIGHT_HAND_SIDES[model]
+    return get_model(model).gradient
 
 
 def gradient(problem: Problem, kernel: Array, hyper: Hyper, model: str = "nonlinear") -> Array:

@@ -298,26 +298,27 @@ def _output_shape(image_shape: tuple[int, int], kernel_size: int) -> tuple[int, 
     return (image_shape[0] - kernel_size + 1, image_shape[1] - kernel_size + 1)
 
 
-def choose_operator(operator: str, image: ArrayLike, img: Array, kernel_size: int, *, model: str | None = None,
+def choose_operator(operator: str, image: ArrayLike, img: Array, kernel_size: int, *, linearised: bool | None = None,
                     max_rank: int | None = None) -> Operator:
     """The back-end that ``operator`` names for ``image`` (already cast to ``img``), resolving ``"auto"``.
 
     * ``"fft"``: always possible.
     * ``"separable"``: needs a concrete image with at most ``max_rank`` factors.
     * ``"dense"``: the FFT back-end plus the assembled normal matrix; only for
-      the linearised models (``model="nonlinear"`` is refused).
+      the linearised models (``linearised=False``, the nonlinear model, is refused).
     * ``"auto"``: separable when the image is concrete, has at most ``max_rank``
       factors (default: the largest rank for which :func:`separable_pays`, at
-      most :data:`AUTO_MAX_RANK`), else FFT. When ``model`` names a linearised
-      model and ``w^2 <= DENSE_LIMIT``, the dense matrix is taken instead where
+      most :data:`AUTO_MAX_RANK`), else FFT. When the model is linearised
+      (``linearised=True``) and ``w^2 <= DENSE_LIMIT``, the dense matrix is taken instead where
       its ``w^4`` multiply-adds undercut the back-end's normal operator
       (always over FFT; over separable when ``w^4 < 2 r^2 w^3``).
+
+    ``linearised`` is the stepped model's :attr:`jaxcfl.model.Model.linearised` (``None``: not known).
     """
     v.check_choice("operator", operator, OPERATORS)
     if max_rank is not None:
         max_rank = v.check_int("max_rank", max_rank, minimum=1)
-    linearised = model is not None and model != "nonlinear"
-    if operator == "dense" and model == "nonlinear":
+    if operator == "dense" and linearised is not None and not linearised:
         raise ValueError("operator='dense' applies to the linearised models only; the nonlinear model needs "
                          "operator='fft' or 'separable'")
     shape = tuple(img.shape)

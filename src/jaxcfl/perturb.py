@@ -242,23 +242,37 @@ def perturb_update(k: ArrayLike) -> optax.GradientTransformation:
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def ulp_perturb(tree: Any, key: Array, *, fraction: float = 1.0, direction: str = "random") -> Any:
-    """Move chosen entries of every floating leaf by one ulp (``jnp.nextafter``).
+def ulp_perturb(tree: Any, key: Array, *, fraction: float | None = None, direction: str = "random",
+                count: int | None = None) -> Any:
+    """Move chosen entries of the floating leaves of ``tree`` by one ulp (``jnp.nextafter``).
+
+    Either a share of the entries of every leaf (``fraction``) or exactly ``count`` entries of the
+    whole tree: ``count=1`` is Summers & Dinneen's "one-bit change" (ICML 2021), one weight of the
+    whole network moved by one ulp.
 
     Args:
       tree: a pytree of arrays (initial weights, a data batch, ...).
       key: PRNG key (``jax.random.key``); it chooses the entries and the signs.
       fraction: share of the entries moved, in ``(0, 1]``; each entry is chosen
-        independently with this probability.
+        independently with this probability. ``None``: 1 (every entry), unless ``count`` is given.
       direction: ``"random"`` (+-1 ulp with equal odds), ``"up"`` or ``"down"``.
+      count: move exactly this many distinct entries, chosen uniformly at random among all
+        the floating entries of all leaves together (not per leaf); an int in ``[1, number of
+        floating entries]``, static under ``jit``. Leave ``fraction`` unset with it.
 
     Returns:
       A pytree like ``tree``; non-floating leaves are returned unchanged.
     """
     v.check_choice("direction", direction, ("random", "up", "down"))
+    if count is not None and fraction is not None:
+        raise ValueError(f"give count or fraction, not both (got count={count!r}, fraction={fraction!r})")
+    if fraction is None:
+        fraction = 1.0
     if not (isinstance(fraction, (int, float)) and 0.0 < fraction <= 1.0):
         raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
     leaves, treedef = jax.tree_util.tree_flatten(tree)
+    if count is not None:
+        return jax.tree_util.tree_unflatten(treedef, _perturb_count(leaves, key, count, direction))
     keys = jax.random.split(key, max(len(leaves), 1))
     out = []
     for leaf, leaf_key in zip(leaves, keys):
@@ -272,6 +286,40 @@ def ulp_perturb(tree: Any, key: Array, *, fraction: float = 1.0, direction: str 
             up = jax.random.bernoulli(sign_key, 0.5, x.shape)
         else:
             up = jnp.full(x.shape, direction == "up")
-        target = jnp.where(up, jnp.asarray(jnp.inf, x.dtype), jnp.asarray(-jnp.inf, x.dtype))
-        out.append(jnp.where(chosen, jnp.nextafter(x, target), x))
+        out.append(_step_ulp(x, chosen, up))
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _step_ulp(x: Array, chosen: Array, up: Array) -> Array:
+    """``x`` with the ``chosen`` entries moved one ulp up (where ``up``) or down."""
+    target = jnp.where(up, jnp.asarray(jnp.inf, x.dtype), jnp.asarray(-jnp.inf, x.dtype))
+    return jnp.where(chosen, jnp.nextafter(x, target), x)
+
+
+def _perturb_count(leaves: list[Any], key: Array, count: Any, direction: str) -> list[Any]:
+    """:func:`ulp_perturb` with ``count``: ``count`` distinct entries over all floating leaves together."""
+    arrays = [jnp.asarray(leaf) for leaf in leaves]
+    floating = [i for i, x in enumerate(arrays) if jnp.issubdtype(x.dtype, jnp.floating)]
+    total = sum(arrays[i].size for i in floating)
+    if total == 0:
+        raise ValueError(f"count needs floating entries in the tree, and it has none (got count={count!r})")
+    count = v.check_count("count", count, total, "distinct floating entries of the whole tree")
+    choose_key, sign_key = jax.random.split(key)
+    # A uniformly random subset of `count` distinct entries (one: a uniform index; more: a random permutation's head).
+    if count == 1:
+        picked = jax.random.randint(choose_key, (1,), 0, total)
+    else:
+        picked = jax.random.choice(choose_key, total, (count,), replace=False)
+    chosen = jnp.zeros(total, bool).at[picked].set(True)
+    if direction == "random":
+        up = jax.random.bernoulli(sign_key, 0.5, (total,))
+    else:
+        up = jnp.full(total, direction == "up")
+    out = list(leaves)
+    offset = 0
+    for i in floating:
+        x = arrays[i]
+        mask = chosen[offset:offset + x.size].reshape(x.shape)
+        out[i] = _step_ulp(x, mask, up[offset:offset + x.size].reshape(x.shape))
+        offset += x.size
+    return out

@@ -44,6 +44,7 @@ def cell_edges(values: np.ndarray) -> np.ndarray:
 def theory_curves(result, lr: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{"paper": (alpha_min(lr), alpha_max(lr)), "windowed": (...)}`` for a sweep's problem."""
     from jaxcfl import theory
+    from jaxcfl.model import get_model
 
     spec = result.spec  # a jaxcfl.sweeps.SweepSpec
     if result.image is None:
@@ -51,7 +52,7 @@ def theory_curves(result, lr: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndar
     curves = {}
     setup = spec.setup
     common = dict(scheme=setup.scheme, momentum=setup.momentum)
-    if setup.model == "linear":
+    if get_model(setup.model).paper_bounds:
         pairs = [theory.alpha_bounds(result.image, x, a=setup.a, beta=setup.beta, pool=setup.pool, **common) for x in lr]
         curves["paper"] = (np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]))
     spectrum = theory.windowed_spectrum(result.image, spec.kernel_size, model=setup.model, a=setup.a, beta=setup.beta,

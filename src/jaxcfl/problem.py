@@ -199,8 +199,8 @@ def make_problem(
         which the separable products are cheaper than the FFTs, at most
         ``AUTO_MAX_RANK = 8``).
       model: the right-hand side that will be stepped (:data:`jaxcfl.MODELS`),
-        if known; it only informs ``"auto"`` and refuses ``"dense"`` for
-        ``"nonlinear"``.
+        if known; only whether it is linearised (:attr:`jaxcfl.model.Model.linearised`)
+        matters: it informs ``"auto"`` and refuses ``"dense"`` for ``"nonlinear"``.
 
     Raises:
       ValueError: for a non-2-D or non-finite image, a kernel larger than the
@@ -211,10 +211,11 @@ def make_problem(
     kernel_size = v.check_int("kernel_size", kernel_size, minimum=1)
     v.check_choice("pool", pool, POOLS)
     v.check_choice("operator", operator, OPERATORS)
+    linearised = None
     if model is not None:
-        from jaxcfl.model import MODELS
+        from jaxcfl.model import get_model  # jaxcfl.model imports this module
 
-        v.check_choice("model", model, MODELS)
+        linearised = get_model(model).linearised
     shape = np.shape(image)
     if kernel_size > min(shape):
         raise ValueError(f"kernel_size={kernel_size} is larger than the image of shape {shape}; it must be <= {min(shape)}")
@@ -232,7 +233,7 @@ def make_problem(
             raise ValueError(f"image holds {peak:.3g}, which overflows to inf in {np.dtype(dtype).name}; "
                              f"rescale the image or compute in float64 (jax.enable_x64)")
     img = jnp.asarray(image, dtype)
-    backend = choose_operator(operator, image, img, kernel_size, model=model, max_rank=max_rank)
+    backend = choose_operator(operator, image, img, kernel_size, linearised=linearised, max_rank=max_rank)
     # Ibar = C^T 1, by FFT whatever the back-end (it does not enter any stability bound).
     fft = backend if isinstance(backend, FFTOperator) else FFTOperator.build(img, kernel_size)
     window_sum = fft.adjoint(jnp.ones(fft.output_shape, dtype))

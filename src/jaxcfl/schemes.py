@@ -225,9 +225,23 @@ class Scheme(NamedTuple):
 
     A mode of eigenvalue ``l`` of a linear ``G`` is multiplied by
     ``factor(1 - h l, mu)`` per step (its spectral radius), ``h = step_size(dt, mu)``,
-    and is stable iff ``0 < h l < limit(mu)``. A new scheme is one ``Scheme``
-    added to ``_SCHEMES`` (and its name to :data:`SCHEMES`): the integrator,
-    the sweeps, the bounds and the theory take it from there.
+    and is stable iff ``0 < h l < limit(mu)``. ``h`` is homogeneous of degree
+    ``dt_power`` in ``dt`` (1: forward Euler, ``h = dt``; 2: Nesterov,
+    ``h = (1 + mu) dt^2 / 2``), which turns a limit on ``h`` into one on ``dt``
+    (:meth:`dt_limit`). A new scheme is one ``Scheme`` added to ``_SCHEMES``
+    (and its name to :data:`SCHEMES`): the integrator, the sweeps, the bounds
+    and the theory take it from there; none of them asks for a scheme by name.
+
+    Attributes:
+      name: its canonical name (a key of ``_SCHEMES``).
+      step: ``step(state, grad_fn, hyper) -> state``.
+      step_size: ``h(dt, mu)``, the gradient step.
+      limit: ``S(mu)``, the stability limit on ``h l``.
+      factor: ``factor(x, mu)``, the per-step growth of a mode with ``x = 1 - h l``.
+      uses_momentum: whether ``mu`` enters the scheme.
+      guarded: whether it carries the CFL guard (its linear theory is that of its
+        nominal step: forward Euler's for ``guarded_gd``).
+      dt_power: the degree of ``h`` in ``dt``.
     """
 
     name: str
@@ -237,12 +251,18 @@ class Scheme(NamedTuple):
     factor: Callable[[np.ndarray, float], np.ndarray]
     uses_momentum: bool
     guarded: bool = False
+    dt_power: int = 1
+
+    def dt_limit(self, eigenvalue: float, momentum: float) -> float:
+        """The largest stable ``dt`` for a mode of eigenvalue ``eigenvalue > 0``: the root of
+        ``step_size(dt, mu) eigenvalue = limit(mu)``, ``(S / (h(1, mu) l))^(1 / dt_power)``."""
+        return (self.limit(momentum) / (self.step_size(1.0, momentum) * float(eigenvalue))) ** (1.0 / self.dt_power)
 
 
 _SCHEMES = {
     "gd": Scheme("gd", euler_step, _euler_h, lambda mu: 2.0, _euler_factor, uses_momentum=False),
     "nesterov": Scheme("nesterov", nesterov_step, _nesterov_h, lambda mu: 2.0 * (1.0 + mu) / (1.0 + 2.0 * mu),
-                       _nesterov_factor, uses_momentum=True),
+                       _nesterov_factor, uses_momentum=True, dt_power=2),
     # Its linear theory is forward Euler's at the nominal dt: the guard lowers dt only where
     # that theory says the step is unstable (dt lambda_max > 2 safety).
     "guarded_gd": Scheme("guarded_gd", guarded_euler_step, _euler_h, lambda mu: 2.0, _euler_factor,

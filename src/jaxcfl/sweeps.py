@@ -47,7 +47,7 @@ from jaxcfl._folder import ResultFolder
 from jaxcfl._results import SWEEP_CHUNK, csv_text, json_text, jsonable, npz_bytes, write_csv, write_json
 from jaxcfl.determinism import fingerprint
 from jaxcfl.integration import SaveAt, check_guard, map_configs, solve
-from jaxcfl.model import Setup
+from jaxcfl.model import Setup, get_model
 from jaxcfl.operators import OPERATORS
 from jaxcfl.problem import Hyper, Problem, make_problem
 from jaxcfl.schemes import GuardSchedule, init
@@ -386,7 +386,7 @@ def run_configs(
     width = -(-max(min(chunk_size, n), width or 0) // n_dev) * n_dev
     hypers = jax.tree.map(np.asarray, hypers)  # gather chunks on the host: no per-shape device ops
     # The back-end says how a batch is best mapped (jaxcfl.operators): one wide vmap, or groups.
-    map_batch = problem.backend.map_batch(setup.model != "nonlinear")
+    map_batch = problem.backend.map_batch(get_model(setup.model).linearised)
     map_batch = None if map_batch is None else min(map_batch, width // n_dev)
     n_chunks = -(-n // chunk_size)
     replicated = NamedSharding(mesh, PartitionSpec())

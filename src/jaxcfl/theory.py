@@ -13,7 +13,10 @@ scheme      step ``h``                   ``S`` (exact, one eigen-mode)
 
 The Nesterov interval is exact: one mode obeys ``K+ = x (1 + mu) K - x mu K-``
 with ``x = 1 - h(alpha + l)``, and both roots of ``z^2 - x(1+mu) z + x mu`` lie
-inside the unit circle iff ``-1/(1 + 2 mu) < x < 1``. Hence
+inside the unit circle iff ``-1/(1 + 2 mu) < x < 1``. ``guarded_gd`` (forward Euler
+under the CFL guard) has ``gd``'s row at its nominal ``dt``. Every function here takes
+these facts from the scheme's :class:`~jaxcfl.schemes.Scheme` and the model's
+:class:`~jaxcfl.model.Model`, never from their names. Hence
 
     alpha_min = -l_min(L),    alpha_max = S / h - l_max(L).
 
@@ -48,7 +51,7 @@ from jax.tree_util import Partial
 from jax.typing import ArrayLike
 
 from jaxcfl import _validate as v
-from jaxcfl.model import MODELS, gradient_fn
+from jaxcfl.model import MODELS, get_model, gradient_fn
 from jaxcfl.problem import POOLS, as_kernel, make_hyper, make_problem
 from jaxcfl.schemes import canonical_scheme, get_scheme
 from jaxcfl.spectral import Extremes, lanczos_extremes
@@ -139,7 +142,7 @@ def symbol(
     * ``nonlinear``: its linearisation about ``K = 0``, the ``nonconstant`` symbol
       with ``a = s(b) - y``.
     """
-    v.check_choice("model", model, MODELS)
+    rhs = get_model(model)
     _check_constants(a=a, beta=beta, label=label, bias=bias)
     img = _image64(image)
     n0, n1 = img.shape
@@ -154,11 +157,12 @@ def symbol(
         box = np.zeros((n0, n1))
         box[:kernel_size, :kernel_size] = 1.0
         delta = np.abs(np.fft.fft2(box)) ** 2 / kernel_size**2
-    if model == "linear":
-        return 0.5 * c * a * beta * power
-    if model == "activated":
-        return 0.5 * c * c * ds_b * power[0, 0] * delta
-    return 0.5 * c * (s_b - label) * beta * power + 0.25 * c * c * ds_b * power[0, 0] * delta
+    # L = c a0 r1 beta C^T C (+ (c^2/2) r0 s'(b) Ibar Ibar^T for a(K)): jaxcfl.model.Model.
+    a0 = a if rhs.constant_residual else s_b - label
+    lam = c * a0 * rhs.bend * beta * power if rhs.bend else np.zeros_like(power)
+    if not rhs.constant_residual:
+        lam = lam + 0.5 * c * c * ds_b * rhs.slope * power[0, 0] * delta
+    return lam
 
 
 def amplifier(
@@ -184,9 +188,16 @@ def amplifier(
     return 1.0 - float(lr) * (float(alpha) + lam)
 
 
+PAPER_MOMENTUM = 1.0
+"""The ``mu`` of the paper's closed forms: its Nesterov bounds (eqs 45-47) are the ``mu -> 1`` limit
+of the exact ones; forward Euler's (eqs 24-27) do not depend on ``mu``."""
+
+
 def _paper_limit(scheme: str, lr: float, momentum: float) -> float:
-    # eq 25 (gd, and the guarded gd's nominal step) and eq 45 (nesterov, written for mu -> 1: 4 / (3 dt^2)).
-    return 4.0 / (3.0 * lr * lr) if get_scheme(scheme).uses_momentum else 2.0 / lr
+    # S / h at the paper's mu: eq 25, 2 / dt (gd, and the guarded gd's nominal step), and eq 45,
+    # 4 / (3 dt^2) (nesterov). ``momentum`` is not used (the paper's formulas do not have it).
+    sch = get_scheme(scheme)
+    return sch.limit(PAPER_MOMENTUM) / sch.step_size(lr, PAPER_MOMENTUM)
 
 
 def alpha_bounds(
@@ -231,14 +242,16 @@ def dt_bound(
 
     ``dt < 2 / (alpha + max l)`` or ``dt < 2 / sqrt(3 (alpha + max l))``; ``0`` when
     the lower condition ``alpha + min l > 0`` (eq 24/47) fails, so no ``dt`` is stable.
+    ``guarded_gd`` has forward Euler's bound (that of its nominal step); in general the
+    bound is the scheme's :meth:`~jaxcfl.schemes.Scheme.dt_limit` at :data:`PAPER_MOMENTUM`.
     """
-    scheme = canonical_scheme(scheme)
+    sch = get_scheme(scheme)
     v.check_nonnegative("alpha", alpha)
     lam = symbol(image, model="linear", a=a, beta=beta, pool=pool)
     lo, hi = float(alpha) + float(lam.min()), float(alpha) + float(lam.max())
     if lo <= 0:
         return 0.0
-    return 2.0 / hi if scheme == "gd" else 2.0 / np.sqrt(3.0 * hi)
+    return sch.dt_limit(hi, PAPER_MOMENTUM)
 
 
 def multilayer_lr_bound(alpha: float, f_max: float = 0.0) -> float:

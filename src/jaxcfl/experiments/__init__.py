@@ -39,6 +39,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
                     "bit-exact determinism: repeated processes, k vs k*2^n, odd k, deterministic mode on/off"),
     "sweep": ("jaxcfl.experiments.image_sweep",
               "stability map of an lr x alpha grid on your own image (--image), beside the CFL theory"),
+    "sensitivity": ("jaxcfl.experiments.sensitivity",
+                    "your own training: which source of variation (numerics, one bit, order, init, augmentation, "
+                    "dropout) moves the result, and is it bit-deterministic"),
     "bounds": ("jaxcfl.experiments.image_bounds",
                "empirical alpha bounds on your own image (--image), beside the CFL theory, as reproduce table5"),
 }

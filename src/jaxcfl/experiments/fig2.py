@@ -45,6 +45,7 @@ import numpy as np
 from jaxcfl import _validate as v
 from jaxcfl import data as datasets
 from jaxcfl import statistics as st
+from jaxcfl.statistics import BEYOND_ACCUMULATION, SATURATION
 from jaxcfl import plot
 from jaxcfl._results import ResultDir, Stopwatch, read_json, stderr, write_json, write_npz
 from jaxcfl._text import table
@@ -62,7 +63,7 @@ def probe_path(config: TrainConfig) -> str:
     """The parameter path(s) the trainer's probe (``config.probe``) selects, e.g. ``['features'][0]['conv']['kernel']``."""
     in_channels = datasets.info(config.dataset).image_shape[-1]
     _, state = init_lockstep(config, (1.0,), in_channels, datasets.info(config.dataset).num_classes)
-    params = jax.tree.map(lambda a: a[0], state.params)
+    params = state.copy(0).params
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     return ", ".join(p for p, keep in zip(paths, probe_mask(params, config.probe)) if keep)
 
@@ -196,8 +197,9 @@ def run(
 
 def save_snapshot(path: Path, state: Any) -> None:
     """Copy 0's parameters and batch statistics, as ``leaf_<i>`` arrays (read by :func:`load_snapshot`)."""
-    leaves = jax.tree.leaves(jax.device_get((state.params, state.batch_stats)))
-    write_npz(path, {f"leaf_{i}": np.asarray(leaf[0]) for i, leaf in enumerate(leaves)})
+    first = state.copy(0)
+    leaves = jax.tree.leaves(jax.device_get((first.params, first.model_state)))
+    write_npz(path, {f"leaf_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)})
 
 
 def load_snapshot(path: Path, template: Any) -> Any:
@@ -232,36 +234,10 @@ def divergence_at(curve: np.ndarray, n: int, scaled_epochs: int) -> dict[str, fl
     return {f"{e:g}": float(curve[max(0, int(round(e * n * per_epoch)) - 1)]) for e in marks}
 
 
-SATURATION = 0.1
-"""Divergence above which a curve has saturated (order one: the copies are different networks)."""
-BEYOND_ACCUMULATION = 10.0
-"""How far above the accumulation bound a divergence must rise to count as amplified."""
-
-
 def amplification(curve: np.ndarray, n: int) -> dict[str, Any]:
-    """How much the k = 1 vs k divergence ``curve`` (after every step of run n) is amplified.
-
-    * ``slope``, ``slope_stderr``: the growth rate per scaled iteration (``iteration / n``),
-      the least-squares slope of ``ln divergence`` (:func:`jaxcfl.statistics.log_slope`) over
-      the steps where it is positive and below :data:`SATURATION`.
-    * ``amplified``: whether the divergence rose more than :data:`BEYOND_ACCUMULATION` times
-      above what the injected rounding alone can build up. Every step re-injects a
-      last-bit perturbation of the size of the first step's divergence ``d1`` (median of the
-      first 10 positive values); without amplification ``S`` steps add up to at most
-      ``d1 * S`` (coherent accumulation; a random walk gives ``d1 sqrt(S)``). A stable
-      (CFL-satisfying) step keeps the divergence there; an unstable one multiplies it.
-    """
-    steps = curve.size
-    fit = st.log_slope(np.arange(1, steps + 1) / n, curve, cap=SATURATION)
-    positive = curve[curve > 0]
-    d1 = float(np.median(positive[:10])) if positive.size else 0.0
-    blown_up = not np.all(np.isfinite(curve))  # a copy went non-finite: amplified without bound
-    peak = None if blown_up else float(np.max(curve))
-    bound = d1 * steps
-    amplified = bool(blown_up or (d1 > 0 and peak > BEYOND_ACCUMULATION * bound))
-    return dict(slope=None if fit is None else fit.slope, slope_stderr=None if fit is None else fit.stderr,
-                slope_points=0 if fit is None else fit.points, first_divergence=d1, peak_divergence=peak,
-                accumulation_bound=bound, amplified=amplified)
+    """:func:`jaxcfl.statistics.amplification` of run n's divergence ``curve``, its slope per scaled
+    iteration (``iteration / n``); with :data:`SATURATION` and :data:`BEYOND_ACCUMULATION` it lives there."""
+    return st.amplification(curve, scale=n)
 
 
 def amplification_threshold(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -307,7 +283,8 @@ def sharpness_along(results: dict[int, TrainResult], out: Path | None, *, batch:
     x = jnp.asarray(datasets.normalize(x_train[:batch], meta.mean, meta.std))
     y = jnp.asarray(y_train[:batch])
     graphdef, init = init_lockstep(first.config, (1.0,), meta.image_shape[-1], meta.num_classes)
-    template = jax.tree.map(lambda a: a[0], (init.params, init.batch_stats))
+    first = init.copy(0)
+    template = (first.params, first.model_state)
     loss_fn = network_loss(graphdef)
     table: dict[int, list[dict[str, float]]] = {}
     for n, result in results.items():
@@ -345,7 +322,7 @@ def initial_max_stable_lr(config: TrainConfig, *, batch: int = 64, steps: int = 
     x_train, y_train, _, _, meta = load_data(config)
     x = jnp.asarray(datasets.normalize(x_train[:batch], meta.mean, meta.std))
     graphdef, init = init_lockstep(config, (1.0,), meta.image_shape[-1], meta.num_classes)
-    params, stats = jax.tree.map(lambda a: a[0], (init.params, init.batch_stats))
+    params, stats = init.copy(0).params, init.copy(0).model_state
     res = max_stable_lr(network_loss(graphdef), params, stats, x, jnp.asarray(y_train[:batch]),
                         alpha=config.weight_decay, steps=steps, lr_range=(1e-3, 1e2), rtol=0.05,
                         initial_points=6, candidates=2)

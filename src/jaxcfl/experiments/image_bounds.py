@@ -73,6 +73,7 @@ def _rows(results: ResultDir, image: np.ndarray, image_info: dict[str, Any], lrs
     import jax
 
     from jaxcfl import empirical_bounds, theory
+    from jaxcfl.model import get_model
 
     cache = results.row_cache(lambda s: f"{s['scheme']}_w{s['kernel_size']}_lr{s['lr']!r}")
     scheme, model, momentum = setup["scheme"], setup["model"], setup["momentum"]
@@ -89,8 +90,8 @@ def _rows(results: ResultDir, image: np.ndarray, image_info: dict[str, Any], lrs
             spectra[w] = theory.windowed_spectrum(image, w, model=model, **{k: setup[k] for k in ("a", "beta", "pool",
                                                                                                   "label", "bias")})
         windowed = theory.bounds_from_spectrum(spectra[w], lr, scheme=scheme, momentum=momentum)
-        paper = None if model != "linear" else theory.alpha_bounds(image, lr, scheme=scheme, momentum=momentum,
-                                                                     a=setup["a"], beta=setup["beta"], pool=setup["pool"])
+        paper = None if not get_model(model).paper_bounds else theory.alpha_bounds(
+            image, lr, scheme=scheme, momentum=momentum, a=setup["a"], beta=setup["beta"], pool=setup["pool"])
         return bounds_row(settings, found, windowed, paper)
 
     rows = []

@@ -124,6 +124,7 @@ def _run(results: ResultDir, image: np.ndarray, image_info: dict[str, Any], lr: 
 def _theory(result, notes: list[str]) -> dict[str, Any] | None:
     """The windowed (and paper's) bounds at each ``lr`` of the grid, and how many runs they call right."""
     from jaxcfl import plot
+    from jaxcfl.model import get_model
 
     try:
         curves = plot.theory_curves(result, result.lr)
@@ -135,7 +136,7 @@ def _theory(result, notes: list[str]) -> dict[str, Any] | None:
     predicted = (lo < result.alpha[None, :]) & (result.alpha[None, :] < hi)
     out["predicted_stable"] = predicted.tolist()
     out["agree"] = int(np.sum(predicted == (result.status == "stable")))
-    if result.spec.setup.model == "nonlinear":
+    if not get_model(result.spec.setup.model).linearised:
         notes.append("the windowed theory of the nonlinear model is that of its linearisation at K = 0")
     if getattr(result.spec.setup, "guarded", False):
         notes.append(f"the theory is that of {result.spec.setup.scheme}'s step at the nominal lr; the guard shortens "

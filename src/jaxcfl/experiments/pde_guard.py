@@ -38,7 +38,7 @@ from jaxcfl.images import checkerboard
 from jaxcfl.integration import integrate
 from jaxcfl.model import loss
 from jaxcfl.problem import make_hyper, make_problem
-from jaxcfl.schemes import GuardSchedule
+from jaxcfl.schemes import GuardSchedule, get_scheme
 from jaxcfl.sweeps import SweepResult, sweep
 
 SCHEMES = ("gd", "guarded_gd")
@@ -271,7 +271,7 @@ def figure(column: dict[str, SweepResult], maps: dict[str, SweepResult]):
 
 
 def _label(scheme: str) -> str:
-    return "with the CFL guard" if scheme == "guarded_gd" else "forward Euler (no guard)"
+    return "with the CFL guard" if get_scheme(scheme).guarded else "forward Euler (no guard)"
 
 
 def render(payload: dict[str, Any]) -> str:

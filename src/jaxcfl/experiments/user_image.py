@@ -131,6 +131,7 @@ def progress_of(args: argparse.Namespace) -> bool | None:
 
 def describe(image: dict[str, Any], settings: dict[str, Any]) -> str:
     """One line: the image and the set-up, for the text output."""
+    from jaxcfl.model import get_model
     from jaxcfl.schemes import get_scheme
 
     h, w = image["shape"]
@@ -138,7 +139,7 @@ def describe(image: dict[str, Any], settings: dict[str, Any]) -> str:
     momentum = f", mu {s['momentum']:g}" if get_scheme(s["scheme"]).uses_momentum else ""
     return (f"image {image['source']} ({h} x {w}, values in [{image['min']:.3g}, {image['max']:.3g}]); "
             f"{s['scheme']}{momentum}, {s['model']} model, pool {s['pool']}, a {s['a']:g}, beta {s['beta']:g}"
-            + (f", label {s['label']:g}, bias {s['bias']:g}" if s["model"] != "linear" else ""))
+            + (f", label {s['label']:g}, bias {s['bias']:g}" if not get_model(s["model"]).constant_residual else ""))
 
 
 def footer(payload: dict[str, Any], after_total: str = "") -> list[str]:

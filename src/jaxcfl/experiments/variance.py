@@ -98,8 +98,9 @@ def run(
     Returns:
       ``runs`` (k, seed, final accuracy and loss), ``std_over_k`` / ``std_over_seeds``
       (per seed / per k), ``spread`` (the mean stds with intervals and the verdict,
-      for accuracy and loss), ``churn``, ``divergence`` (first crossings), ``answer``,
-      ``fingerprints``, ``files`` and ``seconds``; with ``guard=True`` also ``guard``
+      for accuracy and loss), ``churn``, ``divergence`` (first crossings), ``not_measured``
+      (:func:`not_measured`: what one k or one seed leaves out, whose values are ``None``),
+      ``answer``, ``fingerprints``, ``files`` and ``seconds``; with ``guard=True`` also ``guard``
       (:func:`guard_summary`), and the file ``guard.npz`` (:func:`guard_curves`).
     """
     from jaxcfl.train import TrainConfig, train
@@ -152,17 +153,21 @@ def summarise(config, ks, seeds, results, curves: dict[str, np.ndarray], *, last
     accuracy = 100.0 * np.stack([results[s].final_accuracy(last_epochs) for s in seeds], axis=1)  # (k, seed)
     loss = np.stack([results[s].final_loss(last_epochs) for s in seeds], axis=1)
     predictions = np.stack([results[s].test_predictions for s in seeds], axis=1)  # (k, seed, images)
-    std_over_k, std_over_seeds = accuracy.std(axis=0), accuracy.std(axis=1)
+    # A std over one value is not a measured 0: with one k (one seed) everything over k (over seeds) is None,
+    # and "not_measured" says why.
+    several_k, several_seeds = len(ks) > 1, len(seeds) > 1
+    std_over_k = accuracy.std(axis=0) if several_k else None
+    std_over_seeds = accuracy.std(axis=1) if several_seeds else None
     spread = {}
     for name, values in (("accuracy", accuracy), ("loss", loss)):
-        over_k = st.bootstrap_spread(values, 0, resamples=resamples) if len(ks) > 1 else None
-        over_seeds = st.bootstrap_spread(values, 1, resamples=resamples) if len(seeds) > 1 else None
+        over_k = st.bootstrap_spread(values, 0, resamples=resamples) if several_k else None
+        over_seeds = st.bootstrap_spread(values, 1, resamples=resamples) if several_seeds else None
         spread[name] = {"over_k": over_k and over_k.to_dict(), "over_seeds": over_seeds and over_seeds.to_dict(),
                         "ratio": (over_k.estimate / over_seeds.estimate if over_k and over_seeds
                                   and over_seeds.estimate > 0 else None),
                         "verdict": st.compare_spreads(over_k, over_seeds) if over_k and over_seeds else None}
-    churn = {"over_k": st.pairwise_churn(predictions, 0).to_dict() if len(ks) > 1 else None,
-             "over_seeds": st.pairwise_churn(predictions, 1).to_dict() if len(seeds) > 1 else None,
+    churn = {"over_k": st.pairwise_churn(predictions, 0).to_dict() if several_k else None,
+             "over_seeds": st.pairwise_churn(predictions, 1).to_dict() if several_seeds else None,
              "test_images": int(predictions.shape[2])}
     payload = {
         "config": config.to_dict(),
@@ -172,13 +177,15 @@ def summarise(config, ks, seeds, results, curves: dict[str, np.ndarray], *, last
         "mean_accuracy": float(accuracy.mean()),
         "runs": [{"k": float(k), "seed": int(s), "final_accuracy": float(accuracy[i, j]), "final_loss": float(loss[i, j])}
                  for j, s in enumerate(seeds) for i, k in enumerate(ks)],
-        "std_over_k": {str(s): float(std_over_k[j]) for j, s in enumerate(seeds)},
-        "std_over_seeds": {f"{k:g}": float(std_over_seeds[i]) for i, k in enumerate(ks)},
-        "mean_std_over_k": float(std_over_k.mean()),
-        "mean_std_over_seeds": float(std_over_seeds.mean()),
+        "std_over_k": None if std_over_k is None else {str(s): float(std_over_k[j]) for j, s in enumerate(seeds)},
+        "std_over_seeds": None if std_over_seeds is None else {f"{k:g}": float(std_over_seeds[i])
+                                                               for i, k in enumerate(ks)},
+        "mean_std_over_k": None if std_over_k is None else float(std_over_k.mean()),
+        "mean_std_over_seeds": None if std_over_seeds is None else float(std_over_seeds.mean()),
         "spread": spread,
         "churn": churn,
         "divergence": _growth(ks, seeds, results, curves.get("seed_pairs")),
+        "not_measured": not_measured(ks, seeds, "seed_pairs" in curves),
         "fingerprints": {str(s): list(r.fingerprints) for s, r in results.items()},
     }
     if config.guard:
@@ -278,14 +285,44 @@ def divergence_curves(ks, seeds, results) -> dict[str, np.ndarray]:
     return curves
 
 
+def not_measured(ks, seeds, seed_pairs: bool) -> dict[str, str]:
+    """What a grid this small cannot measure, and why; empty for two k and two seeds (or more) with the
+    seeds' weights traced. The payload's values for these are ``None`` (strict JSON: never NaN).
+
+    Keys: ``over_k`` (one k), ``over_seeds`` (one seed), ``verdict`` (either), ``seed_divergence``
+    (several seeds whose weights were not traced, ``trace_params=0``).
+    """
+    out = {}
+    if len(ks) < 2:
+        out["over_k"] = (f"one k ({ks[0]:g}): no pair of k, so no std over k, no churn over k and no divergence "
+                         f"between two k")
+    if len(seeds) < 2:
+        out["over_seeds"] = (f"one seed ({seeds[0]}): no pair of seeds, so no std over seeds, no churn over seeds "
+                             f"and no seed-vs-seed divergence")
+    if out:
+        out["verdict"] = "the spreads over k and over seeds are compared only with at least two k and two seeds"
+    elif not seed_pairs:
+        out["seed_divergence"] = ("the seeds' weights were not traced (trace_params=0): no seed-vs-seed "
+                                  "divergence")
+    return out
+
+
 def answer(payload: dict[str, Any]) -> str:
     """Plain words: is the perturbation's spread of the same size as the seeds' spread here?"""
     acc, loss = payload["spread"]["accuracy"], payload["spread"]["loss"]
-    if acc["verdict"] is None:
-        return "Needs at least two k and two seeds to compare the spreads."
-    words = {"same size": "OF THE SAME SIZE AS", "smaller": "SMALLER THAN", "larger": "LARGER THAN"}
     fmt = lambda d: f"{d['std']:.3g} [{d['ci_low']:.3g}, {d['ci_high']:.3g}]"
     churn = payload["churn"]
+    # (the missing verdict is the first line's)
+    missing = [f"Not measured: {why}." for key, why in payload.get("not_measured", {}).items() if key != "verdict"]
+    if acc["verdict"] is None:
+        lines = ["Needs at least two k and two seeds to compare the spreads."]
+        for side, label in (("over_k", "over k (perturbation)"), ("over_seeds", "over seeds (batch order)")):
+            if acc[side] is not None:
+                lines.append(f"Measured {label}: test accuracy std {fmt(acc[side])} accuracy points, test loss std "
+                             f"{fmt(loss[side])}; churn {100 * churn[side]['mean']:.2f}% of the "
+                             f"{churn['test_images']} test images.")
+        return "\n".join(lines + missing)
+    words = {"same size": "OF THE SAME SIZE AS", "smaller": "SMALLER THAN", "larger": "LARGER THAN"}
     lines = [
         f"Test accuracy: the spread over k is {words[acc['verdict']]} the spread over seeds: "
         f"std over k {fmt(acc['over_k'])} against std over seeds {fmt(acc['over_seeds'])} accuracy points "
@@ -298,7 +335,7 @@ def answer(payload: dict[str, Any]) -> str:
     if min(len(payload["ks"]), len(payload["seeds"])) < 3:
         lines.append("Caveat: with fewer than 3 k or 3 seeds a bootstrap interval of a std reaches down to 0, "
                      "so the intervals can hardly separate; use the paper's 6 x 6 or the default 6 x 5 grid.")
-    return "\n".join(lines)
+    return "\n".join(lines + missing)
 
 
 def _write_outputs(out: ResultDir, payload: dict[str, Any], curves: dict[str, np.ndarray],
@@ -331,12 +368,16 @@ def _plot(path: Path, payload: dict[str, Any]) -> str:
     left.set(xlabel="seed (batch order)", ylabel="final test accuracy (%)", title="every run")
     left.legend(fontsize=7)
     sides = (("over_k", "over k\n(perturbation)"), ("over_seeds", "over seeds\n(batch order)"))
+    why = {"over_k": f"one k ({ks[0]:g})", "over_seeds": f"one seed ({seeds[0]})"}
     for ax, name, unit in ((middle, "accuracy", "accuracy points"), (right, "loss", "cross-entropy")):
         for x, (key, _) in enumerate(sides):
             d = payload["spread"][name][key]
             if d is not None:
                 ax.errorbar([x], [d["std"]], yerr=[[d["std"] - d["ci_low"]], [d["ci_high"] - d["std"]]], fmt="o",
                             capsize=6, color=f"C{x}")
+            else:  # one k or one seed: nothing to draw, and the panel says so
+                ax.text(x, 0.5, f"not measured:\n{why[key]}", transform=ax.get_xaxis_transform(), ha="center",
+                        va="center", fontsize=8, color="0.4")
         ax.set_xticks([0, 1], [label for _, label in sides])
         ax.set_xlim(-0.6, 1.6)
         ax.set(ylabel=f"mean population std ({unit})", title=f"test {name}: std, 95% bootstrap interval")
@@ -348,25 +389,38 @@ def _plot_divergence(path: Path, payload: dict[str, Any], curves: dict[str, np.n
     from jaxcfl.plot import panels, save
 
     fig, (ax,) = panels(1, width=7.5, height=4.6)
-    g = payload["divergence"]
+    ks = payload["ks"]
     positive = lambda y: np.where(y > 0, y, np.nan)  # identical copies cannot show on a log axis
     k_curves = [c for name, c in curves.items() if name.startswith("k_seed")]
     steps = np.arange(1, len(k_curves[0]) + 1) if k_curves else np.arange(1, curves["seed_pairs"].shape[1] + 1)
+    shown = []  # what is drawn, for the log axes' limits
     for i, c in enumerate(k_curves):
-        ax.plot(steps, positive(c), color="C3", lw=0.6, alpha=0.35, label=None if i else
-                f"k = {g['reference_k']:g} vs k = {g['compared_k']:g}, each seed")
-    if k_curves:
+        shown.append(positive(c))
+        ax.plot(steps, shown[-1], color="C3", lw=0.6, alpha=0.35, label=None if i else
+                f"k = {ks[0]:g} vs k = {ks[1]:g}, each seed")
+    if len(k_curves) > 1:
         ax.plot(steps, positive(np.median(k_curves, axis=0)), color="C3", lw=2, label="  median over seeds")
     if "seed_pairs" in curves:
         pairs = curves["seed_pairs"]
         for i, c in enumerate(pairs):
-            ax.plot(steps, positive(c), color="C0", lw=0.6, alpha=0.25,
-                    label=None if i else f"seed vs seed at k = {g['reference_k']:g}, each pair")
+            shown.append(positive(c))
+            ax.plot(steps, shown[-1], color="C0", lw=0.6, alpha=0.25,
+                    label=None if i else f"seed vs seed at k = {ks[0]:g}, each pair")
         ax.plot(steps, positive(np.median(pairs, axis=0)), color="C0", lw=2, label="  median over pairs")
     for level in LEVELS:
         ax.axhline(level, color="0.6", lw=0.6, ls=":")
+    # What is not drawn, and why: a pair that never diverged (no positive value), and what the grid lacks.
+    notes = [f"k = {ks[0]:g} vs k = {ks[1]:g}: identical weights at every step (divergence 0, off the log axis)"
+             ] if k_curves and not np.any(np.isfinite(np.concatenate(shown[:len(k_curves)]))) else []
+    notes += [f"not measured: {why}" for key, why in payload.get("not_measured", {}).items() if key != "verdict"]
+    if notes:
+        ax.text(0.02, 0.98, "\n".join(notes), transform=ax.transAxes, ha="left", va="top", fontsize=7, wrap=True,
+                bbox=dict(boxstyle="round", facecolor="white", edgecolor="0.7"))
     ax.set_xscale("log")
     ax.set_yscale("log")
+    if not any(np.any(np.isfinite(c)) for c in shown):  # nothing on the axes: fixed limits around the levels
+        ax.set_xlim(1, max(2, steps[-1]))
+        ax.set_ylim(LEVELS[0] / 10, 1.0)
     ax.set(xlabel="step", ylabel="divergence 2 mean(|w1-w2|/(|w1|+|w2|)) of the weights",
            title="how fast a last-bit change grows, against a different batch order")
     ax.legend(fontsize=7)
@@ -379,15 +433,17 @@ def render(payload: dict[str, Any]) -> str:
     seeds, ks = payload["seeds"], payload["ks"]
     acc = {(r["k"], r["seed"]): r["final_accuracy"] for r in payload["runs"]}
     header = ["k \\ seed"] + [str(s) for s in seeds] + ["std over seeds"]
-    rows = [[f"{k:g}"] + [f"{acc[(k, s)]:.2f}" for s in seeds] + [f"{payload['std_over_seeds'][f'{k:g}']:.3f}"]
+    std = lambda d, key: "-" if d is None else f"{d[key]:.3f}"  # "-": not measured (one k or one seed)
+    rows = [[f"{k:g}"] + [f"{acc[(k, s)]:.2f}" for s in seeds] + [std(payload["std_over_seeds"], f"{k:g}")]
             for k in ks]
-    rows.append(["std over k"] + [f"{payload['std_over_k'][str(s)]:.3f}" for s in seeds] + [""])
+    rows.append(["std over k"] + [std(payload["std_over_k"], str(s)) for s in seeds] + [""])
     cfg = payload["config"]
+    mean = lambda x: "not measured" if x is None else f"{x:.3f}"
     text = [f"{cfg['model']} on {cfg['dataset']}, {cfg['epochs']} epoch(s), batch {cfg['batch_size']}; final accuracy (%) "
             f"= mean test accuracy over the last {payload['final_epochs']} epoch(s); mean {payload['mean_accuracy']:.2f}%",
             table(rows, header),
-            f"mean std over k (perturbation): {payload['mean_std_over_k']:.3f}   "
-            f"mean std over seeds (batch order): {payload['mean_std_over_seeds']:.3f}"]
+            f"mean std over k (perturbation): {mean(payload['mean_std_over_k'])}   "
+            f"mean std over seeds (batch order): {mean(payload['mean_std_over_seeds'])}"]
     if payload["spread"]["accuracy"]["verdict"] is not None:
         cell = lambda d: f"{d['std']:.3g} [{d['ci_low']:.3g}, {d['ci_high']:.3g}]"
         churn = payload["churn"]
