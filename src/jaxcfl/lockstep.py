@@ -467,8 +467,9 @@ class LockstepState:
 COPIES_MODES = ("auto", "vmap", "unroll")
 
 
-def resolve_copies_mode(mode: str) -> str:
-    """``"auto"``: ``"vmap"`` on GPU/TPU, ``"unroll"`` on CPU.
+def resolve_copies_mode(mode: str, params: Any = None) -> str:
+    """``"auto"``: ``"vmap"`` on GPU/TPU; on CPU ``"unroll"`` for a model with convolutions
+    (a parameter of 4 or more dimensions, or ``params`` not given), ``"vmap"`` otherwise.
 
     Both run the copies in ONE jit-compiled step. ``vmap`` batches them; for a
     convolutional network with different weights per copy, XLA turns each
@@ -480,7 +481,10 @@ def resolve_copies_mode(mode: str) -> str:
     """
     v.check_choice("copies_mode", mode, COPIES_MODES)
     if mode == "auto":
-        return "unroll" if jax.default_backend() == "cpu" else "vmap"
+        if jax.default_backend() != "cpu":
+            return "vmap"
+        convolutional = params is None or any(np.ndim(leaf) >= 4 for leaf in jax.tree.leaves(params))
+        return "unroll" if convolutional else "vmap"  # benchmarks/lockstep.py: MLPs gain under vmap on CPU
     return mode
 
 
@@ -903,8 +907,7 @@ class Lockstep:
 
         data_axis = 0 if per_copy_data else None
         aug_axis = 0 if augment is not None else None
-        batched = over_copies(one, (0, 0, 0, 0, data_axis, data_axis, aug_axis, None),
-                              resolve_copies_mode(self.copies_mode))
+        batched = over_copies(one, (0, 0, 0, 0, data_axis, data_axis, aug_axis, None), self._mode())
 
         @jax.jit
         def step(state: LockstepState, hp_copy, hp_shared, x, y, aug_keys):
@@ -957,6 +960,13 @@ class Lockstep:
 
         return StepFunction(arguments)
 
+    def _mode(self) -> str:
+        """The copies mode in force (:func:`resolve_copies_mode` of the model's parameter shapes)."""
+        if "mode" not in self._cache:
+            params = jax.eval_shape(self.model.init, jax.random.key(0))[0] if self.copies_mode == "auto" else None
+            self._cache["mode"] = resolve_copies_mode(self.copies_mode, params)
+        return self._cache["mode"]
+
     def _eval_fn(self):
         if "eval" in self._cache:
             return self._cache["eval"]
@@ -975,7 +985,7 @@ class Lockstep:
                 out["outputs"] = outputs
             return out
 
-        if resolve_copies_mode(self.copies_mode) == "vmap":
+        if self._mode() == "vmap":
             batched = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, None)))
             fn = lambda state, x, y, mask: batched(state.params, state.model_state, x, y, mask)
         else:

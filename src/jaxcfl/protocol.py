@@ -513,8 +513,8 @@ def sensitivity(
                 "test": _data_digest((test_x, test_y)), "runs": runs, "epochs": epochs, "batch_size": batch_size,
                 "seed": seed, "sources": chosen}
     folder = ResultDir(out, kind="sensitivity")
-    say(f"[sensitivity] {engine.model.name} with {engine.optimizer.name}: {', '.join(chosen)}; {runs} runs each, "
-        f"{epochs} epochs ...")
+    say(f"[sensitivity] {', '.join(chosen)}: {runs} runs each, {epochs} epochs"
+        + (f"; not measured: {', '.join(skipped)}" if skipped else "") + " ...")
     fit = dict(epochs=epochs, batch_size=batch_size, test=(test_x, test_y), progress=progress)
     try:
         results: dict[str, SourceResult] = {}
