@@ -10,9 +10,9 @@ One warm-up run compiles; then three runs of 2 epochs (``ks = (1, 3)``, batch 12
 augmentation), each timed whole (data and evaluation included) and divided by its steps.
 The fingerprint of the k = 3 copy shows whether the two trees computed the same bits.
 """
-import sys, time, json
+import sys, json
 sys.path.insert(0, sys.argv[1])
-import jaxcfl, numpy as np
+import jaxcfl
 from jaxcfl.train import TrainConfig, train
 cfg = TrainConfig(model="cnn", epochs=2, batch_size=128, augment=False)
 train(cfg, ks=(1.0, 3.0), seed=1, progress=False)  # warm: compile

@@ -326,28 +326,31 @@ def _where(diff: dict[str, Any] | None) -> str:
 
 # --- the protocol ----------------------------------------------------------------------------------
 
+def _varied(runs: int, seed: int, first: Any = None) -> tuple:
+    """One value per copy: ``first`` (default ``seed``) for copy 0, then ``seed + 1, seed + 2, ...``."""
+    return (seed if first is None else first, *(seed + i for i in range(1, runs)))
+
+
+_VARIED: dict[str, Callable[[int, int], dict[str, Any]]] = {
+    "numerics": lambda runs, seed: {"k": tuple(float(2 * i + 1) for i in range(runs))},
+    "init-bit": lambda runs, seed: {"init_ulp": (None, *range(1, runs))},
+    "order": lambda runs, seed: {"data_seed": _varied(runs, seed)},
+    "init": lambda runs, seed: {"init_seed": _varied(runs, seed)},
+    "augmentation": lambda runs, seed: {"augment_seed": _varied(runs, seed)},
+    "dropout": lambda runs, seed: {"dropout_seed": (None, *range(1, runs))},
+}
+"""Per source, the :class:`jaxcfl.Copies` fields its copies differ in (copy 0 is the baseline)."""
+
+
 def copies_for(source: str, runs: int, seed: int):
     """The :class:`jaxcfl.Copies` of ``source``: copy 0 the baseline, the others differ in ``source`` only."""
     from jaxcfl.lockstep import Copies
 
-    base = dict(init_seed=seed, data_seed=seed, augment_seed=seed)
-    seeds = tuple(seed + i for i in range(runs))
-    if source == "numerics":
-        return Copies(k=tuple(float(2 * i + 1) for i in range(runs)), **base)
-    if source == "init-bit":
-        return Copies(init_ulp=(None, *range(1, runs)), **base)
-    if source == "order":
-        return Copies(**{**base, "data_seed": seeds, "augment_seed": seed})
-    if source == "init":
-        return Copies(**{**base, "init_seed": seeds})
-    if source == "augmentation":
-        return Copies(**{**base, "augment_seed": seeds})
-    if source == "dropout":
-        return Copies(dropout_seed=(None, *range(1, runs)), **base)
-    raise ValueError(f"sources: unknown source {source!r}; known: {list(SOURCES)}")
+    v.check_choice("sources", source, SOURCES)
+    return Copies(**{"init_seed": seed, "data_seed": seed, "augment_seed": seed, **_VARIED[source](runs, seed)})
 
 
-def _has_rng_state(engine, copies) -> bool:
+def _has_rng_state(engine) -> bool:
     import jax
 
     state = engine.model.init(jax.random.key(0))[1]
@@ -502,7 +505,7 @@ def sensitivity(
     wanted = list(SOURCES) if sources is None else list(sources)
     if "augmentation" in wanted and augment is None:
         skipped["augmentation"] = "the training has no augment function"
-    if "dropout" in wanted and not _has_rng_state(engine, None):
+    if "dropout" in wanted and not _has_rng_state(engine):
         skipped["dropout"] = "the model has no RNG stream (no Dropout or other stochastic layer)"
     if "init" in wanted and not engine.model.seeded:
         skipped["init"] = "the model is a ready-built module; pass a factory key -> nnx.Module to vary the seed"

@@ -18,10 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
-import json
-import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
