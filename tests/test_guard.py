@@ -249,3 +249,19 @@ def test_a_host_side_refresh_follows_the_same_schedule(mlp):
     assert min(runs["host"][1]) < 2.0  # the guard acted
     with pytest.raises(TypeError, match="refresh"):
         opt.update(params, opt.init(params), params, value_fn=loss, refresh=jnp.array(True))
+
+
+def test_the_guard_defaults_have_one_source():
+    """cfl_guard, guarded_lr, TrainConfig and open-question take their defaults from jaxcfl.guard.DEFAULTS."""
+    import inspect
+
+    from jaxcfl.experiments import open_question
+    from jaxcfl.guard import DEFAULTS, cfl_guard, guarded_lr
+    from jaxcfl.train import TrainConfig
+
+    params = inspect.signature(cfl_guard).parameters
+    assert {name: params[name].default for name in DEFAULTS._fields} == DEFAULTS._asdict()
+    assert inspect.signature(guarded_lr).parameters["safety"].default == DEFAULTS.safety
+    config = TrainConfig()
+    assert {name: getattr(config, f"guard_{name}") for name in DEFAULTS._fields} == DEFAULTS._asdict()
+    assert open_question.DEFAULT_GUARD == DEFAULTS._asdict()

@@ -32,6 +32,7 @@ from jax import Array
 from jaxcfl import _validate as v
 from jaxcfl import data as datasets
 from jaxcfl import nets
+from jaxcfl.guard import DEFAULTS as GUARD_DEFAULTS
 from jaxcfl.guard import cfl_guard
 from jaxcfl.lockstep import (  # noqa: F401  (the trainer's names before the engine)
     CHECKPOINT,
@@ -102,10 +103,10 @@ class TrainConfig:
     eval_batch_size: int = 500
     probe: str | None = None
     guard: bool = False
-    guard_safety: float = 0.9
-    guard_every: int = 20
-    guard_iterations: int = 4
-    guard_first_iterations: int = 20
+    guard_safety: float = GUARD_DEFAULTS.safety
+    guard_every: int = GUARD_DEFAULTS.every
+    guard_iterations: int = GUARD_DEFAULTS.iterations
+    guard_first_iterations: int = GUARD_DEFAULTS.first_iterations
 
     def __post_init__(self) -> None:
         v.check_choice("model", self.model, nets.NETWORKS)

@@ -38,14 +38,15 @@ import numpy as np
 from jaxcfl._results import ResultDir, stderr
 from jaxcfl._text import table
 from jaxcfl.experiments import variance
+from jaxcfl.guard import DEFAULTS as GUARD_DEFAULTS
 
 ARMS = ("baseline", "guarded", "constant")
 """The arms, in the order they run (``constant`` needs the guarded arm's sharpness)."""
 LEVEL = 1e-2
 """The divergence level whose first crossing is compared."""
 DEFAULT_OUT = "jaxcfl-open-question"
-DEFAULT_GUARD = dict(safety=0.9, every=20, iterations=4, first_iterations=20)
-"""The guard's defaults (those of :class:`jaxcfl.train.TrainConfig`, 24% overhead: ``docs/cfl_guard.md``)."""
+DEFAULT_GUARD = GUARD_DEFAULTS._asdict()
+"""The guard's defaults (:data:`jaxcfl.guard.DEFAULTS`, 24% overhead: ``docs/cfl_guard.md``)."""
 
 _CONSTANT_METHOD = ("minimum over all steps, seeds and copies of the guarded arm of min(lr, safety * S(mu) / "
                     "lambda_max), lambda_max being the guard's sharpness estimate in force at that step and S(mu) "
@@ -590,13 +591,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-size", type=positive_int, default=None, help="use the first N training images")
     parser.add_argument("--test-size", type=positive_int, default=None, help="use the first N test images")
     parser.add_argument("--safety", type=positive_float, default=DEFAULT_GUARD["safety"],
-                        help="the guard's margin in (0, 1]: lr_eff lambda_max <= safety S (default 0.9)")
+                        help=f"the guard's margin in (0, 1]: lr_eff lambda_max <= safety S (default {DEFAULT_GUARD['safety']})")
     parser.add_argument("--every", type=positive_int, default=DEFAULT_GUARD["every"],
-                        help="steps between the guard's sharpness estimates (default 20)")
+                        help=f"steps between the guard's sharpness estimates (default {DEFAULT_GUARD['every']})")
     parser.add_argument("--iterations", type=positive_int, default=DEFAULT_GUARD["iterations"],
-                        help="Lanczos iterations per estimate (default 4)")
+                        help=f"Lanczos iterations per estimate (default {DEFAULT_GUARD['iterations']})")
     parser.add_argument("--first-iterations", type=positive_int, default=DEFAULT_GUARD["first_iterations"],
-                        help="Lanczos iterations of the first estimate, from a random vector (default 20)")
+                        help=f"Lanczos iterations of the first estimate, from a random vector (default {DEFAULT_GUARD['first_iterations']})")
     parser.add_argument("--last-epochs", type=positive_int, default=None,
                         help="epochs averaged into the final accuracy and loss (default 5%% of them, >= 1)")
     parser.add_argument("--trace-params", type=nonnegative_int, default=variance.TRACE_PARAMS,
