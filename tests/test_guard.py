@@ -265,3 +265,32 @@ def test_the_guard_defaults_have_one_source():
     config = TrainConfig()
     assert {name: getattr(config, f"guard_{name}") for name in DEFAULTS._fields} == DEFAULTS._asdict()
     assert open_question.DEFAULT_GUARD == DEFAULTS._asdict()
+
+
+def test_the_guard_refuses_an_optimiser_whose_limit_it_does_not_know():
+    """After Adam it would keep lr * sharpness below SGD's limit, which is not Adam's: refused, named."""
+    import jax.numpy as jnp
+    import optax
+
+    from jaxcfl.guard import cfl_guard, check_guarded
+    from jaxcfl.lockstep import Copies, Lockstep
+    from jaxcfl.perturb import perturb_update, perturbed_sgd
+
+    params = {"w": jnp.zeros(3)}
+    for ok in (optax.chain(optax.sgd(0.1, momentum=0.9, nesterov=True), cfl_guard(0.1, momentum=0.9, nesterov=True)),
+               optax.chain(perturbed_sgd(0.1, 3.0, momentum=0.9, weight_decay=1e-4),
+                           cfl_guard(0.1, momentum=0.9, weight_decay=1e-4), perturb_update(2.0)),
+               optax.chain(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1), cfl_guard(0.1)),
+               optax.adam(1e-3)):
+        check_guarded(ok.init(params))
+    with pytest.raises(ValueError, match="ScaleByAdamState"):
+        check_guarded(optax.chain(optax.adamw(1e-3), cfl_guard(1e-3)).init(params))
+    with pytest.raises(ValueError, match="last stateful"):
+        check_guarded(optax.chain(optax.sgd(0.1), cfl_guard(0.1), optax.trace(0.9)).init(params))
+
+    def init(key):
+        return {"w": jnp.zeros((4, 2))}
+
+    engine = Lockstep((init, lambda p, x: x @ p["w"]), optax.chain(optax.adam(1e-3), cfl_guard(1e-3)))
+    with pytest.raises(ValueError, match="does not know"):
+        engine.init(Copies())

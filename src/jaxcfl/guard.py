@@ -46,12 +46,14 @@ from jax.flatten_util import ravel_pytree
 from jax.typing import ArrayLike
 
 from jaxcfl import _validate as v
+from jaxcfl.perturb import PerturbedLrState
 from jaxcfl.schemes import guarded_step_size, momentum_limit
 from jaxcfl.spectral import lanczos_eigh
 
 ScalarOrSchedule = float | ArrayLike | Callable[[Array], ArrayLike]
 
-__all__ = ["DEFAULTS", "CFLGuardState", "GuardDefaults", "cfl_guard", "guard_state", "guarded_lr", "refresh_due"]
+__all__ = ["DEFAULTS", "CFLGuardState", "GuardDefaults", "cfl_guard", "check_guarded", "guard_state", "guarded_lr",
+           "refresh_due"]
 
 
 class GuardDefaults(NamedTuple):
@@ -255,3 +257,54 @@ def guard_state(opt_state: Any) -> CFLGuardState | None:
     found = [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, CFLGuardState))
              if isinstance(s, CFLGuardState)]
     return found[0] if found else None
+
+
+_SGD_STATES = (optax.EmptyState, optax.TraceState, optax.ScaleByScheduleState, PerturbedLrState)
+"""States of the transforms whose step the guard's limits describe: SGD (plain, heavy ball, Nesterov,
+PyTorch convention), weight decay, lr schedules, and the perturbation (``optax.sgd``,
+:func:`jaxcfl.perturbed_sgd`, ``optax.add_decayed_weights``, ``optax.scale_by_schedule``...)."""
+
+
+def _states_in_order(tree: Any):
+    """The transforms' states of an optimiser state, in the order of their chain (wrappers opened)."""
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        inner = getattr(tree, "inner_state", None)
+        if inner is not None:  # inject_hyperparams, masked, ...: the wrapped transform's state
+            yield from _states_in_order(inner)
+        else:
+            yield tree
+    elif isinstance(tree, (tuple, list)):
+        for item in tree:
+            yield from _states_in_order(item)
+    elif isinstance(tree, dict):
+        for item in tree.values():
+            yield from _states_in_order(item)
+
+
+def check_guarded(opt_state: Any) -> None:
+    """Refuse a :func:`cfl_guard` that guards an optimiser whose stability limit it does not know.
+
+    The guard keeps ``lr lambda_max`` below the limit of SGD (:func:`jaxcfl.schemes.momentum_limit`),
+    which is wrong for an adaptive optimiser (Adam's limit is on the *preconditioned* sharpness,
+    Cohen et al. 2022). Every transform chained before the guard must be one of SGD's
+    (:data:`_SGD_STATES`: SGD, momentum, weight decay, schedules, the perturbation), and only
+    stateless ones (``perturb_update``) may follow it. :class:`jaxcfl.Lockstep` calls this on every
+    optimiser; call it yourself on ``optimizer.init(params)`` when you use the guard without it.
+
+    Raises:
+      ValueError: naming the state of the transform the guard does not know.
+    """
+    states = list(_states_in_order(opt_state))
+    at = [i for i, s in enumerate(states) if isinstance(s, CFLGuardState)]
+    if not at:
+        return
+    unknown = [type(s).__name__ for s in states[:at[0]] if not isinstance(s, _SGD_STATES)]
+    if unknown:
+        raise ValueError(f"cfl_guard follows a transform whose stability limit it does not know (state "
+                         f"{', '.join(unknown)}): it knows SGD's (plain, heavy ball, Nesterov); an adaptive "
+                         f"optimiser such as Adam is stable on its preconditioned sharpness instead, which the "
+                         f"guard does not estimate")
+    after = [type(s).__name__ for s in states[at[0] + 1:] if not isinstance(s, optax.EmptyState)]
+    if len(at) > 1 or after:
+        raise ValueError(f"cfl_guard must be the last stateful transform of the chain (after it: "
+                         f"{', '.join(after) or 'another cfl_guard'}); chain only perturb_update after it")

@@ -55,7 +55,7 @@ from jaxcfl import _validate as v
 from jaxcfl._folder import ResultFolder
 from jaxcfl._results import npz_bytes
 from jaxcfl.determinism import divergence, fingerprint
-from jaxcfl.guard import guard_state, refresh_due
+from jaxcfl.guard import check_guarded, guard_state, refresh_due
 from jaxcfl.perturb import perturb_update, ulp_perturb
 
 __all__ = [
@@ -872,6 +872,8 @@ class Lockstep:
             params, state = built[key]
             hyper = {**shared, **{n: a[i] for n, a in per_copy.items()}}
             opt_state = self.optimizer.build(hyper).init(params)
+            if i == 0:
+                check_guarded(opt_state)
             opt_state = _set_injected(opt_state, {n: copies.hyper_value(n, i) for n in self.optimizer.injected
                                                   if n in copies.hyper})
             out.append(CopyState(params, state, opt_state))
