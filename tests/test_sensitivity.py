@@ -14,6 +14,7 @@ from flax import nnx
 
 import jaxcfl
 from jaxcfl.cli import main
+from jaxcfl.limits import Adam
 from jaxcfl.protocol import SOURCES, copies_for, load_training, sensitivity
 
 
@@ -49,7 +50,8 @@ SMALL = dict(test=TEST, runs=3, epochs=2, batch_size=16, resamples=200, progress
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("sens")
-    return out, sensitivity(factory, optax.adamw(1e-2, weight_decay=1e-4), DATA, augment=jitter, out=out, **SMALL)
+    return out, sensitivity(factory, optax.adamw(1e-2, weight_decay=1e-4), DATA, augment=jitter, out=out,
+                            stability=Adam(lr=1e-2), **SMALL)
 
 
 def test_every_source_is_measured_with_its_statistics(report):
@@ -75,13 +77,19 @@ def test_determinism_checks_and_strict_json_report(report):
     assert payload["answer"] == r.answer() and "against order" in payload["answer"]
     assert (out / "report.json").exists() and (out / "report.png").stat().st_size > 0
     assert json.loads((out / "report.json").read_text())["sources"]["numerics"]["runs"] == 3
+    c = r.curvature
+    assert [rec["epoch"] for rec in c["records"]] == [1, 2] and c["preconditioned"]
+    assert all(rec["sharpness"] > 0 and rec["threshold"] == pytest.approx(3800.0) for rec in c["records"])
+    assert "Curvature:" in r.answer()
 
 
 def test_a_second_run_reads_the_finished_runs(report):
     out, first = report
-    again = sensitivity(factory, optax.adamw(1e-2, weight_decay=1e-4), DATA, augment=jitter, out=out, **SMALL)
+    again = sensitivity(factory, optax.adamw(1e-2, weight_decay=1e-4), DATA, augment=jitter, out=out,
+                        stability=Adam(lr=1e-2), **SMALL)
     for name in SOURCES:
         assert again.sources[name].final_metric == first.sources[name].final_metric
+    assert again.curvature == first.curvature  # the finished epochs' sharpness, read back
     assert again.seconds < first.seconds
 
 
@@ -117,9 +125,10 @@ def test_copies_differ_in_one_source_only():
     (dict(test=(TEST[0][:, :5], TEST[1])), "shape"),
     (dict(test=(TEST[0], TEST[1][:3])), "different numbers"),
     (dict(epochs=0), "epochs"),
+    (dict(stability="adam"), "stability"),
 ])
 def test_bad_input_is_named(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         sensitivity(factory, optax.adam(1e-3), DATA, **{**SMALL, **kwargs})
 
 

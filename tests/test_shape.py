@@ -23,7 +23,7 @@ SRC = Path(jaxcfl.__file__).parent
 SHARED = {"rounding", "spectral", "search", "classify", "determinism", "statistics", "images", "_folder", "distributed",
           "_validate", "_io", "_results", "_text", "_version", "_cli_types"}
 PDE = {"problem", "operators", "model", "schemes", "integration", "theory", "sweeps", "bounds", "heat"}
-NETWORK = {"perturb", "guard", "data", "nets", "lockstep", "train", "curvature", "protocol", "examples"}
+NETWORK = {"perturb", "guard", "data", "nets", "lockstep", "train", "curvature", "protocol", "examples", "limits"}
 FRONT = {"cli", "experiments", "plot"}
 
 

@@ -75,6 +75,8 @@ class Training:
       loss, metric: ``(outputs, labels) -> per-example values`` (``None``: cross-entropy, accuracy).
       augment: ``(x, key) -> x``, a JAX augmentation run in the step (``None``: none).
       batch_size: for array data (``None``: the caller's).
+      stability: the optimiser's stability threshold (:mod:`jaxcfl.limits`, e.g. ``Adam(lr=1e-3)``):
+        the baseline's (preconditioned) sharpness is measured against it after every epoch.
     """
 
     model: Any
@@ -85,6 +87,7 @@ class Training:
     metric: Callable | None = None
     augment: Callable | None = None
     batch_size: int | None = None
+    stability: Any = None
 
 
 _TRAINING_FIELDS = tuple(f.name for f in dataclasses.fields(Training))
@@ -202,6 +205,7 @@ class SensitivityReport:
     settings: dict[str, Any]
     seconds: float
     files: dict[str, str] = dataclasses.field(default_factory=dict)
+    curvature: dict[str, Any] | None = None  # the baseline's sharpness per epoch against its threshold
 
     def answer(self) -> str:
         """Plain words: each source against ``order``, and the determinism checks."""
@@ -230,6 +234,15 @@ class SensitivityReport:
             lines.append(f"    weight divergence from copy 0: {crossing}; growth {growth}; {amplified}.")
         for name, why in self.skipped.items():
             lines.append(f"{name}: not measured ({why}).")
+        c = self.curvature
+        if c is not None and c["records"]:
+            kind = "preconditioned sharpness" if c["preconditioned"] else "sharpness"
+            peak = max(c["records"], key=lambda r: r["ratio"])
+            lines.append(f"Curvature: the baseline's {kind} peaked at {peak['sharpness']:.4g} (epoch {peak['epoch']}), "
+                         f"{100 * peak['ratio']:.1f}% of the {c['limit']['optimizer']} threshold "
+                         f"{c['limit']['description']} = {c['limit']['threshold']:.4g}: "
+                         + ("AT OR BEYOND the edge of stability." if peak["ratio"] >= 1 else
+                            "below the edge of stability." if peak["ratio"] < 0.9 else "near the edge of stability."))
         d = self.determinism
         if d is not None:
             rep = "bit-identical" if d.repeat_identical else f"NOT bit-identical ({_where(d.first_difference)})"
@@ -254,7 +267,8 @@ class SensitivityReport:
             "settings": self.settings, "sources": {n: r.to_dict() for n, r in self.sources.items()},
             "skipped": dict(self.skipped),
             "determinism": None if self.determinism is None else self.determinism.to_dict(),
-            "answer": self.answer(), "seconds": self.seconds, "files": dict(self.files)})
+            "curvature": self.curvature, "answer": self.answer(), "seconds": self.seconds,
+            "files": dict(self.files)})
 
     def plot(self, path: str | Path | None = None):
         """Three panels: the spread of the final metric per source (95% intervals), the weight
@@ -265,7 +279,8 @@ class SensitivityReport:
         import matplotlib.pyplot as plt
 
         names = list(self.sources)
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+        curv = self.curvature if self.curvature and self.curvature["records"] else None
+        fig, axes = plt.subplots(1, 4 if curv else 3, figsize=(20 if curv else 15, 4.2))
         ax = axes[0]
         for i, n in enumerate(names):
             r = self.sources[n].metric_std
@@ -296,6 +311,16 @@ class SensitivityReport:
         ax.set_xticks(range(len(names)), names, rotation=20)
         ax.set_title("Disagreement between runs")
         ax.legend(fontsize=8)
+        if curv:
+            ax = axes[3]
+            epochs = [r["epoch"] for r in curv["records"]]
+            ax.plot(epochs, [r["sharpness"] for r in curv["records"]], "o-",
+                    label=("preconditioned " if curv["preconditioned"] else "") + "sharpness")
+            ax.axhline(curv["limit"]["threshold"], color="C3", ls="--", label=curv["limit"]["description"])
+            ax.set_yscale("log")
+            ax.set_xlabel("epoch")
+            ax.set_title("Baseline curvature against its threshold")
+            ax.legend(fontsize=8)
         missing = "; ".join(f"{n}: {why}" for n, why in self.skipped.items())
         fig.suptitle("jaxcfl sensitivity: one source of variation at a time"
                      + (f"\n(not measured: {missing})" if missing else ""), fontsize=10)
@@ -442,6 +467,9 @@ def sensitivity(
     copies_mode: str = "auto",
     resamples: int = 2000,
     metric_name: str = "accuracy",
+    stability: Any = None,
+    curvature_examples: int = 256,
+    curvature_iterations: int = 20,
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
 ) -> SensitivityReport:
@@ -468,6 +496,10 @@ def sensitivity(
       copies_mode: ``"auto"``, ``"vmap"`` or ``"unroll"`` (:func:`jaxcfl.lockstep.resolve_copies_mode`).
       resamples: bootstrap resamples of each interval.
       metric_name: what the metric is, for the report's sentences.
+      stability: the optimiser's threshold (:mod:`jaxcfl.limits`: ``GradientDescent``, ``HeavyBall``,
+        ``Nesterov``, ``Adam``); the baseline's sharpness (Adam: preconditioned) on the first
+        ``curvature_examples`` training examples is measured after every epoch of the first
+        source's run, by ``curvature_iterations`` Lanczos steps, and held against it.
       progress: progress bars (``None``: on a terminal).
       log: called with a line per finished source (``None``: silent).
 
@@ -498,6 +530,14 @@ def sensitivity(
     if spec is not None and not isinstance(spec, str):
         raise TypeError(f"spec must be a 'PATH.py:FUNCTION' string or None, got {type(spec).__name__}")
     say = log or (lambda line: None)
+    if stability is not None:
+        from jaxcfl.limits import Limit
+
+        if not isinstance(stability, Limit):
+            raise TypeError(f"stability must be a jaxcfl.limits object (GradientDescent, HeavyBall, Nesterov, Adam), "
+                            f"got {type(stability).__name__}")
+        curvature_examples = v.check_int("curvature_examples", curvature_examples)
+        curvature_iterations = v.check_int("curvature_iterations", curvature_iterations)
     engine = Lockstep(model, optimizer, loss=loss or per_example_cross_entropy, metric=metric or accuracy,
                       augment=augment, copies_mode=copies_mode, keep_outputs=True, checksums=True)
     _check_shapes(engine, data, test_x, test_y, batch_size)
@@ -521,13 +561,18 @@ def sensitivity(
     fit = dict(epochs=epochs, batch_size=batch_size, test=(test_x, test_y), progress=progress)
     try:
         results: dict[str, SourceResult] = {}
+        curvature = None
+        if stability is not None:
+            curvature = _Curvature(engine, stability, data, seed, batch_size, curvature_examples,
+                                   curvature_iterations, folder)
         for name in chosen:
             t0 = time.perf_counter()
             copies = copies_for(name, runs, seed)
             run_out = folder.file(f"runs/{name}") if folder.writes else None
+            hook = curvature.on_epoch if curvature is not None and name == chosen[0] else None
             res = engine.fit(data, copies, out=run_out, settings={**settings, "source": name,
                                                                     "copies": copies.to_dict()},
-                             description=f"sensitivity: {name}", **fit)
+                             description=f"sensitivity: {name}", on_epoch=hook, **fit)
             results[name] = _summarise(name, res, test_y, resamples=resamples, seconds=time.perf_counter() - t0)
             say(f"[sensitivity] {name}: {runs} runs, metric std {_fmt(results[name].metric_std)}, churn "
                 f"{_pct(results[name].churn)} [{time.perf_counter() - t0:.1f}s]")
@@ -535,7 +580,8 @@ def sensitivity(
         check = None
         if determinism:
             check = _determinism(engine, data, fit, folder, settings, spec, seed, copies_mode, say)
-        report = SensitivityReport(results, skipped, check, settings, time.perf_counter() - start)
+        report = SensitivityReport(results, skipped, check, settings, time.perf_counter() - start,
+                                   curvature=None if curvature is None else curvature.payload())
         if folder.writes:
             files = {"json": str(folder.path / "report.json"), "figure": str(folder.file("report.png"))}
             report.plot(folder.path / "report.png")
@@ -544,6 +590,65 @@ def sensitivity(
     finally:
         folder.close()
     return report
+
+
+class _Curvature:
+    """The baseline's (preconditioned) sharpness after every epoch, against the optimiser's threshold.
+
+    Kept in ``curvature.json`` of the result folder as the epochs finish, so that a resumed run
+    (whose finished epochs are not replayed) still reports every epoch."""
+
+    def __init__(self, engine, limit, data, seed, batch_size, examples, iterations, folder):
+        import jax
+        import jax.numpy as jnp
+
+        self.limit, self.iterations, self.folder = limit, iterations, folder
+        if callable(data) and not isinstance(data, (tuple, list)):
+            x, y = next(iter(data(seed, 0)))
+        else:
+            x, y = data
+        self.x, self.y = jnp.asarray(np.asarray(x)[:examples]), jnp.asarray(np.asarray(y)[:examples])
+        model, loss = engine.model, engine.loss
+
+        def objective(params, state, x, y):
+            return jnp.mean(loss(model.apply(params, state, x, True)[0], y))
+
+        def preconditioned(q, scale, state, x, y):  # p = scale * q: the Hessian in q is S H S
+            return objective(jax.tree.map(lambda a, b: a * b, q, scale), state, x, y)
+
+        self.objective, self.preconditioned_objective = objective, preconditioned
+        self.records: list[dict[str, Any]] = []
+        if folder.writes and (folder.path / "curvature.json").exists():
+            import json
+
+            saved = json.loads((folder.path / "curvature.json").read_text())
+            if saved.get("limit") == limit.to_dict():
+                self.records = saved["records"]
+
+    def on_epoch(self, epoch: int, partial) -> None:
+        import jax
+
+        from jaxcfl.curvature import sharpness
+
+        first = partial.state.copy(0)
+        scale = self.limit.scale(first.opt_state)
+        iterations = min(self.iterations, sum(int(np.size(a)) for a in jax.tree.leaves(first.params)))
+        if scale is None:
+            lam = sharpness(self.objective, first.params, first.model_state, self.x, self.y, alpha=self.limit.alpha,
+                            iterations=iterations)
+        else:
+            q = jax.tree.map(lambda p, s: p / s, first.params, scale)
+            lam = sharpness(self.preconditioned_objective, q, scale, first.model_state, self.x, self.y,
+                            iterations=iterations)
+        self.records = [r for r in self.records if r["epoch"] < epoch]
+        self.records.append({"epoch": epoch, "sharpness": float(lam), "threshold": self.limit.threshold,
+                             "ratio": float(lam) / self.limit.threshold})
+        if self.folder.writes:
+            self.folder.write_json("curvature.json", self.payload())
+
+    def payload(self) -> dict[str, Any]:
+        return {"limit": self.limit.to_dict(), "preconditioned": self.limit.preconditioned,
+                "examples": int(self.x.shape[0]), "iterations": self.iterations, "records": list(self.records)}
 
 
 def _check_shapes(engine, data, test_x, test_y, batch_size) -> None:

@@ -2,7 +2,7 @@
 
 Copy this file to start a spec of your own: ``jaxcfl sensitivity my_file.py:training`` calls
 ``training()`` and measures what it returns. The keys are ``model``, ``optimizer``, ``data`` and
-optionally ``test``, ``loss``, ``metric``, ``augment`` and ``batch_size``
+optionally ``test``, ``loss``, ``metric``, ``augment``, ``batch_size`` and ``stability``
 (:class:`jaxcfl.protocol.Training`).
 """
 
@@ -51,11 +51,14 @@ def random_shift(x: jax.Array, key: jax.Array, most: int = 2) -> jax.Array:
 
 
 def training() -> dict:
-    """The NNX network with BatchNorm and Dropout, ``optax.adamw(1e-3, weight_decay=1e-4)``, batch 64."""
+    """The NNX network with BatchNorm and Dropout, ``optax.adamw(1e-3, weight_decay=1e-4)``, batch 64;
+    its preconditioned sharpness is held against Adam's threshold ``38 / lr`` (:class:`jaxcfl.limits.Adam`)."""
+    from jaxcfl.limits import Adam
+
     train, test = digits()
     return dict(model=lambda key: DigitsNet(nnx.Rngs(params=key, dropout=jax.random.fold_in(key, 1))),
                 optimizer=optax.adamw(1e-3, weight_decay=1e-4), data=train, test=test, augment=random_shift,
-                batch_size=64)
+                batch_size=64, stability=Adam(lr=1e-3))
 
 
 def mlp_init(key: jax.Array, sizes: tuple[int, ...] = (28 * 28, 128, 10)) -> list[dict[str, jax.Array]]:

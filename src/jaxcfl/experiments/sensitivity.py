@@ -2,7 +2,8 @@
 
 SPEC is ``PATH.py:FUNCTION`` or ``module:FUNCTION``; ``FUNCTION()`` returns a dict with the keys
 ``model``, ``optimizer``, ``data`` and ``test`` (optionally ``loss``, ``metric``, ``augment``,
-``batch_size``), or a dataclass with those fields (see ``jaxcfl/examples/digits.py``). Without
+``batch_size``, and ``stability``: the optimiser's threshold from ``jaxcfl.limits``), or a
+dataclass with those fields (see ``jaxcfl/examples/digits.py``). Without
 SPEC the built-in example runs: an NNX network with BatchNorm and Dropout trained with AdamW on
 the built-in digits.
 
@@ -57,7 +58,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         report = sensitivity(training.model, training.optimizer, training.data, test=_test(training, args.spec),
                              sources=args.sources, runs=args.runs, epochs=args.epochs,
                              batch_size=args.batch_size or training.batch_size or 128, loss=training.loss,
-                             metric=training.metric, augment=training.augment, seed=args.seed,
+                             metric=training.metric, augment=training.augment, stability=training.stability,
+                             seed=args.seed,
                              determinism=not args.no_determinism, spec=args.spec, out=args.out,
                              copies_mode=args.copies_mode, resamples=args.resamples,
                              progress=True if args.progress else None, log=stderr)
