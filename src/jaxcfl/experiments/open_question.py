@@ -61,6 +61,8 @@ def run(
     model: str = variance.DEFAULTS["model"],
     dataset: str = "builtin",
     data_root: str | None = None,
+    activation: str = "relu",
+    beta: float = 1.0,
     epochs: int = variance.DEFAULTS["epochs"],
     ks: tuple[float, ...] = variance.DEFAULT_KS,
     seeds: tuple[int, ...] = variance.DEFAULT_SEEDS,
@@ -84,7 +86,7 @@ def run(
     """Run the three arms; returns the JSON payload.
 
     Args:
-      model, dataset, data_root, epochs, lr, batch_size, weight_decay, train_size, test_size:
+      model, dataset, data_root, activation, beta, epochs, lr, batch_size, weight_decay, train_size, test_size:
         the training set-up of every arm (:class:`jaxcfl.train.TrainConfig`; the ``constant``
         arm replaces ``lr`` and has no decay).
       ks, seeds: the k x seed grid of each arm (at least two of each; the first two k are the
@@ -106,6 +108,8 @@ def run(
                        last_epochs=last_epochs)
     common = dict(model=model, dataset=dataset, data_root=data_root, epochs=epochs, lr=lr, batch_size=batch_size,
                   weight_decay=weight_decay, train_size=train_size, test_size=test_size)
+    if (activation, beta) != ("relu", 1.0):  # the default network keeps the identity its folders were made with
+        common.update(activation=activation, beta=beta)
     guard = dict(guard=True, guard_safety=safety, guard_every=every, guard_iterations=iterations,
                  guard_first_iterations=first_iterations)
     TrainConfig(**common, **guard)  # every number checked before anything trains
@@ -577,6 +581,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", choices=tuple(DATASETS), default="builtin",
                         help="dataset (default: the built-in digits, no files needed)")
     parser.add_argument("--data-root", default=None, help="folder with the dataset's files (default $JAXCFL_DATA or ./data)")
+    parser.add_argument("--activation", choices=("relu", "swish"), default="relu")
+    parser.add_argument("--beta", type=positive_float, default=1.0, help="Swish beta (the paper: 5)")
     parser.add_argument("--epochs", type=positive_int, default=variance.DEFAULTS["epochs"],
                         help=f"epochs of every arm (default {variance.DEFAULTS['epochs']})")
     parser.add_argument("--k", type=positive_float, nargs="+", default=list(variance.DEFAULT_KS),
@@ -611,7 +617,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    return run(model=args.model, dataset=args.dataset, data_root=args.data_root, epochs=args.epochs, ks=tuple(args.k),
+    return run(model=args.model, dataset=args.dataset, data_root=args.data_root, activation=args.activation,
+               beta=args.beta, epochs=args.epochs, ks=tuple(args.k),
                seeds=tuple(args.seeds), lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
                train_size=args.train_size, test_size=args.test_size, safety=args.safety, every=args.every,
                iterations=args.iterations, first_iterations=args.first_iterations, copies_mode=args.copies_mode,
