@@ -162,18 +162,26 @@ SPEC = textwrap.dedent('''
 ''')
 
 
-def test_cli_runs_a_spec_file_with_two_processes(tmp_path, capsys):
+def _cli_spec_run(tmp_path, capsys, *extra):
     spec = tmp_path / "mine.py"
     spec.write_text(SPEC)
     out = tmp_path / "out"
     code = main(["sensitivity", f"{spec}:training", "--runs", "2", "--epochs", "1", "--sources", "numerics",
-                 "order", "--resamples", "50", "--out", str(out), "--json"])
-    assert code == 0
+                 "order", "--resamples", "50", "--out", str(out), "--json", *extra])
+    assert code == 0 and (out / "report.png").exists()
     payload = json.loads(capsys.readouterr().out)
     assert set(payload["sources"]) == {"numerics", "order"}
-    proc = payload["determinism"]["processes"]
+    return payload
+
+
+def test_cli_runs_a_spec_file(tmp_path, capsys):
+    assert _cli_spec_run(tmp_path, capsys, "--no-determinism")["determinism"] is None
+
+
+@pytest.mark.slow
+def test_cli_repeats_a_spec_file_in_two_processes(tmp_path, capsys):
+    proc = _cli_spec_run(tmp_path, capsys)["determinism"]["processes"]
     assert proc["identical"] and proc["matches_this_process"]
-    assert (out / "report.png").exists()
 
 
 @pytest.mark.parametrize("suffix, match", [
