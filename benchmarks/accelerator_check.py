@@ -27,7 +27,7 @@ device JAX runs on (a GPU when there is one):
 ``determinism``
     a few training steps of the same network (``copies_mode="auto"``; the K copies on an
     accelerator, one copy on a CPU) repeated in 2 separate processes
-    (:func:`jaxcfl.determinism.run_in_processes`, with a timeout), once in the deterministic
+    (:func:`jaxcfl._core.determinism.run_in_processes`, with a timeout), once in the deterministic
     mode of ``jaxcfl --deterministic`` (its XLA flags and matmul precision) and once without
     it: are the fingerprints of the weights, batch statistics and optimiser state bit-identical?
 
@@ -265,8 +265,7 @@ def operator_choice_section(ctx: Context) -> dict[str, Any]:
     """``operator_choice.measure``: FFT against separable gradients, and what ``auto`` picks."""
     import operator_choice as oc
 
-    from jaxcfl import operators as ops
-
+    from jaxcfl.pde import _operators as ops
     s = ctx.settings["operator_choice"]
     rows, other = oc.measure(s["cases"], s["ranks"], s["batch"], s["steps"], s["repeats"], np.random.default_rng(0),
                              out=None)
@@ -282,7 +281,7 @@ def train_step_section(ctx: Context) -> dict[str, Any]:
     """``train_step.bench_model``: vmap and unroll copies, separate steps, PyTorch on the device."""
     import train_step as ts
 
-    from jaxcfl.train import resolve_copies_mode
+    from jaxcfl.nn._preset import resolve_copies_mode
 
     s = ctx.settings["train_step"]
     res = ts.bench_model(s["model"], s["batch"], len(s["ks"]), s["repeats"], ("vmap", "unroll"), ks=s["ks"],
@@ -303,7 +302,7 @@ def train_step_section(ctx: Context) -> dict[str, Any]:
 def train_state(model: str, batch: int, ks: list[float], steps: int, mode: str = "auto") -> Any:
     """The lockstep state after ``steps`` steps of ``train_step.JaxSteps`` on its random batch.
 
-    Module level, so that :func:`jaxcfl.determinism.run_in_processes` can run it in a new process.
+    Module level, so that :func:`jaxcfl._core.determinism.run_in_processes` can run it in a new process.
     """
     from train_step import JaxSteps, random_batch
 
@@ -317,7 +316,7 @@ def train_state(model: str, batch: int, ks: list[float], steps: int, mode: str =
 def k_powers_section(ctx: Context) -> dict[str, Any]:
     """k against k 2^n: per-copy fingerprints after a few steps, under vmap and unroll."""
     from jaxcfl.experiments.determinism_check import POWERS
-    from jaxcfl.lockstep import _copy_fingerprints
+    from jaxcfl.nn._lockstep import _copy_fingerprints
 
     t, s = ctx.settings["train_step"], ctx.settings["k_powers"]
     ks = [float(k) for k in t["ks"]]
@@ -342,7 +341,7 @@ def k_powers_section(ctx: Context) -> dict[str, Any]:
 
 def determinism_section(ctx: Context) -> dict[str, Any]:
     """``train_state`` (``copies_mode="auto"``) in 2 processes, with and without the deterministic mode."""
-    from jaxcfl.determinism import run_in_processes
+    from jaxcfl._core.determinism import run_in_processes
 
     t, s = ctx.settings["train_step"], ctx.settings["determinism"]
     kwargs = {"model": t["model"], "batch": t["batch"], "ks": [float(k) for k in s["ks"]], "steps": s["steps"]}
@@ -490,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     stream = sys.stderr if args.json else sys.stdout
 
-    from jaxcfl._results import json_text, write_json
+    from jaxcfl._core.results import json_text, write_json
 
     kind = device_kind()
     settings = presets(kind, args.quick)

@@ -43,10 +43,12 @@ import jax.numpy as jnp
 import optax
 from _machine import machine_info
 
-from jaxcfl import data, nets
-from jaxcfl.guard import cfl_guard, guard_state, refresh_due
-from jaxcfl.perturb import perturbed_sgd
-from jaxcfl.train import TrainConfig, _initialiser, cross_entropy
+from jaxcfl.nn import _data as data
+
+from jaxcfl.nn import nets as nets
+from jaxcfl.nn._guard import cfl_guard, guard_state, refresh_due
+from jaxcfl.nn._perturb import perturbed_sgd
+from jaxcfl.nn._preset import TrainConfig, _initialiser, cross_entropy
 
 
 def _step(graphdef, every: int | None, iterations: int, refresh: bool | str | None):

@@ -40,7 +40,7 @@ For each iteration count (``--iterations``, default 20 64 128 256) it times, in 
 ``--hvp`` (a separate run)
     Hessian-vector products of a mean loss over ``N`` examples (a one-hidden-layer tanh
     network, logistic loss, float32), in one call and accumulated over chunks of ``b``
-    examples (``physical_batch_size``, ``jaxcfl.curvature``): the steady time per product,
+    examples (``physical_batch_size``, ``jaxcfl._core.curvature``): the steady time per product,
     XLA's temporary memory of the compiled product, the relative difference to the
     one-call product, and the steady time of ``jaxcfl.sharpness`` (``--hvp-iterations``
     Lanczos steps) with the same chunks.
@@ -79,10 +79,10 @@ import jax.numpy as jnp
 from jax.tree_util import Partial
 
 from _machine import OtherLoad, machine_info
-from jaxcfl.spectral import lanczos_extremes
+from jaxcfl._core.spectral import lanczos_extremes
 
 try:
-    from jaxcfl.spectral import BREAKDOWN
+    from jaxcfl._core.spectral import BREAKDOWN
 except ImportError:  # jaxcfl before the rounding floor (to time the previous version: before/after ratios)
     BREAKDOWN = 64
 
@@ -116,7 +116,7 @@ def operators(rng: np.random.Generator, quick: bool):
 
 
 def numpy_lanczos(matvec, start: np.ndarray, iterations: int, seed: int = 0):
-    """The same Lanczos as ``jaxcfl.spectral`` in a NumPy loop: ``(ritz, residuals)``."""
+    """The same Lanczos as ``jaxcfl._core.spectral`` in a NumPy loop: ``(ritz, residuals)``."""
     n, dtype = start.size, start.dtype
     eps = np.finfo(dtype).eps
     rng = np.random.default_rng(seed)
@@ -188,7 +188,7 @@ def hvp_rows(examples: int, chunks: list[int], iterations: int, repeats: int, ou
     """Chunked against one-call Hessian-vector products (``--hvp``): one row per chunk size."""
     from jax.flatten_util import ravel_pytree
 
-    from jaxcfl.curvature import _ChunkedHVP, _hvp, sharpness
+    from jaxcfl._core.curvature import _ChunkedHVP, _hvp, sharpness
 
     rng = np.random.default_rng(0)
     features, hidden = 64, 256

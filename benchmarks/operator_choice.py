@@ -3,11 +3,11 @@
 For an image of rank ``r`` the nonlinear gradient (two correlations and the
 Swish terms) costs ``r (w^2 M + w M^2)`` multiply-adds per correlation with the
 separable Toeplitz products, against four ``N x N`` FFTs. This script times
-``jaxcfl.gradient(..., "nonlinear")`` both ways, batched (``vmap`` over ``--batch``
+``jaxcfl.pde.gradient(..., "nonlinear")`` both ways, batched (``vmap`` over ``--batch``
 configurations, ``--steps`` gradient steps inside one ``jit``), on random images of
 exact rank ``r``, and prints the speed ratio FFT time / separable time against
 ``work = r (w^2 M + w M^2) / (N^2 log2 N^2)``. The break-even (ratio 1) sets
-``jaxcfl.operators.FFT_COST_FACTOR``; the last column says what ``make_problem``'s
+``jaxcfl.pde._operators.FFT_COST_FACTOR``; the last column says what ``make_problem``'s
 ``operator="auto"`` picks (``separable_pays`` with the current factor, and at most
 ``AUTO_MAX_RANK`` factors).
 
@@ -32,8 +32,8 @@ except ImportError:  # pragma: no cover - running from a checkout
 import jax
 import jax.numpy as jnp
 import jaxcfl
-from jaxcfl import operators as ops
-from jaxcfl import problem as pb
+from jaxcfl.pde import _operators as ops
+from jaxcfl.pde import _problem as pb
 from _machine import OtherLoad, machine_info
 
 CASES = [(256, 16), (256, 32), (256, 64), (128, 5), (64, 8)]
@@ -44,7 +44,7 @@ def seconds_per_config_step(prob, batch, steps, repeats, rng):
     w = prob.kernel_size
     kernels = jnp.asarray(rng.normal(size=(batch, w, w)) * 1e-3, prob.dtype)
     hyper = jaxcfl.make_hyper(jnp.full(batch, 1e-6), jnp.full(batch, 1.0))
-    grads = jax.vmap(lambda k, h: jaxcfl.gradient(prob, k, h, "nonlinear"))
+    grads = jax.vmap(lambda k, h: jaxcfl.pde.gradient(prob, k, h, "nonlinear"))
     run = jax.jit(lambda k, h: jax.lax.fori_loop(0, steps, lambda i, kk: kk - 1e-6 * grads(kk, h), k))
     run(kernels, hyper).block_until_ready()  # compile
     times = []
@@ -75,15 +75,15 @@ def measure(cases, ranks, batch, steps, repeats, rng, out=sys.stdout) -> tuple[l
     for n, w in cases:
         m = n - w + 1
         base = rng.normal(size=(n, 64)) @ rng.normal(size=(64, n))
-        fft = seconds_per_config_step(pb.make_problem(base.astype(np.float32), w, operator="fft"),
+        fft = seconds_per_config_step(jaxcfl.make_problem(base.astype(np.float32), w, operator="fft"),
                                       batch, steps, repeats, rng)
         for r in ranks:
             image = (rng.normal(size=(n, r)) @ rng.normal(size=(r, n))).astype(np.float32)
-            prob = pb.make_problem(image, w, operator="separable", max_rank=r)
+            prob = jaxcfl.make_problem(image, w, operator="separable", max_rank=r)
             assert prob.rank == r
             sep = seconds_per_config_step(prob, batch, steps, repeats, rng)
             work = r * (w * w * m + w * m * m) / (n * n * np.log2(n * n))
-            auto = pb.make_problem(image, w).operator  # what operator="auto" picks for this image
+            auto = jaxcfl.make_problem(image, w).operator  # what operator="auto" picks for this image
             rows.append(dict(N=n, w=w, rank=r, fft_us=1e6 * fft, separable_us=1e6 * sep, ratio=fft / sep,
                              work=work, auto=auto))
             say(f"{n:>4} {w:>3} {1e6 * fft:>10.1f} {r:>3} {1e6 * sep:>10.1f} {fft / sep:>8.2f} {work:>6.2f} "

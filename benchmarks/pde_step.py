@@ -155,7 +155,7 @@ class JaxCFL:
         hyper = jaxcfl.make_hyper(
             jnp.asarray(lr), jnp.asarray(alpha), beta=self.beta, label=self.label, bias=self.bias
         )
-        g = jax.jit(jax.vmap(lambda k, h: jaxcfl.gradient(self.prob, k, h, "nonlinear")))
+        g = jax.jit(jax.vmap(lambda k, h: jaxcfl.pde.gradient(self.prob, k, h, "nonlinear")))
         return np.asarray(g(jnp.asarray(kernels), hyper))
 
 
@@ -221,7 +221,7 @@ class TorchFFTBatched:
 class TorchSeparableBatched(TorchFFTBatched):
     """The separable algorithm of ``jaxcfl``'s ``operator="separable"`` in PyTorch (like for like).
 
-    The image factors are ``jaxcfl.separable_factors`` (rank 1 for the checkerboard);
+    The image factors are ``jaxcfl.pde.separable_factors`` (rank 1 for the checkerboard);
     ``C K = sum_j T_{u_j} K T_{v_j}^T`` and ``C^T R = sum_j T_{u_j}^T R T_{v_j}`` by
     batched ``torch.matmul``; the rest of the step is that of ``torch-fft-batched``.
     """
@@ -230,7 +230,7 @@ class TorchSeparableBatched(TorchFFTBatched):
 
     def __init__(self, image, w, K0, beta, label, bias, device="cpu"):
         super().__init__(image, w, K0, beta, label, bias, device)
-        u, v = jaxcfl.separable_factors(image, dtype=np.float32)
+        u, v = jaxcfl.pde.separable_factors(image, dtype=np.float32)
         index = np.arange(self.M)[:, None] + np.arange(w)[None, :]
         self.Tu = self._tensor(np.ascontiguousarray(np.moveaxis(u[index], -1, 0), np.float32))  # (r, M, w)
         self.Tv = self._tensor(np.ascontiguousarray(np.moveaxis(v[index], -1, 0), np.float32))
@@ -527,8 +527,8 @@ def breakdown(image, w, K0, batches, n=10):
         j_irfft = jax.jit(lambda x: jnp.fft.irfft2(jnp.conj(x) * Ihat_j, s=(N, N))[..., :M, :M])
         j_elem = jax.jit(lambda a: (jnp.sum(a * jax.nn.sigmoid(a), axis=(-2, -1)),
                                     jax.nn.sigmoid(a) * (1 + a * (1 - jax.nn.sigmoid(a)))))
-        j_grad = jax.jit(jax.vmap(lambda kk, h: jaxcfl.gradient(prob, kk, h, "nonlinear")))
-        j_grad_map = jax.jit(lambda kk, h: jax.lax.map(lambda a: jaxcfl.gradient(prob, a[0], a[1], "nonlinear"), (kk, h)))
+        j_grad = jax.jit(jax.vmap(lambda kk, h: jaxcfl.pde.gradient(prob, kk, h, "nonlinear")))
+        j_grad_map = jax.jit(lambda kk, h: jax.lax.map(lambda a: jaxcfl.pde.gradient(prob, a[0], a[1], "nonlinear"), (kk, h)))
         tf = TorchFFTBatched(image, w, K0, 1.0, 1.0, 0.0)
         at = torch.from_numpy(alpha).view(B, 1, 1)
         n_seq = min(B, 4)
@@ -692,7 +692,7 @@ def main(argv=None):
         + ", ".join(f"{k} {v:.1e}" for k, v in gc["vs_float64"].items()))
     # Residual at K0: explains why the trajectories barely see the data term.
     prob = impls[0].prob
-    lg = float(jaxcfl.model.logit(prob, jnp.asarray(K0), jaxcfl.make_hyper(1e-5, 20.0)))
+    lg = float(jaxcfl.pde._rhs.logit(prob, jnp.asarray(K0), jaxcfl.make_hyper(1e-5, 20.0)))
     log(f"note        : at K0 the logit is {lg:.4g}, so yhat - y = {float(jax.nn.sigmoid(lg) - 1.0):.3g} in float32: "
         "the timed trajectories are dominated by weight decay (all the correlation work is still done)")
 

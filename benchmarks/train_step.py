@@ -49,9 +49,9 @@ import jax.numpy as jnp
 from _machine import OtherLoad, loadavg, machine_info
 from flax import nnx
 
-from jaxcfl import nets
-from jaxcfl.lockstep import Lockstep
-from jaxcfl.train import TrainConfig, copies_of, engine_of, init_lockstep
+from jaxcfl.nn import nets as nets
+from jaxcfl.nn._lockstep import Lockstep
+from jaxcfl.nn._preset import TrainConfig, copies_of, engine_of, init_lockstep
 
 try:
     import torch
@@ -73,7 +73,7 @@ def log(msg: str = "") -> None:
     print(msg, file=sys.stderr if _JSON else sys.stdout, flush=True)
 
 
-# --- PyTorch models: the same architectures as jaxcfl.nets ---------------------------------
+# --- PyTorch models: the same architectures as jaxcfl.nn.nets ---------------------------------
 
 def _conv_bn(cin: int, cout: int, kernel: int, stride: int) -> list:
     return [tnn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), tnn.BatchNorm2d(cout)]
@@ -93,7 +93,7 @@ class TorchBlock(tnn.Module if torch is not None else object):
 
 
 def torch_resnet(depth: int = 20) -> tnn.Module:
-    """CIFAR ResNet of depth 6n + 2 (16/32/64 channels), as :class:`jaxcfl.nets.ResNet`."""
+    """CIFAR ResNet of depth 6n + 2 (16/32/64 channels), as :class:`jaxcfl.nn.nets.ResNet`."""
     blocks, cin = [], 16
     for stage, width in enumerate((16, 32, 64)):
         for i in range((depth - 2) // 6):
@@ -104,8 +104,8 @@ def torch_resnet(depth: int = 20) -> tnn.Module:
 
 
 def torch_vgg(depth: int = 16) -> tnn.Module:
-    """VGG-BN, CIFAR variant (conv-BN-ReLU without conv bias, 2x2 max-pools, one linear layer), as :class:`jaxcfl.nets.VGG`."""
-    from jaxcfl.nets.vgg import CONFIGS
+    """VGG-BN, CIFAR variant (conv-BN-ReLU without conv bias, 2x2 max-pools, one linear layer), as :class:`jaxcfl.nn.nets.VGG`."""
+    from jaxcfl.nn.nets._vgg import CONFIGS
 
     layers, cin = [], 3
     for item in CONFIGS[depth]:

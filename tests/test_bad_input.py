@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import jaxcfl
-from jaxcfl import heat, theory
-from jaxcfl import train as tr
-
+from jaxcfl.pde import _heat as heat
+from jaxcfl.pde import _theory as theory
+from jaxcfl.nn import _preset as tr
 IMG = np.asarray(jaxcfl.checkerboard(8), np.float32)
 K3 = np.ones((3, 3), np.float32)
 PROB = jaxcfl.make_problem(IMG, 3)
@@ -68,7 +68,7 @@ API = [
     ("problem separable max_rank", lambda: jaxcfl.make_problem(np.random.default_rng(0).random((8, 8)), 3,
                                                                operator="separable", max_rank=1), "max_rank"),
     # gradient / integrate
-    ("gradient unknown model", lambda: jaxcfl.gradient(PROB, K3, HYPER, "quadratic"), "model"),
+    ("gradient unknown model", lambda: jaxcfl.pde.gradient(PROB, K3, HYPER, "quadratic"), "model"),
     ("integrate hyper not Hyper", lambda: jaxcfl.integrate(PROB, K3, dict(lr=1e-3)), "hyper"),
     ("integrate steps 0", lambda: jaxcfl.integrate(PROB, K3, HYPER, steps=0), "steps"),
     ("integrate record_every 0", lambda: jaxcfl.integrate(PROB, K3, HYPER, steps=5, record_every=0), "record_every"),
@@ -98,7 +98,7 @@ API = [
     ("sweep kernel shape", lambda: _sweep(kernel=np.ones((4, 4))), "kernel"),
     ("sweep kernel nan", lambda: _sweep(kernel=np.full((3, 3), np.nan)), "kernel"),
     ("sweep out is a file", lambda: _sweep(out=__file__), "out=.*is a file"),
-    ("sweep spec from a partial dict", lambda: jaxcfl.sweeps.SweepSpec.from_dict({**jaxcfl.Setup().to_dict()}),
+    ("sweep spec from a partial dict", lambda: jaxcfl.pde._sweeps.SweepSpec.from_dict({**jaxcfl.Setup().to_dict()}),
      "missing"),
     # empirical_bounds
     ("bounds several lr", lambda: _bounds(lr=[1e-3, 2e-3]), "lr must be one learning rate"),
@@ -200,7 +200,6 @@ def _png(tmp_path):
 @pytest.mark.parametrize("case,argv,match", CLI, ids=[c[0] for c in CLI])
 def test_cli_bad_input_is_one_line_and_status_2(case, argv, match, tmp_path, capsys):
     from jaxcfl import cli
-
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv(tmp_path))
     err = capsys.readouterr().err.strip().splitlines()
@@ -217,7 +216,6 @@ def test_at_least_sixty_cases():
 
 def test_json_output_is_strict_and_says_where_values_were_not_finite(capsys):
     from jaxcfl import cli
-
     assert cli.main(["heat", "--dt", "0.8", "--steps", "3000", "--json"]) == 0  # the unstable run overflows
     payload = strict_json.loads(capsys.readouterr().out)
     run = payload["runs"][0]

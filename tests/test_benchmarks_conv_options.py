@@ -54,8 +54,7 @@ def test_replace_conv_keeps_the_network():
     from flax import nnx
     from train_step import replace_conv
 
-    from jaxcfl import nets
-
+    from jaxcfl.nn import nets as nets
     # the small network's structure, with random numbers in place of its initialisation (no compile)
     graphdef, params, stats = nets.split(nnx.eval_shape(lambda: nets.create("cnn")))
     rng = np.random.default_rng(0)

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 import jaxcfl
-from jaxcfl import theory
-from jaxcfl.search import Bracket, log_bisect
+from jaxcfl.pde import _theory as theory
+from jaxcfl._core.search import Bracket, log_bisect
 
 
 def test_log_bisect_finds_synthetic_transitions():
@@ -46,7 +46,7 @@ def test_empirical_bounds_match_the_windowed_theory(scheme, lr):
 
 
 def test_misleading_screening_falls_back_to_full_runs():
-    # Screening runs of 12 steps (the fewest that classify, jaxcfl.classify.MIN_STEPS) cannot see the slow
+    # Screening runs of 12 steps (the fewest that classify, jaxcfl._core.classify.MIN_STEPS) cannot see the slow
     # unstable mode; the full-length check must catch it.
     img = np.asarray(jaxcfl.checkerboard(32))
     res = jaxcfl.empirical_bounds(img, 8, 1e-5, scheme="gd", steps=1500, screen_steps=12, alpha_range=(1e2, 1e6),

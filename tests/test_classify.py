@@ -1,6 +1,6 @@
 import numpy as np
 
-from jaxcfl.classify import Rule, classify
+from jaxcfl._core.classify import Rule, classify
 
 
 def test_rule_on_synthetic_diagnostics():

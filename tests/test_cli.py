@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 
 from jaxcfl import cli
-
-
 def test_help_lists_commands(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--help"])
@@ -23,8 +21,7 @@ def test_no_command_prints_help(capsys):
 
 
 def test_theory_json_is_pure_json_and_matches_the_library(capsys):
-    from jaxcfl import theory
-
+    from jaxcfl.pde import _theory as theory
     assert cli.main(["theory", "--size", "32", "--kernel-size", "4", "8", "--json"]) == 0
     captured = capsys.readouterr()
     payload = strict_json.loads(captured.out)
@@ -38,8 +35,7 @@ def test_theory_json_is_pure_json_and_matches_the_library(capsys):
 
 
 def test_theory_reads_npy_images(tmp_path, capsys):
-    from jaxcfl import theory
-
+    from jaxcfl.pde import _theory as theory
     # A rank-one 32 x 32 image and a 4 kernel: the operator of the checkerboard test above, so the same
     # compiled Lanczos solver.
     rng = np.random.default_rng(0)
@@ -118,8 +114,7 @@ def test_reproduce_table5_small(tmp_path, capsys):
 
 
 def test_deterministic_flag_enables_the_mode(monkeypatch, capsys):
-    from jaxcfl import determinism
-
+    from jaxcfl._core import determinism as determinism
     calls = []
     monkeypatch.setattr(determinism, "enable_deterministic_mode", lambda: calls.append(1) or {})
     monkeypatch.delenv("JAXCFL_DETERMINISTIC", raising=False)
@@ -154,7 +149,8 @@ for argv in json.loads(sys.argv[1]):
         except SystemExit as exit:
             code = exit.code
     loaded = sorted(m for m in sys.modules
-                    if m in ("flax", "jaxcfl.train", "jaxcfl.nets") or m.startswith("jaxcfl.experiments."))
+                    if m in ("flax", "jaxcfl.nn._preset", "jaxcfl.nn.nets")
+                    or (m.startswith("jaxcfl.experiments.") and not m.startswith("jaxcfl.experiments._")))
     seen.append(dict(code=code, loaded=loaded))
 print(json.dumps(seen))
 """

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 
 import jaxcfl
 from jaxcfl import cli
-from jaxcfl._cli_types import merge_grid, nonnegative_grid, parse_grid, positive_grid
-from jaxcfl.images import LUMA_WEIGHTS, load_image
+from jaxcfl.experiments._cli_types import merge_grid, nonnegative_grid, parse_grid, positive_grid
+from jaxcfl._core.images import LUMA_WEIGHTS, load_image
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -270,7 +270,7 @@ def test_sweep_runs_the_grid_on_the_picture_as_the_library_does(swept, picture):
     assert [r["final_loss"] for r in payload["runs"]] == [r["final_loss"] for r in direct.rows()]
     assert len(set(payload["status"][0] + payload["status"][1])) >= 2  # the grid crosses a boundary
     # The windowed theory at each lr is the library's.
-    lo, hi = jaxcfl.theory.windowed_alpha_bounds(picture[1], 4, 1e-2)
+    lo, hi = jaxcfl.pde._theory.windowed_alpha_bounds(picture[1], 4, 1e-2)
     assert payload["theory"]["windowed"]["alpha_min"][1] == pytest.approx(lo)
     assert payload["theory"]["windowed"]["alpha_max"][1] == pytest.approx(hi)
     assert 0 <= payload["theory"]["agree"] <= 6
@@ -334,7 +334,7 @@ def test_sweep_help_runs_as_a_command():
 # --- jaxcfl bounds -----------------------------------------------------------------------------
 
 def test_bounds_prints_the_library_s_bounds(picture, capsys, tmp_path):
-    # 12 steps (jaxcfl.classify.MIN_STEPS): the screening runs are the full runs, one compiled program.
+    # 12 steps (jaxcfl._core.classify.MIN_STEPS): the screening runs are the full runs, one compiled program.
     argv = ["bounds", "--image", str(picture[0]), "--kernel-size", "4", "--lr", "1e-2", "--steps", "12",
             "--alpha-range", "1:1e6", "--rtol", "1e-2"]
     code, out, _ = _run([*argv, "--json", "--out", str(tmp_path / "b")], capsys)

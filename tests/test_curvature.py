@@ -10,7 +10,8 @@ from jax.flatten_util import ravel_pytree
 from jax.tree_util import Partial
 
 import jaxcfl
-from jaxcfl.curvature import (
+from jaxcfl.pde._sharpness import integrate_sharpness, one_layer_loss
+from jaxcfl._core.curvature import (
     ABOVE_RANGE,
     BELOW_RANGE,
     FOUND,
@@ -18,9 +19,7 @@ from jaxcfl.curvature import (
     _ChunkedHVP,
     _hvp,
     hessian_eigenpairs,
-    integrate_sharpness,
     max_stable_lr,
-    one_layer_loss,
     sharpness,
     sharpness_trajectory,
 )

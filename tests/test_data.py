@@ -1,4 +1,4 @@
-"""jaxcfl.data: loaders (on small files in the real formats), built-in digits, batching, augmentation."""
+"""jaxcfl.nn._data: loaders (on small files in the real formats), built-in digits, batching, augmentation."""
 
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxcfl import data
-
+from jaxcfl.nn import _data as data
 IDX_NAMES = data.DATASETS["mnist"].files
 CIFAR_BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 

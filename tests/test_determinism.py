@@ -2,7 +2,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcfl.determinism import divergence, fingerprint
+from jaxcfl._core.determinism import divergence, fingerprint
 
 
 def test_divergence_closed_forms():
@@ -33,8 +33,8 @@ from pathlib import Path
 
 import jax
 
-from jaxcfl import determinism
-from jaxcfl.determinism import (
+from jaxcfl._core import determinism as determinism
+from jaxcfl._core.determinism import (
     DETERMINISTIC_XLA_FLAGS,
     deterministic_env,
     deterministic_xla_flags,
@@ -80,7 +80,7 @@ def test_enable_before_any_computation_applies_to_this_process():
     proc = _python(
         "import warnings, jax, jax.numpy as jnp\n"
         "warnings.simplefilter('error')\n"
-        "from jaxcfl.determinism import enable_deterministic_mode, deterministic_mode_enabled\n"
+        "from jaxcfl._core.determinism import enable_deterministic_mode, deterministic_mode_enabled\n"
         "info = enable_deterministic_mode()\n"
         "print(info['applied_to_this_process'], deterministic_mode_enabled(), float(jnp.ones(3).sum()))\n"
     )
@@ -92,7 +92,7 @@ def test_enable_after_a_computation_warns():
     proc = _python(
         "import warnings, jax.numpy as jnp\n"
         "jnp.ones(3).sum().block_until_ready()\n"
-        "from jaxcfl.determinism import enable_deterministic_mode\n"
+        "from jaxcfl._core.determinism import enable_deterministic_mode\n"
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
         "    info = enable_deterministic_mode()\n"

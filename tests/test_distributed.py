@@ -1,7 +1,7 @@
 """Multi-process runs on jax.distributed: 2 local CPU processes x 2 forced host devices each.
 
 The processes are started here (a coordinator on 127.0.0.1), each through
-``jaxcfl.distributed.initialize_from_env`` as the CLI does; every launch is bounded by a
+``jaxcfl._core.distributed.initialize_from_env`` as the CLI does; every launch is bounded by a
 timeout, and a process left behind is killed. One launch dies (SIGKILL of process 0 after
 the first committed chunk); the next resumes it. The single-process references run in
 this test process.
@@ -21,8 +21,7 @@ import numpy as np
 import pytest
 
 import jaxcfl
-from jaxcfl import distributed
-
+from jaxcfl._core import distributed as distributed
 HERE = Path(__file__).resolve().parent
 IMAGE_SIZE, KERNEL = 16, 4
 SWEEP = {"lr": [1e-3, 5e-4], "alpha": np.geomspace(100.0, 1e4, 6).tolist(), "steps": 80, "chunk_size": 4, "compare_k": 3.0}
@@ -70,7 +69,6 @@ def run_table5(out: str) -> dict:
     import io
 
     from jaxcfl import cli
-
     with contextlib.redirect_stdout(io.StringIO()) as stdout:
         status = cli.main(["reproduce", "table5", *TABLE5, "--out", out, "--json"])
     return {"status": status, "stdout": stdout.getvalue()}
@@ -89,12 +87,12 @@ WORKER = textwrap.dedent(
     start = time.perf_counter()
     spec = json.loads(sys.argv[1])
     sys.path.insert(0, spec["tests"])
-    from jaxcfl import distributed
+    from jaxcfl._core import distributed as distributed
     assert distributed.initialize_from_env()
     import jax
     assert jax.process_count() == 2 and len(jax.devices()) == 4 and len(jax.local_devices()) == 2, jax.devices()
-    from jaxcfl import sweeps
-    from jaxcfl._folder import ResultFolder
+    from jaxcfl.pde import _sweeps as sweeps
+    from jaxcfl._core.folder import ResultFolder
     import test_distributed as cases
 
     writes, batches = [], [0]

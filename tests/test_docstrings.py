@@ -39,7 +39,7 @@ MODULES = _modules()
 
 
 def test_the_walk_finds_the_package():
-    assert {"jaxcfl.spectral", "jaxcfl.train", "jaxcfl.nets", "jaxcfl.nets.resnet"} <= set(MODULES)
+    assert {"jaxcfl._core.spectral", "jaxcfl.nn._preset", "jaxcfl.nn.nets", "jaxcfl.nn.nets._resnet"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)

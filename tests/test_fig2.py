@@ -15,7 +15,7 @@ import pytest
 
 from jaxcfl import cli
 from jaxcfl.experiments import EXPERIMENTS, fig2
-from jaxcfl.train import TrainConfig
+from jaxcfl.nn._preset import TrainConfig
 
 TINY = ["--model", "cnn", "--train-size", "128", "--test-size", "64", "--batch-size", "64", "--n", "1", "2",
         "--epochs-per-n", "1", "--base-lr", "0.1", "--no-sharpness"]
@@ -175,7 +175,7 @@ def test_amplification_threshold():
 @pytest.mark.slow  # 15 s; sharpness and max_stable_lr themselves are default in test_curvature.py
 def test_sharpness_along_the_runs_and_max_stable_lr(tiny):
     """Snapshots once per scaled epoch; the sharpness at each, cached; max_stable_lr from the initialisation."""
-    from jaxcfl.train import train
+    from jaxcfl.nn._preset import train
 
     _, _, out = tiny
     assert sorted(p.name for p in (out / "n2" / "snapshots").iterdir()) == ["epoch2.npz"]

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from jaxcfl import cli
-from jaxcfl import sweeps as sweep_mod
-from jaxcfl.classify import STATUSES
+from jaxcfl.pde import _sweeps as sweep_mod
+from jaxcfl._core.classify import STATUSES
 from jaxcfl.experiments import EXPERIMENTS, fig4
 
 # 64 x 64 checkerboard, 16 x 16 kernel, 300 steps: the three classes appear at alpha = 20 as in the paper.

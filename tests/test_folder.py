@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import jaxcfl
-from jaxcfl import _folder
-from jaxcfl._folder import FolderInUse, FolderMismatch, ResultFolder
-from jaxcfl._results import npz_bytes
+from jaxcfl._core import folder as _folder
+from jaxcfl._core.folder import FolderInUse, FolderMismatch, ResultFolder
+from jaxcfl._core.results import npz_bytes
 
 SETTINGS = dict(a=1, b=[1.0, 2.0])
 
@@ -22,7 +22,7 @@ def _hold_in_subprocess(path, *, then="wait"):
     """A child process that opens ``path`` as a result folder, says so, then waits or dies with kill -9."""
     code = (
         "import os, signal, sys, time\n"
-        "from jaxcfl._folder import ResultFolder\n"
+        "from jaxcfl._core.folder import ResultFolder\n"
         f"f = ResultFolder({str(path)!r}, kind='test', settings={SETTINGS!r}).open()\n"
         "print('open', flush=True)\n"
         + ("os.kill(os.getpid(), signal.SIGKILL)\n" if then == "die" else "sys.stdin.readline()\n")
@@ -201,7 +201,7 @@ def test_a_sweep_recomputes_damaged_chunks_and_ends_correct(tmp_path, reference,
 # --- the reproduce experiments on their folders ---------------------------------------------------
 
 def test_an_experiment_refuses_a_second_writer_at_once(tmp_path):
-    from jaxcfl._results import ResultDir
+    from jaxcfl._core.results import ResultDir
     from jaxcfl.experiments import table5
 
     holder = ResultDir(tmp_path, kind="table5")
@@ -211,7 +211,7 @@ def test_an_experiment_refuses_a_second_writer_at_once(tmp_path):
 
 
 def test_an_experiment_folder_checksums_every_file_it_writes(tmp_path):
-    from jaxcfl._results import ResultDir
+    from jaxcfl._core.results import ResultDir
 
     results = ResultDir(tmp_path, kind="demo")
     results.write_csv("rows.csv", [dict(a=1.0, b=float("nan"))])
@@ -236,7 +236,7 @@ def test_an_experiment_folder_checksums_every_file_it_writes(tmp_path):
 
 def test_the_cli_answers_a_busy_folder_with_one_line(tmp_path, capsys):
     from jaxcfl import cli
-    from jaxcfl._results import ResultDir
+    from jaxcfl._core.results import ResultDir
 
     holder = ResultDir(tmp_path, kind="table5")
     with pytest.raises(SystemExit) as exit_:

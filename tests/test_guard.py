@@ -10,10 +10,11 @@ import numpy as np
 import optax
 import pytest
 
-from jaxcfl.determinism import fingerprint
-from jaxcfl.guard import CFLGuardState, cfl_guard, guard_state, guarded_lr, refresh_due
-from jaxcfl.perturb import perturb_update, perturbed_sgd
-from jaxcfl.schemes import get_scheme, momentum_limit
+from jaxcfl._core.determinism import fingerprint
+from jaxcfl.nn._guard import CFLGuardState, cfl_guard, guard_state, guarded_lr, refresh_due
+from jaxcfl.nn._perturb import perturb_update, perturbed_sgd
+from jaxcfl._core.stability import momentum_limit
+from jaxcfl.pde._schemes import get_scheme
 
 SPECTRUM = np.array([10.0, 3.0, 1.0, 0.5], np.float32)
 SCHEMES = [(0.0, False), (0.9, False), (0.5, True), (0.9, True)]
@@ -252,12 +253,12 @@ def test_a_host_side_refresh_follows_the_same_schedule(mlp):
 
 
 def test_the_guard_defaults_have_one_source():
-    """cfl_guard, guarded_lr, TrainConfig and open-question take their defaults from jaxcfl.guard.DEFAULTS."""
+    """cfl_guard, guarded_lr, TrainConfig and open-question take their defaults from jaxcfl.nn._guard.DEFAULTS."""
     import inspect
 
     from jaxcfl.experiments import open_question
-    from jaxcfl.guard import DEFAULTS, cfl_guard, guarded_lr
-    from jaxcfl.train import TrainConfig
+    from jaxcfl.nn._guard import DEFAULTS, cfl_guard, guarded_lr
+    from jaxcfl.nn._preset import TrainConfig
 
     params = inspect.signature(cfl_guard).parameters
     assert {name: params[name].default for name in DEFAULTS._fields} == DEFAULTS._asdict()
@@ -272,9 +273,9 @@ def test_the_guard_refuses_an_optimiser_whose_limit_it_does_not_know():
     import jax.numpy as jnp
     import optax
 
-    from jaxcfl.guard import cfl_guard, check_guarded
-    from jaxcfl.lockstep import Copies, Lockstep
-    from jaxcfl.perturb import perturb_update, perturbed_sgd
+    from jaxcfl.nn._guard import cfl_guard, check_guarded
+    from jaxcfl.nn._lockstep import Copies, Lockstep
+    from jaxcfl.nn._perturb import perturb_update, perturbed_sgd
 
     params = {"w": jnp.zeros(3)}
     for ok in (optax.chain(optax.sgd(0.1, momentum=0.9, nesterov=True), cfl_guard(0.1, momentum=0.9, nesterov=True)),

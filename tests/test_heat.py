@@ -1,4 +1,4 @@
-"""Tests for jaxcfl.heat: the 1-D heat equation of Section 3 of Sun et al. (2024)."""
+"""Tests for jaxcfl.pde._heat: the 1-D heat equation of Section 3 of Sun et al. (2024)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxcfl import heat
-
+from jaxcfl.pde import _heat as heat
 N = 31
 EPS32 = float(np.finfo(np.float32).eps)
 EPS64 = float(np.finfo(np.float64).eps)

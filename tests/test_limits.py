@@ -1,4 +1,4 @@
-"""Optimisers' stability thresholds (jaxcfl.limits) and the sharpness held against them."""
+"""Optimisers' stability thresholds (jaxcfl.nn._limits) and the sharpness held against them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxcfl.limits import Adam, GradientDescent, HeavyBall, Nesterov
+from jaxcfl.nn._limits import Adam, GradientDescent, HeavyBall, Nesterov
 
 
 def test_thresholds_are_the_closed_forms():
@@ -42,9 +42,9 @@ def test_bad_limits_are_named(kwargs, match):
 
 def test_the_protocols_sharpness_on_a_quadratic_with_known_hessian():
     """loss = 1/2 sum h w^2: the sharpness is max h; Adam's preconditioned one is max h s^2."""
-    from jaxcfl.lockstep import Copies, Lockstep
-    from jaxcfl.protocol import _Curvature
-    from jaxcfl._results import ResultDir
+    from jaxcfl.nn._lockstep import Copies, Lockstep
+    from jaxcfl.nn._protocol import _Curvature
+    from jaxcfl._core.results import ResultDir
 
     h = jnp.array([3.0, 0.5, 7.0, 1.0])
 

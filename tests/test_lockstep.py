@@ -12,8 +12,8 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxcfl.lockstep import Copies, Lockstep, LockstepState, as_model, as_optimizer
-from jaxcfl.protocol import _first_difference
+from jaxcfl.nn._lockstep import Copies, Lockstep, LockstepState, as_model, as_optimizer
+from jaxcfl.nn._protocol import _first_difference
 
 
 class Counter(nnx.Variable):
@@ -158,8 +158,7 @@ def test_inject_hyperparams_values_differ_per_copy():
 
 
 def test_data_function_equals_array_data():
-    from jaxcfl import data as datasets
-
+    from jaxcfl.nn import _data as datasets
     x, y = DATA
 
     def loader(seed, epoch):

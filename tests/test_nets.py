@@ -1,4 +1,4 @@
-"""Tests of jaxcfl.nets: CIFAR ResNets, VGG-BN and the functional split/apply.
+"""Tests of jaxcfl.nn.nets: CIFAR ResNets, VGG-BN and the functional split/apply.
 
 Speed: with the default threefry keys, building a model compiles one random
 kernel per distinct weight shape (tens of seconds for ResNet-20 on a busy
@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxcfl import nets
-from jaxcfl.nets import functional
-from jaxcfl.nets._layers import Activation, MaxPool, as_rngs
+from jaxcfl.nn import nets as nets
+from jaxcfl.nn.nets import functional
+from jaxcfl.nn.nets._layers import Activation, MaxPool, as_rngs
 
 RESNET_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
 VGG_CONVS = {"vgg11": 8, "vgg13": 10, "vgg16": 13, "vgg19": 16}
@@ -464,7 +464,7 @@ def test_forward_all_models(name, hw, channels):
 
 def test_cnn_avg_is_the_cnn_with_average_pools():
     """Same weights (same seed), a different pool: equal where a 2x2 window is constant, smooth elsewhere."""
-    from jaxcfl.nets.vgg import AvgPool, MaxPool
+    from jaxcfl.nn.nets._vgg import AvgPool, MaxPool
 
     avg, mx = nets.create("cnn_avg", in_channels=1, rngs=0), nets.create("cnn", in_channels=1, rngs=0)
     assert nets.count_params(avg) == nets.count_params(mx)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from jaxcfl import cli
-from jaxcfl._results import json_text
+from jaxcfl._core.results import json_text
 from jaxcfl.experiments import open_question as oq
 from jaxcfl.experiments import variance
-from jaxcfl.train import TrainConfig
+from jaxcfl.nn._preset import TrainConfig
 
 # 128 images in batches of 64 for 2 epochs: 4 steps, the lr divided by 10 after the first epoch.
 # The guard re-estimates every step with 2 Lanczos iterations (its 3 programs compile fast), and

@@ -12,7 +12,7 @@ def test_every_public_name_resolves():
     missing = [name for name in jaxcfl.__all__ if not hasattr(jaxcfl, name)]
     assert missing == []
     assert set(jaxcfl.__all__) <= set(dir(jaxcfl))
-    assert jaxcfl.train.TrainConfig is jaxcfl.TrainConfig  # jaxcfl.train is the module
+    assert jaxcfl.nn._preset.TrainConfig is jaxcfl.TrainConfig  # jaxcfl.nn._preset is the module
 
 
 def test_unknown_attribute_raises_attribute_error():

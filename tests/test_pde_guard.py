@@ -14,9 +14,12 @@ import numpy as np
 import pytest
 
 import jaxcfl
-from jaxcfl import cli, integration, theory
+from jaxcfl import cli
+from jaxcfl.pde import _integration as integration
+from jaxcfl.pde import _theory as theory
 from jaxcfl.experiments import EXPERIMENTS, pde_guard
-from jaxcfl.schemes import GuardSchedule, guarded_step_size
+from jaxcfl._core.stability import guarded_step_size
+from jaxcfl.pde._schemes import GuardSchedule
 
 IMAGE = np.asarray(jaxcfl.checkerboard(32), np.float64)
 W = 8
@@ -45,7 +48,7 @@ def _run(problem, scheme, hyper, kernel=None):
 
 def test_the_estimate_is_the_theory_top_eigenvalue_on_the_linear_model(linear):
     # The Jacobian of the linear model's gradient is L + alpha everywhere: lambda_n = alpha + l_max(L),
-    # the number jaxcfl.theory computes (float64 Lanczos from K = 0) for the windowed bounds.
+    # the number jaxcfl.pde._theory computes (float64 Lanczos from K = 0) for the windowed bounds.
     problem, a, spectrum = linear
     alpha = 3.0
     hyper = jaxcfl.make_hyper(1e-4, alpha, a=a)
@@ -132,7 +135,7 @@ def test_the_refresh_stays_a_branch_under_vmap(linear):
     # The refresh predicate is the iteration count, the same for every configuration: under vmap the
     # lax.cond must not turn into a select (which would estimate lambda at every step).
     problem, a, _ = linear
-    state = jaxcfl.init(jnp.asarray(_kernel()))
+    state = jaxcfl.pde.init(jnp.asarray(_kernel()))
     hypers = jaxcfl.make_hyper(jnp.array([1e-3, 1e-2]), 2.0, a=a)
     run = lambda h: integration.solve(problem, state, h, scheme="guarded_gd", model="linear", steps=20,
                                       save=integration.SaveAt(10), guard=GuardSchedule(every=5, warmup=0))

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxcfl.perturb import perturb_update, perturbed_sgd, ulp_perturb
+from jaxcfl.nn._perturb import perturb_update, perturbed_sgd, ulp_perturb
 
 DTYPES = {"float32": np.float32, "float64": np.float64, "bfloat16": ml_dtypes.bfloat16}
 VARIANTS = {

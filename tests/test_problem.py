@@ -25,7 +25,7 @@ def test_correlation_matches_numpy_valid_correlation(dtype):
     img = _image()
     prob = jaxcfl.make_problem(img.astype(dtype), 5)
     kernel = np.random.default_rng(1).standard_normal((5, 5))
-    out = np.asarray(jaxcfl.correlate(prob, jnp.asarray(kernel, dtype)))
+    out = np.asarray(jaxcfl.pde.correlate(prob, jnp.asarray(kernel, dtype)))
     assert out.shape == (16, 19) == prob.output_shape
     tol = 1e-4 if dtype == jnp.float32 else 1e-11
     np.testing.assert_allclose(out, _np_correlate(img, kernel), atol=tol * 10, rtol=tol)
@@ -37,10 +37,10 @@ def test_adjoint_matches_numpy_and_is_the_transpose(dtype):
     rng = np.random.default_rng(2)
     u = rng.standard_normal(prob.output_shape)
     kernel = rng.standard_normal((6, 6))
-    adj = np.asarray(jaxcfl.correlate_adjoint(prob, jnp.asarray(u, dtype)))
+    adj = np.asarray(jaxcfl.pde.correlate_adjoint(prob, jnp.asarray(u, dtype)))
     tol = 1e-4 if dtype == jnp.float32 else 1e-11
     np.testing.assert_allclose(adj, _np_adjoint(img, u, 6), atol=tol * 10, rtol=tol)
-    lhs = np.sum(np.asarray(jaxcfl.correlate(prob, jnp.asarray(kernel, dtype))) * u)
+    lhs = np.sum(np.asarray(jaxcfl.pde.correlate(prob, jnp.asarray(kernel, dtype))) * u)
     np.testing.assert_allclose(lhs, np.sum(kernel * adj), rtol=tol * 10)
 
 
@@ -59,9 +59,9 @@ def test_nonlinear_gradient_equals_autodiff_of_loss(pool, image, operator, dtype
     hyper = jaxcfl.make_hyper(1e-3, 0.7, beta=1.3, bias=0.2, label=0.0, dtype=dtype)
     # Compiled: one program per function instead of one per operation (op by op, the first call of each
     # shape and dtype compiles about a hundred small programs).
-    gradient = jax.jit(jaxcfl.gradient, static_argnums=3)
+    gradient = jax.jit(jaxcfl.pde.gradient, static_argnums=3)
     ours = gradient(prob, kernel, hyper, "nonlinear")
-    auto = jax.jit(jax.grad(lambda k, p, h: jaxcfl.loss(p, k, h)))(kernel, prob, hyper)
+    auto = jax.jit(jax.grad(lambda k, p, h: jaxcfl.pde.loss(p, k, h)))(kernel, prob, hyper)
     rtol = 2e-4 if dtype == jnp.float32 else 1e-10
     atol = rtol * float(jnp.abs(auto).max())
     np.testing.assert_allclose(ours, auto, rtol=rtol, atol=atol)
@@ -78,7 +78,7 @@ def test_loss_matches_numpy_forward():
     swish = z / (1 + np.exp(-2.0 * z))
     yhat = 1 / (1 + np.exp(-(swish.sum() - 0.1)))
     expected = -np.log(yhat) + 0.25 * np.sum(kernel**2)
-    np.testing.assert_allclose(jaxcfl.loss(prob, jnp.asarray(kernel, jnp.float32), hyper), expected, rtol=1e-5)
+    np.testing.assert_allclose(jaxcfl.pde.loss(prob, jnp.asarray(kernel, jnp.float32), hyper), expected, rtol=1e-5)
 
 
 def test_linear_models_are_the_linearisations_of_the_nonlinear_one():
@@ -89,8 +89,8 @@ def test_linear_models_are_the_linearisations_of_the_nonlinear_one():
         zero = jnp.zeros((5, 5))
         direction = jnp.asarray(np.random.default_rng(1).standard_normal((5, 5)), jnp.float64)
         # Compiled, one program per model (op by op, the first calls compile about a hundred small programs).
-        gradient = jax.jit(jaxcfl.gradient, static_argnums=3)
-        jvp = jax.jit(lambda h, m: jax.jvp(lambda k: jaxcfl.gradient(prob, k, h, m), (zero,), (direction,))[1],
+        gradient = jax.jit(jaxcfl.pde.gradient, static_argnums=3)
+        jvp = jax.jit(lambda h, m: jax.jvp(lambda k: jaxcfl.pde.gradient(prob, k, h, m), (zero,), (direction,))[1],
                       static_argnums=1)
         # eq 29: the Jacobian of the nonlinear gradient at K = 0 is the nonconstant model's.
         jac = lambda m: jvp(hyper, m)
@@ -113,8 +113,8 @@ def test_activated_regime_matches_the_nonlinear_gradient_for_large_positive_resp
         prob = jaxcfl.make_problem(img, 3)
         kernel = jnp.full((3, 3), 5.0)
         hyper = jaxcfl.make_hyper(1e-3, 0.0, beta=5.0, label=1.0)
-        g = jaxcfl.gradient(prob, kernel, hyper, "nonlinear")
-        yhat = jax.nn.sigmoid(jaxcfl.model.logit(prob, kernel, hyper))
+        g = jaxcfl.pde.gradient(prob, kernel, hyper, "nonlinear")
+        yhat = jax.nn.sigmoid(jaxcfl.pde._rhs.logit(prob, kernel, hyper))
         np.testing.assert_allclose(g, (yhat - 1.0) * prob.window_sum, rtol=1e-8)
 
 
@@ -124,7 +124,7 @@ def test_linear_gradient_closed_form_on_checkerboard():
     m = prob.output_shape[0]
     pattern = np.asarray(jaxcfl.checkerboard(4))
     kernel = np.random.default_rng(4).standard_normal((4, 4)).astype(np.float32)
-    got = np.asarray(jaxcfl.problem.normal_operator(prob, jnp.asarray(kernel)))
+    got = np.asarray(jaxcfl.pde._problem.normal_operator(prob, jnp.asarray(kernel)))
     np.testing.assert_allclose(got, m * m * np.sum(pattern * kernel) * pattern, rtol=1e-4, atol=1e-3)
 
 
@@ -151,7 +151,7 @@ def test_unknown_pool_and_model_are_rejected():
     with pytest.raises(ValueError, match="pool"):
         jaxcfl.make_problem(np.zeros((8, 8)), 2, pool="max")
     with pytest.raises(ValueError, match="model"):
-        jaxcfl.gradient_fn("quadratic")
+        jaxcfl.pde.gradient_fn("quadratic")
 
 
 @pytest.mark.parametrize(

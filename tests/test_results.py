@@ -1,4 +1,4 @@
-"""`jaxcfl._results`: the result folder, atomic files and the row cache shared by the experiments."""
+"""`jaxcfl._core.results`: the result folder, atomic files and the row cache shared by the experiments."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from jaxcfl import _results as r
-
-
+from jaxcfl._core import results as r
 def test_result_dir_creates_its_folder_and_writes_inside(tmp_path):
     out = r.ResultDir(tmp_path / "a" / "b")
     assert out.writes and out.path.is_dir()
@@ -78,7 +76,6 @@ def test_write_npz(tmp_path):
 def test_sweep_chunks_on_disk_names_the_sweeps_chunk_files(tmp_path):
     """The count fig4 reports must follow the file names :func:`jaxcfl.sweep` writes."""
     from jaxcfl import checkerboard, sweep
-
     out = tmp_path / "sweep"
     sweep(checkerboard(8), 4, np.array([1e-4, 2e-4, 3e-4]), np.array([1e6]), scheme="gd", steps=4, chunk_size=1,
           out=out, progress=False)

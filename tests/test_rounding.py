@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 
 import jaxcfl
-from jaxcfl.rounding import rounded_mul, scaled_update, true_divide
+from jaxcfl._core.rounding import rounded_mul, scaled_update, true_divide
 
 K_VALUES = [1.0, 3.0, 5.0, 7.0, 0.3, 2.0, 8.0]
 
@@ -111,8 +111,8 @@ def test_euler_step_is_exactly_the_reference_arithmetic(k, dtype):
     rng = np.random.default_rng(9)
     kern, g = rng.standard_normal((2, 32, 32)).astype(np_dtype)
     hyper = jaxcfl.make_hyper(0.013, 1.0, k=k, dtype=dtype)
-    step = jax.jit(lambda s, g, h: jaxcfl.euler_step(s, _fixed_grad(g), h))
-    new = step(jaxcfl.init(kern), g, hyper)
+    step = jax.jit(lambda s, g, h: jaxcfl.pde.euler_step(s, _fixed_grad(g), h))
+    new = step(jaxcfl.pde.init(kern), g, hyper)
     np.testing.assert_array_equal(np.asarray(new.kernel), kern - _np_update(np_dtype(0.013), g, k, np_dtype))
     assert int(new.iteration) == 1
 
@@ -124,8 +124,8 @@ def test_nesterov_step_is_exactly_the_reference_arithmetic(k, dtype):
     kern, prev, g = rng.standard_normal((3, 32, 32)).astype(np_dtype)
     dt, mu = np_dtype(0.07), np_dtype(0.9)
     hyper = jaxcfl.make_hyper(dt, 1.0, k=k, mu=mu, dtype=dtype)
-    state = jaxcfl.State(kernel=jnp.asarray(kern), previous=jnp.asarray(prev), iteration=jnp.zeros((), jnp.int32))
-    new = jax.jit(lambda s, g, h: jaxcfl.nesterov_step(s, _fixed_grad(g), h))(state, g, hyper)
+    state = jaxcfl.pde.State(kernel=jnp.asarray(kern), previous=jnp.asarray(prev), iteration=jnp.zeros((), jnp.int32))
+    new = jax.jit(lambda s, g, h: jaxcfl.pde.nesterov_step(s, _fixed_grad(g), h))(state, g, hyper)
     lookahead = kern + mu * (kern - prev)
     h = (np_dtype(1.0) + mu) * (dt * dt) * np_dtype(0.5)
     np.testing.assert_array_equal(np.asarray(new.kernel), lookahead - _np_update(h, g, k, np_dtype))

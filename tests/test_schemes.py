@@ -9,7 +9,7 @@ import pytest
 import jaxcfl
 import importlib
 
-integrate_mod = importlib.import_module("jaxcfl.integration")
+integrate_mod = importlib.import_module("jaxcfl.pde._integration")
 
 
 def _even_checkerboard_problem(dtype=jnp.float32):
@@ -68,7 +68,7 @@ def test_stable_linear_run_converges_to_the_numpy_fixed_point(scheme):
         ibar = windows.sum(axis=0)
         op = 0.5 * a * beta * ctc + alpha * np.eye(w * w)
         fixed = np.linalg.solve(op, -0.5 * a * ibar).reshape(w, w)
-        lo, hi = jaxcfl.theory.windowed_alpha_bounds(img, w, 1e-3, scheme=scheme, a=a, beta=beta)
+        lo, hi = jaxcfl.pde._theory.windowed_alpha_bounds(img, w, 1e-3, scheme=scheme, a=a, beta=beta)
         assert lo < alpha
         lr = 1e-3 if scheme == "gd" else 0.02
         hyper = jaxcfl.make_hyper(lr, alpha, a=a, beta=beta, dtype=jnp.float64)
@@ -166,7 +166,7 @@ def test_bad_integrator_arguments_are_rejected():
 
 
 def test_scheme_aliases():
-    from jaxcfl.schemes import canonical_scheme
+    from jaxcfl.pde._schemes import canonical_scheme
 
     assert canonical_scheme("euler") == canonical_scheme("forward_euler") == "gd"
     assert canonical_scheme("nesterov") == "nesterov"
@@ -185,8 +185,8 @@ def test_integrate_many_equals_vmap_of_integrate(map_batch):
 # --- the facts of a scheme or a model, never its name (issue 21) -----------------------------
 
 def test_scheme_and_model_tables():
-    from jaxcfl.model import MODELS, RIGHT_HAND_SIDES, get_model
-    from jaxcfl.schemes import SCHEMES, get_scheme
+    from jaxcfl.pde._rhs import MODELS, RIGHT_HAND_SIDES, get_model
+    from jaxcfl.pde._schemes import SCHEMES, get_scheme
 
     for name in SCHEMES:
         assert get_scheme(name).name == name
@@ -209,9 +209,9 @@ def _name_comparisons(path):
     import ast
 
     from jaxcfl.experiments.appendix_f import ARCHITECTURES
-    from jaxcfl.model import MODELS
-    from jaxcfl.nets import NETWORKS
-    from jaxcfl.schemes import _ALIASES, SCHEMES
+    from jaxcfl.pde._rhs import MODELS
+    from jaxcfl.nn.nets import NETWORKS
+    from jaxcfl.pde._schemes import _ALIASES, SCHEMES
 
     names = set(MODELS) | set(SCHEMES) | set(_ALIASES)
     networks = set(NETWORKS) | set(ARCHITECTURES)  # "model" also names a network in the training experiments
@@ -244,8 +244,8 @@ def _name_comparisons(path):
 
 def test_no_module_branches_on_a_scheme_or_model_name():
     """Issue 21: ``dt_bound(scheme="guarded_gd")`` gave Nesterov's bound because theory.py asked
-    ``scheme == "gd"``. A branch takes the fact from :class:`jaxcfl.schemes.Scheme` or
-    :class:`jaxcfl.model.Model` (looked up once from the name); names stay at the public boundary."""
+    ``scheme == "gd"``. A branch takes the fact from :class:`jaxcfl.pde._schemes.Scheme` or
+    :class:`jaxcfl.pde._rhs.Model` (looked up once from the name); names stay at the public boundary."""
     from pathlib import Path
 
     src = Path(jaxcfl.__file__).parent

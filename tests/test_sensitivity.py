@@ -14,8 +14,8 @@ from flax import nnx
 
 import jaxcfl
 from jaxcfl.cli import main
-from jaxcfl.limits import Adam
-from jaxcfl.protocol import SOURCES, copies_for, load_training, sensitivity
+from jaxcfl.nn._limits import Adam
+from jaxcfl.nn._protocol import SOURCES, copies_for, load_training, sensitivity
 
 
 class Net(nnx.Module):

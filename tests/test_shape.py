@@ -11,65 +11,158 @@ import numpy as np
 import pytest
 
 import jaxcfl
-from jaxcfl import operators as ops
-from jaxcfl.integration import SaveAt, solve
-from jaxcfl.schemes import init
-from jaxcfl.search import Bracket, edge_brackets, log_bisect, narrow
-from jaxcfl.sweeps import SweepSpec
+from jaxcfl.pde import _operators as ops
+from jaxcfl.pde._integration import SaveAt, solve
+from jaxcfl.pde._schemes import init
+from jaxcfl._core.search import Bracket, edge_brackets, log_bisect, narrow
+from jaxcfl.pde._sweeps import SweepSpec
 
 SRC = Path(jaxcfl.__file__).parent
 
-# The two halves of the library and the shared pieces beside them (README, "Layout").
-SHARED = {"rounding", "spectral", "search", "classify", "determinism", "statistics", "images", "_folder", "distributed",
-          "_validate", "_io", "_results", "_text", "_version", "_cli_types"}
-PDE = {"problem", "operators", "model", "schemes", "integration", "theory", "sweeps", "bounds", "heat"}
-NETWORK = {"perturb", "guard", "data", "nets", "lockstep", "train", "curvature", "protocol", "examples", "limits"}
-FRONT = {"cli", "experiments", "plot"}
+# The four groups are folders (docs/architecture.md): the shared core at the bottom, the two
+# halves on it, the front end on top. A module's group is the folder it sits in.
+CORE, PDE, NN = "_core", "pde", "nn"
+FRONT = {"cli", "plot", "experiments", "examples"}
+BELOW = {CORE: {CORE}, PDE: {CORE, PDE}, NN: {CORE, NN}}  # what each lower group may import
 
 
-def _jaxcfl_imports(path: Path) -> set[str]:
-    """The first-level jaxcfl modules that ``path`` imports, at module level or inside functions."""
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(SRC.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """The jaxcfl modules ``path`` imports, anywhere in it (inside functions too).
+
+    ``from jaxcfl.pde import _heat`` names the module ``jaxcfl.pde._heat``; ``from jaxcfl
+    import sweep`` names the package ``jaxcfl`` itself.
+    """
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "jaxcfl":
-            parts = node.module.split(".")
-            if len(parts) > 1:
-                found.add(parts[1])
-            else:  # from jaxcfl import x, y
-                found.update(alias.name for alias in node.names)
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if _exists(sub) else node.module)
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("jaxcfl."))
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "jaxcfl")
     return found
 
 
-def _module_files():
-    for path in sorted(SRC.rglob("*.py")):
-        rel = path.relative_to(SRC).with_suffix("")
-        top = rel.parts[0]
-        if top in ("__init__", "__main__", "datasets"):
-            continue
-        yield top, path
+def _exists(module: str) -> bool:
+    base = SRC.parent.joinpath(*module.split("."))
+    return base.with_suffix(".py").exists() or (base / "__init__.py").exists()
 
 
-def test_every_module_belongs_to_one_group():
-    tops = {top for top, _ in _module_files()}
-    assert tops <= SHARED | PDE | NETWORK | FRONT, tops - (SHARED | PDE | NETWORK | FRONT)
-    assert not (SHARED & PDE or SHARED & NETWORK or PDE & NETWORK)
+def _group(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "jaxcfl"
 
 
-@pytest.mark.parametrize("top,path", list(_module_files()), ids=lambda x: str(x) if isinstance(x, str) else "")
-def test_layers(top, path):
-    imported = _jaxcfl_imports(path) - {top}
-    if top in SHARED:
-        assert imported <= SHARED, f"shared module {path.name} imports {imported - SHARED}"
-    if top in PDE:
-        assert imported <= SHARED | PDE, f"PDE module {path.name} imports {imported - SHARED - PDE}"
-    if top in SHARED | PDE | NETWORK:
-        assert not imported & FRONT, f"{path.name} imports the front end {imported & FRONT}"
-    if top == "search":  # the generic search knows nothing of what it searches
-        assert imported <= {"_validate"}
-    if top == "curvature":  # max_stable_lr uses the search without the sweep engine
-        assert not imported & {"sweeps", "bounds"}
+MODULES = {_module_name(p): p for p in sorted(SRC.rglob("*.py"))}
+
+
+def test_every_module_sits_in_a_group_folder():
+    loose = {m for m in MODULES if _group(m) not in {CORE, PDE, NN, "jaxcfl", "_version"} | FRONT}
+    assert not loose, f"modules outside the group folders: {sorted(loose)}"
+    for group in (CORE, PDE, NN):
+        assert (SRC / group / "__init__.py").exists()
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_layers(module):
+    group = _group(module)
+    if group not in BELOW:
+        return
+    imported = _imports(MODULES[module])
+    groups = {_group(m) for m in imported} - {"_version"}
+    assert groups <= BELOW[group], f"{module} ({group}) imports {sorted(m for m in imported if _group(m) not in BELOW[group])}"
+    if module == "jaxcfl._core.search":  # the generic search knows nothing of what it searches
+        assert imported <= {"jaxcfl._core.validate"}
+
+
+def test_implementation_modules_are_private():
+    """Inside pde/, nn/ and nn/nets/ every module is private; the packages say what is public."""
+    for group in (PDE, NN, f"{NN}/nets"):
+        public = [p.name for p in (SRC / group).glob("*.py") if not p.name.startswith("_")]
+        assert not public, f"public implementation modules in {group}/: {public}"
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The cycles of ``graph`` (Tarjan's strongly connected components of size > 1, or self-loops)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1 or v in graph.get(v, ()):
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Imports between modules, package ``__init__`` files left out: they re-export, and a
+    module that imports a sibling does not import its package's public face."""
+    packages = {m for m, p in MODULES.items() if p.name == "__init__.py"}
+    return {m: _imports(p) - packages - {m} for m, p in MODULES.items() if m not in packages}
+
+
+def test_no_import_cycle():
+    assert _cycles(_module_graph()) == []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"a"}}) == [["a"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_public_api_is_curated():
+    """``dir`` of the package and of each public subpackage is its ``__all__``, and every name
+    in ``__all__`` resolves."""
+    import jaxcfl.nn
+    import jaxcfl.nn.nets
+    import jaxcfl.pde
+
+    for package in (jaxcfl, jaxcfl.pde, jaxcfl.nn, jaxcfl.nn.nets):
+        assert len(set(package.__all__)) == len(package.__all__), package.__name__
+        for name in package.__all__:
+            assert getattr(package, name) is not None, (package.__name__, name)
+    assert sorted(dir(jaxcfl)) == sorted(jaxcfl.__all__)
+    assert sorted(dir(jaxcfl.nn)) == sorted(jaxcfl.nn.__all__)
+    generic = {"init", "State", "loss", "gradient", "correlate", "with_dense_operator", "euler_step"}
+    assert not generic & set(jaxcfl.__all__)
+    assert generic <= set(jaxcfl.pde.__all__)
+
+
+def test_namespaces_export_what_they_define():
+    """Each namespace users reach (``jaxcfl.theory``, ``jaxcfl.statistics``, ...) has an
+    ``__all__`` of names it really holds."""
+    for name in ("theory", "heat", "statistics", "determinism", "distributed", "spectral", "perturb", "limits",
+                 "data", "train"):
+        module = getattr(jaxcfl, name)
+        assert module.__all__, name
+        for attr in module.__all__:
+            assert hasattr(module, attr), (name, attr)
 
 
 # --- operators as values ---------------------------------------------------------------
@@ -94,12 +187,12 @@ def test_backends_agree_and_report_what_runs(backends):
         for name, prob in probs.items():
             assert prob.operator == name == prob.backend.name
             assert prob.kernel_size == 5
-            np.testing.assert_allclose(jaxcfl.correlate(prob, kernel), jaxcfl.correlate(ref, kernel), rtol=1e-10, atol=1e-10)
-            np.testing.assert_allclose(jaxcfl.correlate_adjoint(prob, u), jaxcfl.correlate_adjoint(ref, u), rtol=1e-10, atol=1e-9)
-            np.testing.assert_allclose(jaxcfl.normal_operator(prob, kernel), jaxcfl.normal_operator(ref, kernel), rtol=1e-10, atol=1e-8)
+            np.testing.assert_allclose(jaxcfl.pde.correlate(prob, kernel), jaxcfl.pde.correlate(ref, kernel), rtol=1e-10, atol=1e-10)
+            np.testing.assert_allclose(jaxcfl.pde.correlate_adjoint(prob, u), jaxcfl.pde.correlate_adjoint(ref, u), rtol=1e-10, atol=1e-9)
+            np.testing.assert_allclose(jaxcfl.pde.normal_operator(prob, kernel), jaxcfl.pde.normal_operator(ref, kernel), rtol=1e-10, atol=1e-8)
         # <C K, u> = <K, C^T u>: the adjoint is the adjoint
-        lhs = float(jnp.sum(jaxcfl.correlate(ref, kernel) * u))
-        rhs = float(jnp.sum(kernel * jaxcfl.correlate_adjoint(ref, u)))
+        lhs = float(jnp.sum(jaxcfl.pde.correlate(ref, kernel) * u))
+        rhs = float(jnp.sum(kernel * jaxcfl.pde.correlate_adjoint(ref, u)))
         assert lhs == pytest.approx(rhs, rel=1e-12)
     assert probs["separable"].rank == 2 and probs["fft"].rank is None and probs["dense"].rank is None
 
@@ -121,7 +214,7 @@ def test_backends_are_pytrees_that_jit(backends):
             back = jax.tree_util.tree_unflatten(tree, leaves)
             assert back.operator == prob.operator
             k = jnp.ones((5, 5))
-            np.testing.assert_array_equal(jax.jit(jaxcfl.normal_operator)(prob, k), jaxcfl.normal_operator(prob, k))
+            np.testing.assert_array_equal(jax.jit(jaxcfl.pde.normal_operator)(prob, k), jaxcfl.pde.normal_operator(prob, k))
 
 
 def test_one_choice_for_make_problem_and_sweep():
@@ -235,5 +328,6 @@ def test_log_bisect_finds_each_transition_in_one_call_per_round():
 
 def test_lazy_modules_are_reachable_from_the_package():
     # The README calls jaxcfl.plot.stability_map(res) without importing jaxcfl.plot first.
-    for name in ("plot", "nets", "train"):
-        assert getattr(jaxcfl, name).__name__ == f"jaxcfl.{name}"
+    for name, module in (("plot", "jaxcfl.plot"), ("nets", "jaxcfl.nn.nets"), ("train", "jaxcfl.nn._preset"),
+                         ("nn", "jaxcfl.nn")):
+        assert getattr(jaxcfl, name).__name__ == module

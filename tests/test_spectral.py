@@ -1,4 +1,4 @@
-"""Lanczos (jaxcfl.spectral): what the residual bound covers, the rounding floor, and the work per
+"""Lanczos (jaxcfl._core.spectral): what the residual bound covers, the rounding floor, and the work per
 iteration (a restart only on breakdown, no copy of the basis). Accuracy against NumPy and the
 breakdown on low-rank operators are in tests/test_theory.py."""
 
@@ -12,8 +12,8 @@ from jax import lax
 from jax.extend.core import jaxprs_in_params
 from jax.tree_util import Partial
 
-from jaxcfl import spectral
-from jaxcfl.spectral import lanczos_extremes
+from jaxcfl._core import spectral as spectral
+from jaxcfl._core.spectral import lanczos_extremes
 
 
 def _operators(n: int) -> dict[str, np.ndarray]:

@@ -10,9 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from jaxcfl import statistics as stats
-
-
+from jaxcfl._core import statistics as stats
 def test_spread_is_the_mean_population_std():
     t = np.array([[1.0, 10.0], [3.0, 10.0], [5.0, 13.0]])  # rows k, columns seeds
     assert stats.spread(t, 0) == pytest.approx(np.mean([np.std([1, 3, 5]), np.std([10, 10, 13])]))

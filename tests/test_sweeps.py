@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 import jaxcfl
-from jaxcfl import sweeps as sweep_mod
-from jaxcfl import theory
-
+from jaxcfl.pde import _sweeps as sweep_mod
+from jaxcfl.pde import _theory as theory
 IMG = np.asarray(jaxcfl.checkerboard(32))
 W = 8
 LR = 1e-4  # windowed bounds for gd: alpha in (1e4, 2e4)

@@ -7,8 +7,8 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 import jaxcfl
-from jaxcfl import theory
-from jaxcfl.spectral import lanczos_extremes
+from jaxcfl.pde import _theory as theory
+from jaxcfl._core.spectral import lanczos_extremes
 
 CHECKER = np.asarray(jaxcfl.checkerboard(256), np.float64)
 
@@ -261,7 +261,7 @@ def test_dt_bound_of_the_guarded_scheme_is_forward_eulers():
 @pytest.mark.parametrize("scheme", ["gd", "nesterov", "guarded_gd"])
 @pytest.mark.parametrize("mu", [0.0, 0.9])
 def test_dt_limit_is_the_root_of_the_stability_limit(scheme, mu):
-    from jaxcfl.schemes import get_scheme
+    from jaxcfl.pde._schemes import get_scheme
 
     sch, lam = get_scheme(scheme), 3.7e4
     dt = sch.dt_limit(lam, mu)

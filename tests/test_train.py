@@ -9,8 +9,8 @@ import logging
 import numpy as np
 import pytest
 
-from jaxcfl import train as tr
-from jaxcfl.train import TrainConfig, train
+from jaxcfl.nn import _preset as tr
+from jaxcfl.nn._preset import TrainConfig, train
 
 SMALL = dict(model="cnn", epochs=2, batch_size=64, train_size=192, test_size=64, eval_batch_size=64)
 
@@ -78,8 +78,7 @@ def test_optimizer_lr_agrees_with_lr_at_every_step(epochs, milestones, lr, gamma
 
 def test_test_loss_and_predictions(lockstep):
     """Predictions of the last epoch reproduce its accuracy; the loss is a finite cross-entropy."""
-    from jaxcfl import data as datasets
-
+    from jaxcfl.nn import _data as datasets
     r = lockstep
     y_test = datasets.load("builtin")[3][: SMALL["test_size"]]
     assert r.test_predictions.shape == (4, SMALL["test_size"])
@@ -126,7 +125,7 @@ def test_seed_changes_batch_order_not_initialisation(alone):
     assert other.fingerprints != alone.fingerprints
     g1, s1 = tr.init_lockstep(TrainConfig(**SMALL), (1.0,), 1, 10)
     g2, s2 = tr.init_lockstep(TrainConfig(**SMALL), (1.0,), 1, 10)
-    from jaxcfl.determinism import fingerprint
+    from jaxcfl._core.determinism import fingerprint
 
     assert fingerprint(s1.params) == fingerprint(s2.params)
 
@@ -175,7 +174,7 @@ def _checkpoint_meta(out):
 
 
 def test_a_second_training_run_on_the_same_folder_is_refused(tmp_path):
-    from jaxcfl._folder import FolderInUse
+    from jaxcfl._core.folder import FolderInUse
 
     # Before its first epoch ends (it has written nothing yet), a run already holds its folder.
     seen = []
@@ -193,7 +192,7 @@ def test_a_second_training_run_on_the_same_folder_is_refused(tmp_path):
 
 def test_a_kill_between_checkpoint_writes_resumes_correctly(tmp_path, lockstep, monkeypatch):
     """The checkpoint is one unit: killed after the file and before its commit, the resume redoes that epoch."""
-    from jaxcfl._folder import ResultFolder
+    from jaxcfl._core.folder import ResultFolder
 
     ks = (1.0, 2.0, 4.0, 3.0)
     out = tmp_path / "run"
@@ -278,7 +277,7 @@ def guarded():
 def test_a_guarded_run_keeps_every_step_inside_the_limit(guarded):
     """The CFL guard in the trainer: every step's lr is at most the base lr and, where the guard
     acted, exactly safety * S / lambda. (Perturbed guarded copies: tests/test_guard.py.)"""
-    from jaxcfl.schemes import momentum_limit
+    from jaxcfl._core.stability import momentum_limit
 
     config = guarded.config
     lr, lam = guarded.guard_lr[:, 0], guarded.guard_lambda[:, 0]

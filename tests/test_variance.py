@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxcfl import cli
-from jaxcfl.determinism import ProcessCheck
+from jaxcfl._core.determinism import ProcessCheck
 
 TINY = ["--model", "cnn", "--train-size", "128", "--test-size", "64", "--batch-size", "64", "--epochs", "2"]
 
@@ -90,8 +90,7 @@ def test_variance_repeated_values_refused(tmp_path):
 @pytest.mark.slow  # 27 s of compiling; run_in_processes and the k = 2^n checks are default in test_determinism.py
 def test_determinism_cli(tmp_path, capsys, monkeypatch):
     """The in-process checks; the separate processes are replaced (tests/test_determinism.py runs real ones)."""
-    from jaxcfl import determinism
-
+    from jaxcfl._core import determinism as determinism
     calls = []
 
     def fake(target, n, *, kwargs, deterministic):
@@ -184,9 +183,9 @@ def _fake_runs(ks, seeds, traced):
      ((1.0, 3.0), (1, 2), False, {"seed_divergence"})],
 )
 def test_variance_summary_without_pairs(tmp_path, ks, seeds, traced, missing):
-    from jaxcfl._results import ResultDir
+    from jaxcfl._core.results import ResultDir
     from jaxcfl.experiments import variance
-    from jaxcfl.train import TrainConfig
+    from jaxcfl.nn._preset import TrainConfig
 
     results = _fake_runs(ks, seeds, traced)
     curves = variance.divergence_curves(ks, seeds, results)

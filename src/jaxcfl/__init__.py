@@ -1,59 +1,87 @@
-"""jaxcfl: numerical stability of deep-network training as the discretisation of a PDE."""
+"""jaxcfl: numerical stability of deep-network training as the discretisation of a PDE.
 
-from jaxcfl import data, heat, perturb, statistics, theory
-from jaxcfl.bounds import EmpiricalBounds, empirical_bounds
-from jaxcfl.search import log_bisect
-from jaxcfl.classify import Rule, classify
-from jaxcfl.curvature import (
+The package is four groups, one folder each (``docs/architecture.md``):
+
+* :mod:`jaxcfl.pde`: the one-layer CNN's gradient-descent PDE: problems, right-hand sides,
+  schemes, the integrator, sweeps, the CFL bounds and the theory;
+* :mod:`jaxcfl.nn`: any Flax model and optax optimiser in lockstep copies, the last-bit
+  perturbations, the CFL guard, the nondeterminism protocol, the paper's networks and data;
+* ``jaxcfl._core`` (private): what both halves share, re-exported here where users need it;
+* the front end: ``jaxcfl`` on the command line, :mod:`jaxcfl.experiments`, :mod:`jaxcfl.plot`.
+
+This module exports the entry points and the types users hold; the primitives live in
+:mod:`jaxcfl.pde` and :mod:`jaxcfl.nn`.
+"""
+
+import importlib
+
+from jaxcfl import pde
+from jaxcfl._core import determinism, distributed, spectral, statistics
+from jaxcfl._core.classify import Rule, classify
+from jaxcfl._core.curvature import (
     MaxStableLR,
     SharpnessTrajectory,
     hessian_eigenpairs,
-    integrate_sharpness,
     max_stable_lr,
     sharpness,
     sharpness_trajectory,
 )
-from jaxcfl.determinism import divergence, enable_deterministic_mode, fingerprint, run_in_processes
-from jaxcfl.guard import CFLGuardState, cfl_guard, guard_state, guarded_lr, refresh_due
-from jaxcfl.perturb import perturb_update, perturbed_sgd, ulp_perturb
-from jaxcfl.images import checkerboard, load_image
-from jaxcfl.integration import Diagnostics, SaveAt, Trajectory, diagnose, integrate, integrate_many
-from jaxcfl.model import MODELS, Setup, gradient, gradient_fn, loss
-from jaxcfl.operators import separable_factors, separable_pays
-from jaxcfl.problem import (
-    POOLS,
+from jaxcfl._core.determinism import divergence, enable_deterministic_mode, fingerprint, run_in_processes
+from jaxcfl._core.images import checkerboard, load_image
+from jaxcfl._core.rounding import scaled_update
+from jaxcfl._core.search import log_bisect
+from jaxcfl._core.spectral import Eigenpairs, lanczos_extremes, top_eigenpairs
+from jaxcfl._version import __version__
+from jaxcfl.nn import CFLGuardState, cfl_guard, data, guard_state, limits, perturb, perturb_update, perturbed_sgd
+from jaxcfl.nn import ulp_perturb
+from jaxcfl.pde import (
+    MODELS,
+    SCHEMES,
+    Diagnostics,
+    EmpiricalBounds,
+    GuardSchedule,
     Hyper,
     Problem,
-    correlate,
-    correlate_adjoint,
+    SaveAt,
+    Setup,
+    SweepResult,
+    SweepSpec,
+    Trajectory,
+    config_mesh,
+    diagnose,
+    empirical_bounds,
+    heat,
+    integrate,
+    integrate_many,
+    integrate_sharpness,
     make_hyper,
     make_problem,
-    normal_operator,
-    with_dense_operator,
-    with_separable_operator,
+    sweep,
+    theory,
 )
-from jaxcfl.rounding import scaled_update
-from jaxcfl.schemes import SCHEMES, GuardSchedule, State, euler_step, guarded_euler_step, init, nesterov_step
-from jaxcfl.spectral import Eigenpairs, lanczos_extremes, top_eigenpairs
-from jaxcfl.sweeps import SweepResult, SweepSpec, config_mesh, sweep
-from jaxcfl._version import __version__
 
-# The networks and the trainer need Flax, whose import costs most of a second; they load on
-# first use, so that the PDE core starts fast. ``jaxcfl.train`` is the module
-# (``jaxcfl.train.train(config, ks, ...)``).
-_LAZY = {"nets": ("jaxcfl.nets", None), "train": ("jaxcfl.train", None), "plot": ("jaxcfl.plot", None),
-         "TrainConfig": ("jaxcfl.train", "TrainConfig"), "TrainResult": ("jaxcfl.lockstep", "TrainResult"),
-         "lockstep": ("jaxcfl.lockstep", None), "Lockstep": ("jaxcfl.lockstep", "Lockstep"),
-         "Copies": ("jaxcfl.lockstep", "Copies"), "LockstepState": ("jaxcfl.lockstep", "LockstepState"),
-         "sensitivity": ("jaxcfl.protocol", "sensitivity"),
-         "SensitivityReport": ("jaxcfl.protocol", "SensitivityReport")}
+# The networks and the engine need Flax, whose import costs most of a second; they load on
+# first use, so that the PDE side starts fast. ``jaxcfl.train`` is the paper's preset
+# (``jaxcfl.train.train(TrainConfig(...), ks)``), the same namespace as ``jaxcfl.nn.preset``.
+_LAZY = {
+    "nn": ("jaxcfl.nn", None),
+    "nets": ("jaxcfl.nn.nets", None),
+    "train": ("jaxcfl.nn._preset", None),
+    "plot": ("jaxcfl.plot", None),
+    "experiments": ("jaxcfl.experiments", None),
+    "TrainConfig": ("jaxcfl.nn._preset", "TrainConfig"),
+    "TrainResult": ("jaxcfl.nn._lockstep", "TrainResult"),
+    "Lockstep": ("jaxcfl.nn._lockstep", "Lockstep"),
+    "Copies": ("jaxcfl.nn._lockstep", "Copies"),
+    "LockstepState": ("jaxcfl.nn._lockstep", "LockstepState"),
+    "sensitivity": ("jaxcfl.nn._protocol", "sensitivity"),
+    "SensitivityReport": ("jaxcfl.nn._protocol", "SensitivityReport"),
+}
 
 
 def __getattr__(name: str):
     if name not in _LAZY:
         raise AttributeError(f"module 'jaxcfl' has no attribute {name!r}")
-    import importlib
-
     module_name, attr = _LAZY[name]
     module = importlib.import_module(module_name)
     value = module if attr is None else getattr(module, attr)
@@ -61,88 +89,28 @@ def __getattr__(name: str):
     return value
 
 
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
-
 __all__ = [
-    "MODELS",
-    "POOLS",
-    "SCHEMES",
-    "CFLGuardState",
-    "Copies",
-    "Lockstep",
-    "LockstepState",
-    "SensitivityReport",
-    "Diagnostics",
-    "Eigenpairs",
-    "EmpiricalBounds",
-    "GuardSchedule",
-    "Rule",
-    "SaveAt",
-    "Setup",
-    "SweepResult",
-    "SweepSpec",
-    "Hyper",
-    "Problem",
-    "State",
-    "Trajectory",
-    "cfl_guard",
-    "checkerboard",
-    "load_image",
-    "classify",
-    "config_mesh",
-    "correlate",
-    "correlate_adjoint",
-    "diagnose",
-    "data",
-    "divergence",
-    "enable_deterministic_mode",
-    "empirical_bounds",
-    "euler_step",
-    "fingerprint",
-    "gradient",
-    "gradient_fn",
-    "guard_state",
-    "guarded_euler_step",
-    "guarded_lr",
-    "heat",
-    "hessian_eigenpairs",
-    "init",
-    "integrate",
-    "integrate_many",
-    "integrate_sharpness",
-    "MaxStableLR",
-    "max_stable_lr",
-    "lanczos_extremes",
-    "lockstep",
-    "log_bisect",
-    "loss",
-    "make_hyper",
-    "make_problem",
-    "nesterov_step",
-    "nets",
-    "normal_operator",
-    "perturb",
-    "perturb_update",
-    "plot",
-    "refresh_due",
-    "perturbed_sgd",
-    "run_in_processes",
-    "scaled_update",
-    "separable_factors",
-    "separable_pays",
-    "sensitivity",
-    "sharpness",
-    "SharpnessTrajectory",
-    "sharpness_trajectory",
-    "statistics",
-    "sweep",
-    "theory",
-    "top_eigenpairs",
-    "train",
-    "TrainConfig",
-    "TrainResult",
-    "ulp_perturb",
-    "with_dense_operator",
-    "with_separable_operator",
+    # the groups and namespaces
+    "pde", "nn", "theory", "heat", "statistics", "determinism", "distributed", "spectral", "perturb", "limits",
+    "data", "nets", "train", "plot", "experiments",
+    # the PDE side's entry points and the types users hold
+    "Problem", "Hyper", "Setup", "make_problem", "make_hyper", "MODELS", "SCHEMES", "GuardSchedule",
+    "integrate", "integrate_many", "SaveAt", "Trajectory", "Diagnostics", "diagnose",
+    "sweep", "SweepSpec", "SweepResult", "config_mesh", "empirical_bounds", "EmpiricalBounds",
+    "checkerboard", "load_image",
+    # curvature: sharpness, the largest stable lr
+    "sharpness", "hessian_eigenpairs", "sharpness_trajectory", "SharpnessTrajectory", "integrate_sharpness",
+    "max_stable_lr", "MaxStableLR",
+    # the network side
+    "Lockstep", "Copies", "LockstepState", "TrainResult", "TrainConfig", "sensitivity", "SensitivityReport",
+    "perturb_update", "perturbed_sgd", "ulp_perturb", "cfl_guard", "CFLGuardState", "guard_state",
+    # determinism
+    "enable_deterministic_mode", "fingerprint", "divergence", "run_in_processes",
+    # numerical tools
+    "scaled_update", "lanczos_extremes", "top_eigenpairs", "Eigenpairs", "log_bisect", "classify", "Rule",
+    "__version__",
 ]
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

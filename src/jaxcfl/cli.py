@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from jaxcfl._cli_types import IMAGE_HELP, read_image
-from jaxcfl._cli_types import positive_float as _positive_float
-from jaxcfl._cli_types import positive_int as _positive_int
-from jaxcfl._results import stderr as _progress
-from jaxcfl._text import table as table_text
+from jaxcfl.experiments._cli_types import IMAGE_HELP, read_image
+from jaxcfl.experiments._cli_types import positive_float as _positive_float
+from jaxcfl.experiments._cli_types import positive_int as _positive_int
+from jaxcfl._core.results import stderr as _progress
+from jaxcfl._core.text import table as table_text
 from jaxcfl._version import __version__
 from jaxcfl.experiments import COMMANDS, EXPERIMENTS
 
@@ -31,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _emit(payload: Any, as_json: bool, render) -> None:
     if as_json:  # strict JSON: NaN and infinities are null, and "non_finite" says where
-        from jaxcfl._results import strict_payload
+        from jaxcfl._core.results import strict_payload
 
         json.dump(strict_payload(payload), sys.stdout, indent=2, allow_nan=False)
         sys.stdout.write("\n")
@@ -46,9 +46,9 @@ THEORY_SCHEMES = {"gd": ("gd",), "nesterov": ("nesterov",), "both": ("nesterov",
 
 
 def cmd_theory(args: argparse.Namespace) -> int:
-    from jaxcfl import theory
-    from jaxcfl.model import get_model
-    from jaxcfl.schemes import get_scheme
+    from jaxcfl.pde import _theory as theory
+    from jaxcfl.pde._rhs import get_model
+    from jaxcfl.pde._schemes import get_scheme
 
     image = read_image(args.image, args.size)
     schemes = THEORY_SCHEMES[args.scheme]
@@ -107,8 +107,7 @@ def cmd_theory(args: argparse.Namespace) -> int:
 # --- jaxcfl heat --------------------------------------------------------------------------
 
 def cmd_heat(args: argparse.Namespace) -> int:
-    from jaxcfl import heat
-
+    from jaxcfl.pde import _heat as heat
     results = []
     for dt in args.dt:
         snaps = np.asarray(heat.snapshots(dt, tuple(args.times), max_steps=None if args.long else heat.MAX_STEPS))
@@ -193,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--x64", action="store_true", help="compute in float64 (jax_enable_x64)")
     parser.add_argument("--deterministic", action="store_true",
                         help="bit-reproducible mode: single-threaded Eigen on CPU, deterministic GPU ops, no autotuning, "
-                             "highest matmul precision (see jaxcfl.determinism); also JAXCFL_DETERMINISTIC=1")
+                             "highest matmul precision (see jaxcfl._core.determinism); also JAXCFL_DETERMINISTIC=1")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_LazyParser)
 
     th = sub.add_parser("theory", help="CFL bounds on alpha: paper formulas and exact windowed bounds",
@@ -242,14 +241,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     if args.deterministic or os.environ.get("JAXCFL_DETERMINISTIC") == "1":
-        from jaxcfl.determinism import enable_deterministic_mode
+        from jaxcfl._core.determinism import enable_deterministic_mode
 
         enable_deterministic_mode()
     if args.x64:
         import jax
 
         jax.config.update("jax_enable_x64", True)
-    from jaxcfl.distributed import initialize_from_env
+    from jaxcfl._core.distributed import initialize_from_env
 
     try:  # a multi-process run on jax.distributed, when the environment asks for one (docs/scaling.md)
         initialize_from_env()
@@ -257,8 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(err))
     if getattr(args, "momentum", 0.0) is not None and not 0.0 <= getattr(args, "momentum", 0.0) < 1.0:
         parser.error(f"--momentum must lie in [0, 1), got {args.momentum}")
-    from jaxcfl._folder import FolderInUse
-    from jaxcfl.data import DatasetNotFound
+    from jaxcfl._core.folder import FolderInUse
+    from jaxcfl.nn._data import DatasetNotFound
 
     try:
         return args.func(args)

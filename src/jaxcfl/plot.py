@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxcfl._io import atomic_open
-from jaxcfl.classify import STATUSES
+from jaxcfl._core.io import atomic_open
+from jaxcfl._core.classify import STATUSES
 
 STATUS_COLOURS = {"stable": "#4c9f70", "restrained": "#e0a030", "divergent": "#c8423a"}
 
@@ -43,10 +43,10 @@ def cell_edges(values: np.ndarray) -> np.ndarray:
 
 def theory_curves(result, lr: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{"paper": (alpha_min(lr), alpha_max(lr)), "windowed": (...)}`` for a sweep's problem."""
-    from jaxcfl import theory
-    from jaxcfl.model import get_model
+    from jaxcfl.pde import _theory as theory
+    from jaxcfl.pde._rhs import get_model
 
-    spec = result.spec  # a jaxcfl.sweeps.SweepSpec
+    spec = result.spec  # a jaxcfl.pde._sweeps.SweepSpec
     if result.image is None:
         raise ValueError("result carries no image; theory curves need the sweep's image")
     curves = {}
@@ -98,7 +98,7 @@ def stability_map(result, *, ax=None, theory: bool = True, title: str | None = N
     ax.set_ylim(cell_edges(result.alpha)[0], cell_edges(result.alpha)[-1])
     ax.set_xlabel("learning rate (dt)")
     ax.set_ylabel("weight decay alpha")
-    spec = result.spec  # a jaxcfl.sweeps.SweepSpec
+    spec = result.spec  # a jaxcfl.pde._sweeps.SweepSpec
     ax.set_title(title or f"{spec.setup.scheme}, {spec.setup.model} model, kernel {spec.kernel_size}, {spec.steps} steps")
     ax.legend(handles=handles, fontsize=7, loc="best")
     fig.tight_layout()

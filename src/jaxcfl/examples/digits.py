@@ -3,7 +3,7 @@
 Copy this file to start a spec of your own: ``jaxcfl sensitivity my_file.py:training`` calls
 ``training()`` and measures what it returns. The keys are ``model``, ``optimizer``, ``data`` and
 optionally ``test``, ``loss``, ``metric``, ``augment``, ``batch_size`` and ``stability``
-(:class:`jaxcfl.protocol.Training`).
+(:class:`jaxcfl.nn._protocol.Training`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxcfl import data as datasets
-
-
+from jaxcfl.nn import _data as datasets
 class DigitsNet(nnx.Module):
     """28x28x1 digits -> 10 logits: flatten, Linear 256, BatchNorm, ReLU, Dropout 0.2, Linear 10."""
 
@@ -52,8 +50,8 @@ def random_shift(x: jax.Array, key: jax.Array, most: int = 2) -> jax.Array:
 
 def training() -> dict:
     """The NNX network with BatchNorm and Dropout, ``optax.adamw(1e-3, weight_decay=1e-4)``, batch 64;
-    its preconditioned sharpness is held against Adam's threshold ``38 / lr`` (:class:`jaxcfl.limits.Adam`)."""
-    from jaxcfl.limits import Adam
+    its preconditioned sharpness is held against Adam's threshold ``38 / lr`` (:class:`jaxcfl.nn._limits.Adam`)."""
+    from jaxcfl.nn._limits import Adam
 
     train, test = digits()
     return dict(model=lambda key: DigitsNet(nnx.Rngs(params=key, dropout=jax.random.fold_in(key, 1))),

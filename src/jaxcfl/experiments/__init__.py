@@ -8,7 +8,7 @@ stays argument parsing only:
 * ``main(args) -> dict``: run it from parsed arguments, return a JSON-able payload;
 * ``render(payload) -> str``: the human-readable table.
 
-Their files go through :mod:`jaxcfl._results` (the result folder, atomic CSV / JSON,
+Their files go through :mod:`jaxcfl._core.results` (the result folder, atomic CSV / JSON,
 the row cache, the clock and the progress log).
 
 This module is the registry, and imports none of them: :data:`EXPERIMENTS` maps each

@@ -10,7 +10,7 @@ stable learning rate divided by ``2 / alpha`` against ``alpha``: the ratio tends
 to 1 as ``alpha`` grows.
 
 Set-up here: full-batch gradient descent on ``cross-entropy + alpha/2 ||p||^2``
-over a fixed subset of the built-in digits (:func:`jaxcfl.data.load`, the first
+over a fixed subset of the built-in digits (:func:`jaxcfl.nn._data.load`, the first
 ``train_size`` training images, normalised), from one seeded initialisation,
 for three architectures:
 
@@ -21,8 +21,8 @@ for three architectures:
   (``lax.scan``, as :func:`jaxcfl.sharpness.max_stable_lr` runs the steps) than
   outside one (jax-ml/jax#12868), and turns a vmap over weights into grouped
   convolutions; matmuls have neither problem. (The slices are cheap at this size;
-  ``jaxcfl.nets``' own ``"cnn"`` keeps ``lax.conv`` and BatchNorm.)
-* ``resnet20``: :func:`jaxcfl.nets.create` (``in_channels=1``), BatchNorm in
+  ``jaxcfl.nn.nets``' own ``"cnn"`` keeps ``lax.conv`` and BatchNorm.)
+* ``resnet20``: :func:`jaxcfl.nn.nets.create` (``in_channels=1``), BatchNorm in
   training mode on the fixed batch (the running statistics are an input only).
   It is slow on a CPU for the reason above, hence its tiny default batch.
 
@@ -48,12 +48,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from jaxcfl import _validate as v
-from jaxcfl import data, nets, plot, theory
-from jaxcfl._results import ResultDir, Stopwatch, stderr
-from jaxcfl._text import table
-from jaxcfl.curvature import BELOW_RANGE, FOUND, max_stable_lr, sharpness
-from jaxcfl.train import cross_entropy, network_loss
+from jaxcfl._core import validate as v
+from jaxcfl import plot
+from jaxcfl.nn import _data as data
+from jaxcfl.nn import nets as nets
+from jaxcfl.pde import _theory as theory
+from jaxcfl._core.results import ResultDir, Stopwatch, stderr
+from jaxcfl._core.text import table
+from jaxcfl._core.curvature import BELOW_RANGE, FOUND, max_stable_lr, sharpness
+from jaxcfl.nn._preset import cross_entropy, network_loss
 
 ARCHITECTURES = ("mlp", "cnn", "resnet20")
 """The networks whose largest stable lr is measured (not :data:`jaxcfl.MODELS`, the PDE's right-hand sides)."""
@@ -337,7 +340,7 @@ def render(rows: list[dict[str, Any]]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jaxcfl._cli_types import positive_float, positive_int
+    from jaxcfl.experiments._cli_types import positive_float, positive_int
 
     defaults = ", ".join(f"{m} {n}/{s}" for m, (n, s) in DEFAULT_WORKLOAD.items())
     parser.add_argument("--models", nargs="+", choices=ARCHITECTURES, default=list(ARCHITECTURES),

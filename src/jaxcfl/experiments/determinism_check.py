@@ -5,7 +5,7 @@ command reports:
 
 * whether the same lockstep run, repeated in separate processes, ends with the
   same bytes: once with the deterministic mode on and once with it off
-  (:mod:`jaxcfl.determinism`), to show what the mode buys on this machine;
+  (:mod:`jaxcfl._core.determinism`), to show what the mode buys on this machine;
 * whether ``k`` and ``k 2^n`` give bit-identical weights (Table 2), both as copies
   of one lockstep run and as separate runs;
 * that odd ``k`` differ from ``k = 1``;
@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxcfl._results import ResultDir, stderr
-from jaxcfl._text import table
+from jaxcfl._core.results import ResultDir, stderr
+from jaxcfl._core.text import table
 
 POWERS = (1.0, 2.0, 4.0)
 ODD = (3.0, 5.0)
@@ -36,7 +36,7 @@ ODD = (3.0, 5.0)
 def _config(model: str, epochs: int, train_size: int | None, batch_size: int):
     """The paper's optimiser with lr 0.1 divided by 10 for the last epoch (a short run that learns:
     about 95% test accuracy after the default 3 epochs)."""
-    from jaxcfl.train import TrainConfig
+    from jaxcfl.nn._preset import TrainConfig
 
     return TrainConfig(model=model, epochs=epochs, train_size=train_size, batch_size=batch_size,
                        milestones=(epochs - 1,) if epochs > 1 else ())
@@ -45,9 +45,9 @@ def _config(model: str, epochs: int, train_size: int | None, batch_size: int):
 def lockstep_weights(model: str, epochs: int, train_size: int | None, batch_size: int, seed: int) -> Any:
     """Train the copies ``POWERS + ODD`` in lockstep; return their final weights and statistics.
 
-    Module level, so that :func:`jaxcfl.determinism.run_in_processes` can run it in a new process.
+    Module level, so that :func:`jaxcfl._core.determinism.run_in_processes` can run it in a new process.
     """
-    from jaxcfl.train import train
+    from jaxcfl.nn._preset import train
 
     res = train(_config(model, epochs, train_size, batch_size), POWERS + ODD, seed=seed, progress=False)
     return res.state.params, res.state.batch_stats
@@ -65,8 +65,8 @@ def run(
     log=stderr,
 ) -> dict[str, Any]:
     """Run every check; returns the JSON payload."""
-    from jaxcfl.determinism import deterministic_mode_enabled, run_in_processes
-    from jaxcfl.train import train
+    from jaxcfl._core.determinism import deterministic_mode_enabled, run_in_processes
+    from jaxcfl.nn._preset import train
 
     results = ResultDir(out, kind="determinism")
     args = dict(model=model, epochs=epochs, train_size=train_size, batch_size=batch_size, seed=seed)
@@ -151,8 +151,8 @@ def render(payload: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jaxcfl._cli_types import positive_int
-    from jaxcfl.nets import NETWORKS
+    from jaxcfl.experiments._cli_types import positive_int
+    from jaxcfl.nn.nets import NETWORKS
 
     parser.add_argument("--model", choices=NETWORKS, default="cnn", help="network (default: the small cnn)")
     parser.add_argument("--epochs", type=positive_int, default=3,

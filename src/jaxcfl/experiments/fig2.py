@@ -12,7 +12,7 @@ lr, the less the perturbation is amplified per unit of scaled iteration, and at
 lr = 3.125e-6 (n = 32000) it is not amplified at all (the CFL condition holds;
 appendix, Section 4.2).
 
-Each n is one :func:`jaxcfl.train.train` run with ``ks = (1, k)`` for ``n * E``
+Each n is one :func:`jaxcfl.nn._preset.train` run with ``ks = (1, k)`` for ``n * E``
 epochs, written to ``OUT/n{n}`` (checkpoint after every epoch, a snapshot of
 copy 0 once per scaled epoch): a rerun resumes, and finished runs are not
 trained again. Beside the curves it reports each run's growth rate per scaled
@@ -42,14 +42,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcfl import _validate as v
-from jaxcfl import data as datasets
-from jaxcfl import statistics as st
-from jaxcfl.statistics import BEYOND_ACCUMULATION, SATURATION
+from jaxcfl._core import validate as v
+from jaxcfl.nn import _data as datasets
+from jaxcfl._core import statistics as st
+from jaxcfl._core.statistics import BEYOND_ACCUMULATION, SATURATION
 from jaxcfl import plot
-from jaxcfl._results import ResultDir, Stopwatch, read_json, stderr, write_json, write_npz
-from jaxcfl._text import table
-from jaxcfl.train import TrainConfig, TrainResult, init_lockstep, probe_mask, train
+from jaxcfl._core.results import ResultDir, Stopwatch, read_json, stderr, write_json, write_npz
+from jaxcfl._core.text import table
+from jaxcfl.nn._preset import TrainConfig, TrainResult, init_lockstep, probe_mask, train
 
 PAPER_N = (2, 4, 8, 16, 32, 320, 3200, 32000)
 DEFAULT_N = (1, 4, 16, 64, 256)
@@ -102,7 +102,7 @@ def run(
       epochs_per_n: E, the epochs of run n = 1 (the paper's 1).
       k: perturbation factor of the second copy (k = 1 is the first).
       model, dataset, data_root, train_size, test_size, batch_size: what is trained
-        on what (:class:`jaxcfl.train.TrainConfig`).
+        on what (:class:`jaxcfl.nn._preset.TrainConfig`).
       activation, beta: ``"swish"`` with beta 5 in the paper.
       weight_decay: 5e-4 in the paper. The optimiser is plain SGD (no momentum), constant lr.
       augment: random crop (pad 4), with flips for CIFAR-10 and Fashion-MNIST.
@@ -111,7 +111,7 @@ def run(
       seed, init_seed: batch order and augmentation; the shared initialisation.
       window: moving average of each curve over ``window`` scaled iterations
         (``window * n`` iterations of run n); 0: none.
-      copies_mode: how the trainer runs the two copies (:func:`jaxcfl.train.resolve_copies_mode`).
+      copies_mode: how the trainer runs the two copies (:func:`jaxcfl.nn._preset.resolve_copies_mode`).
       with_sharpness: measure the sharpness along every run (:func:`sharpness_along`, needs
         ``out``) and :func:`initial_max_stable_lr`, to compare with the threshold lr.
       out: directory: ``n{n}/`` per run (the trainer's checkpoints and metrics),
@@ -235,7 +235,7 @@ def divergence_at(curve: np.ndarray, n: int, scaled_epochs: int) -> dict[str, fl
 
 
 def amplification(curve: np.ndarray, n: int) -> dict[str, Any]:
-    """:func:`jaxcfl.statistics.amplification` of run n's divergence ``curve``, its slope per scaled
+    """:func:`jaxcfl._core.statistics.amplification` of run n's divergence ``curve``, its slope per scaled
     iteration (``iteration / n``); with :data:`SATURATION` and :data:`BEYOND_ACCUMULATION` it lives there."""
     return st.amplification(curve, scale=n)
 
@@ -267,14 +267,14 @@ def sharpness_along(results: dict[int, TrainResult], out: Path | None, *, batch:
     """Sharpness of the training loss (plus weight decay) at the initialisation and every scaled epoch of each run.
 
     The loss is the cross-entropy on the first ``batch`` training images, BatchNorm in
-    training mode (:func:`jaxcfl.train.network_loss`), plus ``weight_decay / 2 ||p||^2``;
+    training mode (:func:`jaxcfl.nn._preset.network_loss`), plus ``weight_decay / 2 ||p||^2``;
     its top Hessian eigenvalue comes from :func:`jaxcfl.sharpness` (Lanczos, ``iterations``
     steps). The weights are copy 0's snapshots (:func:`save_snapshot`, written by
     :func:`run` once per scaled epoch), so this needs ``out``; values are cached in
     ``OUT/n{n}/sharpness.json``.
     """
-    from jaxcfl.curvature import sharpness
-    from jaxcfl.train import load_data, network_loss
+    from jaxcfl._core.curvature import sharpness
+    from jaxcfl.nn._preset import load_data, network_loss
 
     if out is None or not results:
         return {}
@@ -316,8 +316,8 @@ def initial_max_stable_lr(config: TrainConfig, *, batch: int = 64, steps: int = 
     included, ``steps`` steps per candidate lr (stable: every loss finite and the final
     objective not above the initial one).
     """
-    from jaxcfl.curvature import max_stable_lr
-    from jaxcfl.train import load_data, network_loss
+    from jaxcfl._core.curvature import max_stable_lr
+    from jaxcfl.nn._preset import load_data, network_loss
 
     x_train, y_train, _, _, meta = load_data(config)
     x = jnp.asarray(datasets.normalize(x_train[:batch], meta.mean, meta.std))
@@ -473,9 +473,9 @@ def render(payload: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jaxcfl import nets
-    from jaxcfl._cli_types import nonnegative_float, positive_float, positive_int
-    from jaxcfl.train import COPIES_MODES
+    from jaxcfl.nn import nets as nets
+    from jaxcfl.experiments._cli_types import nonnegative_float, positive_float, positive_int
+    from jaxcfl.nn._preset import COPIES_MODES
 
     parser.add_argument("--n", type=positive_int, nargs="+", default=list(DEFAULT_N),
                         help="lr = base-lr / n, trained n * epochs-per-n epochs (default "
@@ -488,7 +488,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=nets.NETWORKS, default="cnn", help="network (default cnn; the paper's: resnet56)")
     parser.add_argument("--dataset", choices=tuple(datasets.DATASETS), default="builtin",
                         help="dataset (default builtin; the paper's: cifar10)")
-    parser.add_argument("--data-root", default=None, help="folder of the dataset's files (see jaxcfl.data.load)")
+    parser.add_argument("--data-root", default=None, help="folder of the dataset's files (see jaxcfl.nn._data.load)")
     parser.add_argument("--train-size", type=positive_int, default=None,
                         help="first N training images (default: all)")
     parser.add_argument("--test-size", type=positive_int, default=None, help="first N test images (default all)")

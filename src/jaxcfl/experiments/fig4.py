@@ -6,7 +6,7 @@ pooling, weight decay alpha = 20, 1000 iterations of full-batch gradient descent
 for each lr in {0.01, 0.03, 0.05, 0.07, 0.09, 0.1, 0.11, 0.13}.
 
 * Left: the loss against iteration (log-log), each run coloured by its class
-  (stable, restrained or divergent: :mod:`jaxcfl.classify`).
+  (stable, restrained or divergent: :mod:`jaxcfl._core.classify`).
 * Right: the same runs with k = 1 against k = 3; the divergence
   ``2 mean(|w1 - w2| / (|w1| + |w2|))`` of the two kernels against iteration, as a
   moving average of window 100 (log y).
@@ -26,11 +26,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxcfl import plot, theory
-from jaxcfl._results import ResultDir, stderr, sweep_chunks_on_disk
-from jaxcfl._text import table
-from jaxcfl.images import checkerboard
-from jaxcfl.sweeps import SweepResult, sweep
+from jaxcfl import plot
+
+from jaxcfl.pde import _theory as theory
+from jaxcfl._core.results import ResultDir, stderr, sweep_chunks_on_disk
+from jaxcfl._core.text import table
+from jaxcfl._core.images import checkerboard
+from jaxcfl.pde._sweeps import SweepResult, sweep
 
 PAPER_LR = (0.01, 0.03, 0.05, 0.07, 0.09, 0.1, 0.11, 0.13)
 PAPER_ALPHA = 20.0
@@ -183,7 +185,7 @@ def render(payload: dict[str, Any]) -> str:
         f"classes: {', '.join(f'{n} {c}' for c, n in payload['counts'].items())}.  "
         f"Bound of eq 51 (large alpha): lr < 2/alpha = {payload['lr_bound']:g}.",
         "div = 2 mean(|w1-w2|/(|w1|+|w2|)) between the k = 1 and k copies; MA = moving average of "
-        f"{s['window']} iterations. Rule: jaxcfl.classify.Rule{tuple(payload['rule'].values())}.",
+        f"{s['window']} iterations. Rule: jaxcfl._core.classify.Rule{tuple(payload['rule'].values())}.",
     ]
     if payload.get("files"):
         lines.append("files: " + ", ".join(payload["files"].values()))
@@ -193,7 +195,7 @@ def render(payload: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jaxcfl._cli_types import positive_float, positive_int
+    from jaxcfl.experiments._cli_types import positive_float, positive_int
 
     parser.add_argument("--lr", type=positive_float, nargs="+", default=list(PAPER_LR),
                         help="learning rates (default: the paper's 0.01 0.03 0.05 0.07 0.09 0.1 0.11 0.13)")

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxcfl._results import ResultDir, stderr
+from jaxcfl._core.results import ResultDir, stderr
 from jaxcfl.experiments import user_image as ui
 from jaxcfl.experiments.table5 import bounds_row, bounds_table
 
@@ -72,8 +72,10 @@ def _rows(results: ResultDir, image: np.ndarray, image_info: dict[str, Any], lrs
     """:func:`run`'s rows in the open ``results``, reusing the finished ones."""
     import jax
 
-    from jaxcfl import empirical_bounds, theory
-    from jaxcfl.model import get_model
+    from jaxcfl import empirical_bounds
+
+    from jaxcfl.pde import _theory as theory
+    from jaxcfl.pde._rhs import get_model
 
     cache = results.row_cache(lambda s: f"{s['scheme']}_w{s['kernel_size']}_lr{s['lr']!r}")
     scheme, model, momentum = setup["scheme"], setup["model"], setup["momentum"]
@@ -139,13 +141,13 @@ def render(payload: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jaxcfl._cli_types import (
+    from jaxcfl.experiments._cli_types import (
         int_at_least,
         positive_float,
         positive_grid,
         positive_range,
     )
-    from jaxcfl.classify import MIN_STEPS
+    from jaxcfl._core.classify import MIN_STEPS
 
     ui.add_problem_arguments(parser, kernel_sizes=True)
     search = parser.add_argument_group("the learning rates and the search")
@@ -160,7 +162,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    from jaxcfl._cli_types import merge_grid
+    from jaxcfl.experiments._cli_types import merge_grid
 
     image, info = ui.image_of(args)
     return run(image, merge_grid(args.lr), kernel_sizes=tuple(args.kernel_size), steps=args.steps, rtol=args.rtol,

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxcfl._results import ResultDir, stderr, sweep_chunks_on_disk
-from jaxcfl._text import table
+from jaxcfl._core.results import ResultDir, stderr, sweep_chunks_on_disk
+from jaxcfl._core.text import table
 from jaxcfl.experiments import user_image as ui
 
 MAP_LETTERS = {"stable": "S", "restrained": "R", "divergent": "D"}
@@ -81,7 +81,7 @@ def _run(results: ResultDir, image: np.ndarray, image_info: dict[str, Any], lr: 
     """:func:`run` in the open ``results``: the sweep, the theory, the payload and the files."""
     import jax
 
-    from jaxcfl.sweeps import sweep
+    from jaxcfl.pde._sweeps import sweep
 
     sweep_dir = results.file("sweep") if results.writes else None
     n_chunks = -(-(lr.size * alpha.size) // chunk_size)
@@ -114,7 +114,6 @@ def _run(results: ResultDir, image: np.ndarray, image_info: dict[str, Any], lr: 
         figure = _figure(result, payload["theory"] is not None, notes, title)
         if figure is not None:
             from jaxcfl import plot
-
             files["png"] = plot.save(figure, results.file("stability_map.png"))
         files["csv"] = results.write_csv("sweep.csv", payload["runs"])
         files["sweep"] = str(sweep_dir)
@@ -124,7 +123,7 @@ def _run(results: ResultDir, image: np.ndarray, image_info: dict[str, Any], lr: 
 def _theory(result, notes: list[str]) -> dict[str, Any] | None:
     """The windowed (and paper's) bounds at each ``lr`` of the grid, and how many runs they call right."""
     from jaxcfl import plot
-    from jaxcfl.model import get_model
+    from jaxcfl.pde._rhs import get_model
 
     try:
         curves = plot.theory_curves(result, result.lr)
@@ -152,7 +151,6 @@ def describe_short(spec) -> str:
 def _figure(result, theory: bool, notes: list[str], title: str):
     """The stability map (:func:`jaxcfl.plot.stability_map`) of the runs with ``alpha > 0`` (a log axis)."""
     from jaxcfl import plot
-
     keep = result.alpha > 0
     if not keep.any():
         notes.append("no stability map: every alpha is 0, and the map's alpha axis is logarithmic")
@@ -215,7 +213,7 @@ def render(payload: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jaxcfl._cli_types import (
+    from jaxcfl.experiments._cli_types import (
         int_at_least,
         nonnegative_grid,
         positive_float,
@@ -248,9 +246,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    from jaxcfl._cli_types import merge_grid
+    from jaxcfl.experiments._cli_types import merge_grid
 
-    from jaxcfl.schemes import GuardSchedule, get_scheme
+    from jaxcfl.pde._schemes import GuardSchedule, get_scheme
 
     image, info = ui.image_of(args)
     guard = {}

@@ -35,10 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from jaxcfl._results import ResultDir, stderr
-from jaxcfl._text import table
+from jaxcfl._core.results import ResultDir, stderr
+from jaxcfl._core.text import table
 from jaxcfl.experiments import variance
-from jaxcfl.guard import DEFAULTS as GUARD_DEFAULTS
+from jaxcfl.nn._guard import DEFAULTS as GUARD_DEFAULTS
 
 ARMS = ("baseline", "guarded", "constant")
 """The arms, in the order they run (``constant`` needs the guarded arm's sharpness)."""
@@ -46,11 +46,11 @@ LEVEL = 1e-2
 """The divergence level whose first crossing is compared."""
 DEFAULT_OUT = "jaxcfl-open-question"
 DEFAULT_GUARD = GUARD_DEFAULTS._asdict()
-"""The guard's defaults (:data:`jaxcfl.guard.DEFAULTS`, 24% overhead: ``docs/cfl_guard.md``)."""
+"""The guard's defaults (:data:`jaxcfl.nn._guard.DEFAULTS`, 24% overhead: ``docs/cfl_guard.md``)."""
 
 _CONSTANT_METHOD = ("minimum over all steps, seeds and copies of the guarded arm of min(lr, safety * S(mu) / "
                     "lambda_max), lambda_max being the guard's sharpness estimate in force at that step and S(mu) "
-                    "the scheme's stability limit (jaxcfl.schemes.momentum_limit): the largest constant lr that "
+                    "the scheme's stability limit (jaxcfl.pde._schemes.momentum_limit): the largest constant lr that "
                     "every guarded step allowed. It equals the minimum of the guarded arm's effective lr with the "
                     "lr schedule's decay left out (that minimum itself, min_effective_lr, is at most the last, "
                     "decayed lr of the schedule).")
@@ -87,7 +87,7 @@ def run(
 
     Args:
       model, dataset, data_root, activation, beta, epochs, lr, batch_size, weight_decay, train_size, test_size:
-        the training set-up of every arm (:class:`jaxcfl.train.TrainConfig`; the ``constant``
+        the training set-up of every arm (:class:`jaxcfl.nn._preset.TrainConfig`; the ``constant``
         arm replaces ``lr`` and has no decay).
       ks, seeds: the k x seed grid of each arm (at least two of each; the first two k are the
         pair whose divergence is followed).
@@ -101,7 +101,7 @@ def run(
       statistics above and every run), ``comparisons`` (guarded and constant against the
       baseline, with verdicts), ``answer`` (plain words), ``files`` and ``seconds``.
     """
-    from jaxcfl.train import TrainConfig
+    from jaxcfl.nn._preset import TrainConfig
 
     ks, seeds = _check(ks, seeds, safety=safety, every=every, iterations=iterations,
                        first_iterations=first_iterations, resamples=resamples, trace_params=trace_params,
@@ -182,7 +182,7 @@ def _arm(name, common, options, results: ResultDir, cache, *, ks, seeds, copies_
          resamples, progress, log) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """One arm: its summary and curves from ``OUT/arms`` when it finished before, else from
     :func:`jaxcfl.experiments.variance.run` in ``OUT/<name>`` (which resumes its own checkpoints)."""
-    from jaxcfl.train import TrainConfig
+    from jaxcfl.nn._preset import TrainConfig
 
     train_options = {**common, **options}
     config = TrainConfig(**train_options)
@@ -572,9 +572,9 @@ def render(payload: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jaxcfl._cli_types import nonnegative_float, nonnegative_int, positive_float, positive_int
-    from jaxcfl.data import DATASETS
-    from jaxcfl.nets import NETWORKS
+    from jaxcfl.experiments._cli_types import nonnegative_float, nonnegative_int, positive_float, positive_int
+    from jaxcfl.nn._data import DATASETS
+    from jaxcfl.nn.nets import NETWORKS
 
     parser.add_argument("--model", choices=NETWORKS, default=variance.DEFAULTS["model"],
                         help="network (default cnn, that of jaxcfl variance)")

@@ -4,7 +4,7 @@ The nonlinear one-layer CNN of Figure 4 (256 x 256 checkerboard, 32 x 32 kernel 
 N(0, 1), Swish beta = 1, label 1, mean pooling, 1000 full-batch iterations, k = 1 against
 k = 3), stepped by forward Euler (``gd``, eq 21) and by the guarded scheme ``guarded_gd``:
 the same step with ``dt_n = min(lr, safety 2 / lambda_n)``, ``lambda_n`` the top eigenvalue
-of the Jacobian of the gradient at the current kernel (:func:`jaxcfl.schemes.guarded_euler_step`).
+of the Jacobian of the gradient at the current kernel (:func:`jaxcfl.pde._schemes.guarded_euler_step`).
 
 Two parts, each one :func:`jaxcfl.sweep` per scheme (resumable under ``OUT``):
 
@@ -29,17 +29,20 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxcfl import plot, theory
-from jaxcfl._results import ResultDir, stderr
-from jaxcfl._text import table
-from jaxcfl.classify import Rule
+from jaxcfl import plot
+
+from jaxcfl.pde import _theory as theory
+from jaxcfl._core.results import ResultDir, stderr
+from jaxcfl._core.text import table
+from jaxcfl._core.classify import Rule
 from jaxcfl.experiments.fig4 import PAPER_ALPHA, PAPER_LR, WINDOW, curves_of
-from jaxcfl.images import checkerboard
-from jaxcfl.integration import integrate
-from jaxcfl.model import loss
-from jaxcfl.problem import make_hyper, make_problem
-from jaxcfl.schemes import GuardSchedule, get_scheme
-from jaxcfl.sweeps import SweepResult, sweep
+from jaxcfl._core.images import checkerboard
+from jaxcfl.pde._integration import integrate
+from jaxcfl.pde._rhs import loss
+from jaxcfl.pde._problem import make_hyper
+from jaxcfl.pde._setup import make_problem
+from jaxcfl.pde._schemes import GuardSchedule, get_scheme
+from jaxcfl.pde._sweeps import SweepResult, sweep
 
 SCHEMES = ("gd", "guarded_gd")
 MAP_LR = tuple(float(x) for x in np.geomspace(0.005, 0.4, 14))
@@ -73,7 +76,7 @@ def run(
       lr, alpha: Figure 4's learning rates and weight decay (default: the paper's).
       map_lr, map_alpha: the axes of the stability map (``map_lr=()`` skips the map).
       size, kernel_size, steps, k, seed: as ``jaxcfl reproduce fig4``.
-      safety, guard: the guard's margin and :class:`~jaxcfl.schemes.GuardSchedule`.
+      safety, guard: the guard's margin and :class:`~jaxcfl.pde._schemes.GuardSchedule`.
       chunk_size: configurations per compiled call and per saved chunk.
       out: output directory (``pde_guard.png``, ``.csv``, ``.json``, ``pde_guard_curves.npz``
         and the four resumable sweeps); ``None`` writes nothing.
@@ -188,7 +191,7 @@ its last two kernels are examined (:func:`_cycle_spectra`)."""
 def _cycle_spectra(image: np.ndarray, kernel_size: int, lr: float, alpha: float, *, steps: int, safety: float,
                    guard: GuardSchedule, seed: int) -> dict[str, Any]:
     """Rerun one guarded configuration and give the extreme eigenvalues of the Jacobian of the
-    gradient at its last two kernels (:func:`jaxcfl.theory.local_spectrum`): a run that cycles
+    gradient at its last two kernels (:func:`jaxcfl.pde._theory.local_spectrum`): a run that cycles
     with ``dt lambda_max < 2`` at both ends passes through negative curvature, a mode that grows
     for every step size."""
     problem = make_problem(image, kernel_size, pool="mean", model="nonlinear")
@@ -331,7 +334,7 @@ def render(payload: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jaxcfl._cli_types import positive_float, positive_int
+    from jaxcfl.experiments._cli_types import positive_float, positive_int
 
     parser.add_argument("--lr", type=positive_float, nargs="+", default=list(PAPER_LR),
                         help="Figure 4's learning rates (default: the paper's eight)")

@@ -2,7 +2,7 @@
 
 SPEC is ``PATH.py:FUNCTION`` or ``module:FUNCTION``; ``FUNCTION()`` returns a dict with the keys
 ``model``, ``optimizer``, ``data`` and ``test`` (optionally ``loss``, ``metric``, ``augment``,
-``batch_size``, and ``stability``: the optimiser's threshold from ``jaxcfl.limits``), or a
+``batch_size``, and ``stability``: the optimiser's threshold from ``jaxcfl.nn._limits``), or a
 dataclass with those fields (see ``jaxcfl/examples/digits.py``). Without
 SPEC the built-in example runs: an NNX network with BatchNorm and Dropout trained with AdamW on
 the built-in digits.
@@ -22,14 +22,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from jaxcfl._results import stderr
+from jaxcfl._core.results import stderr
 
 DEFAULT_SPEC = "jaxcfl.examples.digits:training"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jaxcfl._cli_types import positive_int
-    from jaxcfl.protocol import SOURCES
+    from jaxcfl.experiments._cli_types import positive_int
+    from jaxcfl.nn._protocol import SOURCES
 
     parser.add_argument("spec", nargs="?", default=DEFAULT_SPEC,
                         help=f"PATH.py:FUNCTION or module:FUNCTION returning the training (default {DEFAULT_SPEC})")
@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    from jaxcfl.protocol import load_training, sensitivity
+    from jaxcfl.nn._protocol import load_training, sensitivity
 
     if args.runs < 2:
         raise ValueError(f"--runs must be >= 2 to compare runs, got {args.runs}")
@@ -75,7 +75,7 @@ def _test(training, spec: str):
 
 
 def render(payload: dict[str, Any]) -> str:
-    from jaxcfl._text import table
+    from jaxcfl._core.text import table
 
     rows = []
     for name, r in payload["sources"].items():

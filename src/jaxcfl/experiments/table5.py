@@ -8,7 +8,7 @@ bisection) and printed next to the exact windowed theory and the paper's
 non-windowed formulas. Finished rows are written as they complete and reused
 when the command is run again with the same settings.
 
-Started as N processes (:mod:`jaxcfl.distributed`), every bisection and the stability
+Started as N processes (:mod:`jaxcfl._core.distributed`), every bisection and the stability
 map run over the devices of all processes; process 0 writes the rows, tables and figure.
 """
 
@@ -20,10 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from jaxcfl import distributed, empirical_bounds, theory
-from jaxcfl._results import ResultDir, jsonable, stderr
-from jaxcfl._text import table
-from jaxcfl.images import checkerboard
+from jaxcfl import empirical_bounds
+
+from jaxcfl._core import distributed as distributed
+
+from jaxcfl.pde import _theory as theory
+from jaxcfl._core.results import ResultDir, jsonable, stderr
+from jaxcfl._core.text import table
+from jaxcfl._core.images import checkerboard
 
 # Table 5's empirical (alpha_min, alpha_max) by kernel size, for the one (scheme, checkerboard size) the paper ran.
 PAPER_EMPIRICAL = {("nesterov", 256): {16: (3.9e6, 1.42e8), 32: (1.3e7, 1.42e8), 64: (3.9e7, 1.42e8)}}
@@ -89,7 +93,7 @@ def run(
 
 def _stability_map(image, out: ResultDir, steps: int, momentum: float, operator: str, progress, log) -> str:
     from jaxcfl import plot
-    from jaxcfl.sweeps import sweep
+    from jaxcfl.pde._sweeps import sweep
 
     log("[table5] stability map: nesterov, kernel 16, 6 x 16 (lr, alpha) grid ...")
     result = sweep(image, 16, np.geomspace(3e-5, 3e-4, 6), np.geomspace(1e6, 1e9, 16), scheme="nesterov",
@@ -104,7 +108,7 @@ def bounds_row(settings: dict[str, Any], found, windowed, paper, paper_empirical
                ) -> dict[str, Any]:
     """One row of the bounds table (JSON-able): ``settings``, then each bound as found by running the scheme
     (``found``, a :class:`jaxcfl.EmpiricalBounds`), from the exact windowed theory (``windowed``) and from the
-    paper's formulas (``paper``, ``None`` where they do not apply), both :class:`jaxcfl.theory.AlphaBounds`,
+    paper's formulas (``paper``, ``None`` where they do not apply), both :class:`jaxcfl.pde._theory.AlphaBounds`,
     with the paper's own empirical values where known and the relative gaps to the windowed theory."""
     row = dict(
         settings,
@@ -153,7 +157,7 @@ def render(payload: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jaxcfl._cli_types import positive_float, positive_int
+    from jaxcfl.experiments._cli_types import positive_float, positive_int
 
     parser.add_argument("--kernel-size", type=positive_int, nargs="+", default=[16, 32, 64],
                         help="kernel sizes (default 16 32 64)")

@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from jaxcfl._cli_types import (
+from jaxcfl.experiments._cli_types import (
     GRID_SYNTAX,
     check_kernel_sizes,
     positive_int,
     read_image,
 )
-from jaxcfl._results import ResultDir
+from jaxcfl._core.results import ResultDir
 
 IMAGE_NOTES = f"""\
 --image: 'checkerboard' (the paper's, --size x --size, values +-1), a 2-D .npy array
@@ -40,12 +40,12 @@ SETUP_DEFAULTS: dict[str, Any] = {"scheme": "gd", "model": "linear", "pool": "su
 
 def add_problem_arguments(parser: argparse.ArgumentParser, *, kernel_sizes: bool = False) -> None:
     """The image and the model: ``--image``, ``--size``, ``--kernel-size`` (several if ``kernel_sizes``),
-    ``--scheme`` (the choices of :data:`jaxcfl.schemes.SCHEMES`), ``--model``, ``--pool``, ``--momentum``,
+    ``--scheme`` (the choices of :data:`jaxcfl.pde._schemes.SCHEMES`), ``--model``, ``--pool``, ``--momentum``,
     ``--a``, ``--beta``, ``--label``, ``--bias``, ``--operator`` and ``--seed``, in two groups."""
-    from jaxcfl.model import MODELS
-    from jaxcfl.operators import OPERATORS
-    from jaxcfl.problem import POOLS
-    from jaxcfl.schemes import SCHEMES
+    from jaxcfl.pde._rhs import MODELS
+    from jaxcfl.pde._operators import OPERATORS
+    from jaxcfl.pde._problem import POOLS
+    from jaxcfl.pde._schemes import SCHEMES
 
     image = parser.add_argument_group("image and kernel")
     image.add_argument("--image", default="checkerboard", help="the input image (default: checkerboard; see below)")
@@ -90,7 +90,7 @@ def image_of(args: argparse.Namespace) -> tuple[np.ndarray, dict[str, Any]]:
 def image_info(image: np.ndarray, source: str = "array") -> dict[str, Any]:
     """What the payloads say of an image: ``source``, ``shape``, ``min``, ``max``, ``mean``, ``fingerprint``
     (:func:`jaxcfl.fingerprint` of its float64 values)."""
-    from jaxcfl.determinism import fingerprint
+    from jaxcfl._core.determinism import fingerprint
 
     image = np.asarray(image, np.float64)
     return {"source": source, "shape": list(image.shape), "min": float(image.min()), "max": float(image.max()),
@@ -99,10 +99,10 @@ def image_info(image: np.ndarray, source: str = "array") -> dict[str, Any]:
 
 def in_result_dir(out: str | os.PathLike | None, kind: str, name: str,
                   body: Callable[[ResultDir], tuple[dict[str, Any], dict[str, str]]]) -> dict[str, Any]:
-    """``body(results)`` in the :class:`~jaxcfl._results.ResultDir` ``out`` of ``kind``, then its payload
+    """``body(results)`` in the :class:`~jaxcfl._core.results.ResultDir` ``out`` of ``kind``, then its payload
     finished as the JSON ``name``. The folder is released if ``body`` raises; a folder that holds other
     results is a ``ValueError`` naming ``--out``."""
-    from jaxcfl._folder import FolderMismatch
+    from jaxcfl._core.folder import FolderMismatch
 
     try:
         results = ResultDir(out, kind=kind)
@@ -131,8 +131,8 @@ def progress_of(args: argparse.Namespace) -> bool | None:
 
 def describe(image: dict[str, Any], settings: dict[str, Any]) -> str:
     """One line: the image and the set-up, for the text output."""
-    from jaxcfl.model import get_model
-    from jaxcfl.schemes import get_scheme
+    from jaxcfl.pde._rhs import get_model
+    from jaxcfl.pde._schemes import get_scheme
 
     h, w = image["shape"]
     s = settings

@@ -3,9 +3,9 @@ the spread from the batch order.
 
 For every seed (the batch order and augmentation), the perturbed copies
 ``k = 1, 3, 5, ...`` train in lockstep from one initialisation on the same
-batches (:func:`jaxcfl.train.train`). A run's final accuracy is its mean test
+batches (:func:`jaxcfl.nn._preset.train`). A run's final accuracy is its mean test
 accuracy over the last 5% of the epochs (the paper's 10 of 200;
-:func:`jaxcfl.train.final_epochs`). The table holds one row per ``k`` and one
+:func:`jaxcfl.nn._preset.final_epochs`). The table holds one row per ``k`` and one
 column per seed; "std over k" is the population standard deviation down each
 column (the perturbation's effect at a fixed batch order), "std over seeds"
 along each row (the batch order's effect at a fixed perturbation). The paper
@@ -13,7 +13,7 @@ finds the two of the same size: a last-bit change of the update is amplified as
 much as a different batch order. Accuracies are in percent.
 
 Beside the table the command reports what a small test set can carry
-(:mod:`jaxcfl.statistics`): both stds with bootstrap 95% intervals, for the
+(:mod:`jaxcfl._core.statistics`): both stds with bootstrap 95% intervals, for the
 accuracy and for the final test loss; the churn (fraction of test images whose
 predicted class differs) between pairs of k and pairs of seeds; and how fast the
 perturbation grows: the divergence of all weights between the first two copies
@@ -30,7 +30,7 @@ epochs), k in {1, 3, ..., 11} crossed with seeds 1..5.
 Each seed's run checkpoints under ``OUT/seed<seed>`` after every epoch; a killed
 command resumes where it stopped.
 
-Started as N processes (:mod:`jaxcfl.distributed`), the seeds are dealt round-robin
+Started as N processes (:mod:`jaxcfl._core.distributed`), the seeds are dealt round-robin
 (process ``p`` trains ``seeds[p::N]``, each in its own ``OUT/seed<seed>``); the finished
 runs are gathered on every process and process 0 writes the table and the figures.
 """
@@ -45,10 +45,10 @@ from typing import Any
 
 import numpy as np
 
-from jaxcfl import distributed
-from jaxcfl import statistics as st
-from jaxcfl._results import ResultDir, stderr
-from jaxcfl._text import table
+from jaxcfl._core import distributed as distributed
+from jaxcfl._core import statistics as st
+from jaxcfl._core.results import ResultDir, stderr
+from jaxcfl._core.text import table
 
 DEFAULT_KS = (1.0, 3.0, 5.0, 7.0, 9.0, 11.0)
 DEFAULT_SEEDS = (1, 2, 3, 4, 5)
@@ -79,20 +79,20 @@ def run(
     """Run the k x seed grid; returns the JSON payload.
 
     Args:
-      model, dataset, data_root, epochs: see :class:`jaxcfl.train.TrainConfig`.
+      model, dataset, data_root, epochs: see :class:`jaxcfl.nn._preset.TrainConfig`.
       ks: perturbation factors (one lockstep copy each). The first two are the
         pair whose divergence is followed step by step.
       seeds: batch-order seeds (one lockstep run each).
       out: output directory (``None``: keep nothing on disk).
       progress: tqdm bars.
-      copies_mode: see :func:`jaxcfl.train.resolve_copies_mode`.
+      copies_mode: see :func:`jaxcfl.nn._preset.resolve_copies_mode`.
       last_epochs: epochs averaged into the final accuracy and loss (``None``:
-        :func:`jaxcfl.train.final_epochs`, 5% of them).
+        :func:`jaxcfl.nn._preset.final_epochs`, 5% of them).
       trace_params: weights of the first copy recorded after every step, to follow
         the divergence between seeds (0: not followed).
       resamples: bootstrap resamples of each interval.
       log: progress messages (stderr by default).
-      **train_options: other :class:`~jaxcfl.train.TrainConfig` fields (``lr``,
+      **train_options: other :class:`~jaxcfl.nn._preset.TrainConfig` fields (``lr``,
         ``batch_size``, ``activation``, ``beta``, ``train_size``, ...).
 
     Returns:
@@ -103,7 +103,7 @@ def run(
       ``answer``, ``fingerprints``, ``files`` and ``seconds``; with ``guard=True`` also ``guard``
       (:func:`guard_summary`), and the file ``guard.npz`` (:func:`guard_curves`).
     """
-    from jaxcfl.train import TrainConfig, train
+    from jaxcfl.nn._preset import TrainConfig, train
 
     if not ks or not seeds:
         raise ValueError("ks and seeds must each hold at least one value")
@@ -146,9 +146,9 @@ def _gather_runs(seeds, results: dict[int, Any]) -> dict[int, Any]:
 
 def summarise(config, ks, seeds, results, curves: dict[str, np.ndarray], *, last_epochs: int | None = None,
               resamples: int = 2000) -> dict[str, Any]:
-    """The JSON payload of finished runs (``results[seed]``: a :class:`~jaxcfl.train.TrainResult` of all ``ks``;
+    """The JSON payload of finished runs (``results[seed]``: a :class:`~jaxcfl.nn._preset.TrainResult` of all ``ks``;
     ``curves``: their :func:`divergence_curves`)."""
-    from jaxcfl.train import final_epochs
+    from jaxcfl.nn._preset import final_epochs
 
     accuracy = 100.0 * np.stack([results[s].final_accuracy(last_epochs) for s in seeds], axis=1)  # (k, seed)
     loss = np.stack([results[s].final_loss(last_epochs) for s in seeds], axis=1)
@@ -208,8 +208,8 @@ def guard_curves(seeds, results) -> dict[str, np.ndarray]:
 def guard_limit_lr(config, guard_lambda: np.ndarray) -> np.ndarray:
     """``min(lr, safety S(mu) / lambda_max)`` at every entry of ``guard_lambda``: the largest lr the
     guard allows at each step, at the *base* lr (the schedule's decay left out); ``lr`` where
-    ``lambda_max`` is not a finite positive number (as :func:`jaxcfl.guard.guarded_lr`)."""
-    from jaxcfl.schemes import momentum_limit
+    ``lambda_max`` is not a finite positive number (as :func:`jaxcfl.nn._guard.guarded_lr`)."""
+    from jaxcfl._core.stability import momentum_limit
 
     lam = np.asarray(guard_lambda, np.float64)
     known = np.isfinite(lam) & (lam > 0)
@@ -225,8 +225,8 @@ def guard_summary(config, seeds, results) -> dict[str, Any]:
     guarded step allowed; ``clipped_fraction``: the share of step-copies whose lr the guard
     lowered below the schedule's; ``max_lambda``: the largest sharpness estimate.
     """
-    from jaxcfl.schemes import momentum_limit
-    from jaxcfl.train import step_decay
+    from jaxcfl._core.stability import momentum_limit
+    from jaxcfl.nn._preset import step_decay
 
     lr = np.stack([results[s].guard_lr for s in seeds])  # (seeds, steps, copies)
     lam = np.stack([results[s].guard_lambda for s in seeds])
@@ -478,9 +478,9 @@ def render(payload: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jaxcfl._cli_types import nonnegative_float, nonnegative_int, positive_float, positive_int
-    from jaxcfl.data import DATASETS
-    from jaxcfl.nets import NETWORKS
+    from jaxcfl.experiments._cli_types import nonnegative_float, nonnegative_int, positive_float, positive_int
+    from jaxcfl.nn._data import DATASETS
+    from jaxcfl.nn.nets import NETWORKS
 
     parser.add_argument("--model", choices=NETWORKS, default=DEFAULTS["model"],
                         help="network (default cnn: three conv-BN-ReLU blocks; the paper: resnet56)")

@@ -1,0 +1,135 @@
+"""Shared building blocks of the CIFAR networks: activations, conv/BN/linear
+factories with the PyTorch-equivalent defaults, and a stateless max-pool.
+
+Conventions (shared by :mod:`jaxcfl.nn.nets._resnet` and :mod:`jaxcfl.nn.nets._vgg`):
+
+* NHWC tensors, as everywhere in JAX.
+* Conv kernels: Kaiming-normal, ``fan_out`` mode, gain sqrt(2) (torchvision's
+  ``kaiming_normal_(mode="fan_out", nonlinearity="relu")``); no conv bias, since
+  every conv is followed by BatchNorm, which has its own shift.
+* BatchNorm: scale 1, bias 0, ``momentum=0.9`` and ``epsilon=1e-5`` (flax's
+  ``momentum`` is the weight of the *old* running average, so 0.9 equals
+  PyTorch's default ``momentum=0.1``). The running variance is the biased batch
+  variance (PyTorch stores the unbiased one; the difference is a factor n/(n-1)).
+* Linear: PyTorch's default weight init, uniform on ``[-1/sqrt(fan_in),
+  1/sqrt(fan_in)]``; bias zero.
+
+References:
+  He, Zhang, Ren & Sun, "Delving deep into rectifiers", ICCV 2015 (Kaiming init).
+  Ioffe & Szegedy, "Batch normalization", ICML 2015.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxcfl._core.validate import check_choice, check_int, check_positive
+
+__all__ = ["ACTIVATIONS", "BN_MOMENTUM", "BN_EPSILON", "check_common", "as_rngs", "check_input", "Activation",
+    "MaxPool", "conv", "batch_norm", "linear"]
+
+ACTIVATIONS = ("relu", "swish")
+
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+linear_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def check_common(num_classes: int, in_channels: int, activation: str, beta: float) -> tuple[int, int, str, float]:
+    """Validate the constructor arguments every network shares."""
+    num_classes = check_int("num_classes", num_classes, minimum=1)
+    in_channels = check_int("in_channels", in_channels, minimum=1)
+    activation = check_choice("activation", activation, ACTIVATIONS)
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise TypeError(f"beta must be a real number, got {type(beta).__name__} {beta!r}")
+    check_positive("beta", beta)
+    return num_classes, in_channels, activation, float(beta)
+
+
+def as_rngs(rngs: nnx.Rngs | int | None) -> nnx.Rngs:
+    """``None`` -> ``nnx.Rngs(0)``; an int seed -> ``nnx.Rngs(seed)``; an ``nnx.Rngs`` as is."""
+    if rngs is None:
+        return nnx.Rngs(0)
+    if isinstance(rngs, nnx.Rngs):
+        return rngs
+    if isinstance(rngs, (int, jax.Array)) and not isinstance(rngs, bool):
+        return nnx.Rngs(rngs)
+    raise TypeError(f"rngs must be an nnx.Rngs, an int seed or None, got {type(rngs).__name__}")
+
+
+def check_input(x: Any, in_channels: int) -> jax.Array:
+    """``x`` must be an NHWC batch with ``in_channels`` channels."""
+    x = jnp.asarray(x)
+    if x.ndim != 4 or x.shape[-1] != in_channels:
+        raise ValueError(f"x must be an NHWC batch of shape (N, H, W, {in_channels}), got shape {x.shape}")
+    return x
+
+
+class Activation(nnx.Module):
+    """ReLU, or Swish(x) = x * sigmoid(beta * x) (Ramachandran et al. 2017).
+
+    Stateless: ``kind`` and ``beta`` are static Python values (part of the
+    ``GraphDef``), so ``beta`` is a fixed hyperparameter, not a trainable one.
+    """
+
+    def __init__(self, kind: str = "relu", beta: float = 1.0):
+        self.kind = check_choice("activation", kind, ACTIVATIONS)
+        self.beta = float(check_positive("beta", beta))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.kind == "relu":
+            return jax.nn.relu(x)
+        return x * jax.nn.sigmoid(self.beta * x)
+
+
+class MaxPool(nnx.Module):
+    """2x2 max-pool, stride 2, ``"SAME"`` padding (PyTorch ``ceil_mode=True``).
+
+    The output side is ``ceil(n / 2)``; padded positions are ignored (they hold
+    ``-inf``), so on even sizes this equals the usual ``"VALID"`` pool, and odd
+    sizes (7 -> 4 on 28x28 inputs) still shrink to 1x1 instead of to 0.
+    """
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="SAME")
+
+
+def conv(in_ch: int, out_ch: int, kernel: int, stride: int, *, rngs: nnx.Rngs) -> nnx.Conv:
+    """Bias-free conv with PyTorch-style symmetric padding ``kernel // 2``."""
+    return nnx.Conv(
+        in_ch,
+        out_ch,
+        kernel_size=(kernel, kernel),
+        strides=(stride, stride),
+        padding=kernel // 2,
+        use_bias=False,
+        kernel_init=conv_init,
+        rngs=rngs,
+    )
+
+
+def batch_norm(features: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    """BatchNorm in training mode (``use_running_average=False``), momentum 0.9, eps 1e-5."""
+    return nnx.BatchNorm(
+        features,
+        use_running_average=False,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        rngs=rngs,
+    )
+
+
+def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(
+        in_features,
+        out_features,
+        kernel_init=linear_init,
+        bias_init=nnx.initializers.zeros_init(),
+        rngs=rngs,
+    )
