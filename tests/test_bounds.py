@@ -57,6 +57,7 @@ def test_misleading_screening_falls_back_to_full_runs():
     assert res.alpha_max == pytest.approx(hi, rel=2e-3)
 
 
+@pytest.mark.slow
 def test_empirical_bounds_for_the_nonlinear_model_and_unresolved_ends():
     img = np.random.default_rng(0).standard_normal((24, 24))
     # Full-length runs from the start (screen_steps = steps): one compiled program instead of two. The
@@ -76,3 +77,36 @@ def test_empirical_bounds_bad_input():
         jaxcfl.empirical_bounds(img, 4, 0.0)
     with pytest.raises(ValueError, match="scheme"):
         jaxcfl.empirical_bounds(img, 4, 1e-4, scheme="adam")
+
+
+def test_empirical_bounds_runs_a_guarded_scheme_with_its_safety_and_guard(monkeypatch):
+    """The set-up that reaches the runs is the one given: keywords or ``setup=``, with the guarded
+    scheme's ``safety`` and ``guard`` (once dropped, so that every guarded run had the defaults)."""
+    from jaxcfl.pde import _bounds
+
+    seen = []
+    real = _bounds.run_configs
+
+    def spy(*args, setup, **kw):
+        seen.append((setup, np.asarray(args[2].safety)))
+        return real(*args, setup=setup, **kw)
+
+    monkeypatch.setattr(_bounds, "run_configs", spy)
+    img = np.asarray(jaxcfl.checkerboard(16))
+    schedule = jaxcfl.GuardSchedule(every=3, warmup=2)
+    kw = dict(steps=20, alpha_range=(1.0, 1e3), initial_points=4, candidates=1, rtol=0.5, screen_steps=20, theory=False)
+    by_keywords = jaxcfl.empirical_bounds(img, 4, 1e-2, scheme="guarded_gd", safety=0.5, guard=schedule, **kw)
+    setup = seen[-1][0]
+    assert setup.scheme.guarded and setup.safety == 0.5 and setup.guard == schedule and setup.controller.schedule == schedule
+    assert np.all(seen[-1][1] == np.float32(0.5))  # the traced margin of every run
+    seen.clear()
+    by_setup = jaxcfl.empirical_bounds(img, 4, 1e-2, setup=setup, **kw)
+    assert all(s is setup for s, _ in seen)
+    np.testing.assert_array_equal([by_setup.alpha_min, by_setup.alpha_max], [by_keywords.alpha_min, by_keywords.alpha_max])
+    assert by_setup.scheme == "guarded_gd"
+    with pytest.raises(TypeError, match="safety"):
+        jaxcfl.empirical_bounds(img, 4, 1e-2, setup=setup, safety=0.9, **kw)
+    with pytest.raises(ValueError, match="safety"):
+        jaxcfl.empirical_bounds(img, 4, 1e-2, scheme="guarded_gd", safety=1.5, **kw)
+    with pytest.raises(TypeError, match="guard"):
+        jaxcfl.empirical_bounds(img, 4, 1e-2, scheme="guarded_gd", guard=10, **kw)

@@ -250,3 +250,36 @@ def test_the_map_at_a_small_size(tmp_path):
     assert m["counts"]["gd"]["stable"] < 6
     assert len(m["local_limit"]["lr"]) == 2 and all(x > 0 for x in m["local_limit"]["lr"])
     chex.assert_trees_all_equal(sum(m["transitions"].values()), 6)
+
+
+# --- the guard as a step-size controller --------------------------------------------------------
+
+def test_guarded_gd_is_forward_euler_under_the_cfl_controller(nonlinear):
+    """``guarded_gd`` is the value ``gd`` with :class:`CFLController`: given to ``solve`` as a
+    controller, forward Euler under the guard is the guarded scheme bit for bit."""
+    from jaxcfl.pde import CFLController, ConstantStep, get_scheme
+
+    gd, guarded = get_scheme("gd"), get_scheme("guarded_gd")
+    assert guarded.step is gd.step and guarded.limit is gd.limit and isinstance(guarded.controller, CFLController)
+    assert isinstance(gd.controller, ConstantStep) and not gd.guarded and guarded.guarded
+    problem, kernel, hyper = nonlinear
+    # the run of test_k_2n_stays_bit_identical_under_the_guard (compiled once), by name and by controller
+    by_name = jaxcfl.integrate(problem, kernel, hyper, scheme="guarded_gd", model="nonlinear", steps=60, record_every=20,
+                               compare_k=4.0)
+    by_controller = integration._integrate(problem, jaxcfl.pde.init(kernel), hyper, jnp.float32(4.0), scheme=gd,
+                                           model=jaxcfl.pde.get_model("nonlinear"), steps=60, record_every=20,
+                                           compare=True, controller=CFLController())
+    chex.assert_trees_all_equal(by_name, by_controller)
+    assert float(by_name.diagnostics.step_size[-1]) < float(hyper.lr)  # the guard acted
+    schedule = GuardSchedule(every=4, warmup=3)
+    # A guarded set-up's controller carries its schedule.
+    setup = jaxcfl.Setup(scheme="guarded_gd", guard=schedule)
+    assert setup.controller == CFLController(schedule) and jaxcfl.Setup().controller == ConstantStep()
+
+
+@pytest.mark.parametrize("bad", ["cfl", GuardSchedule(), object()])
+def test_a_controller_that_is_not_one_is_a_type_error(bad, nonlinear):
+    problem, kernel, hyper = nonlinear
+    with pytest.raises(TypeError, match="controller"):
+        integration.solve(problem, jaxcfl.pde.init(kernel), hyper, scheme="gd", model="nonlinear", steps=2,
+                          save=integration.SaveAt(1), controller=bad)

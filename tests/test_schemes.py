@@ -242,14 +242,75 @@ def _name_comparisons(path):
     return found
 
 
+def _name_lookups(path):
+    """``(line, text)`` of every place in ``path`` that parses a scheme or model name outside the
+    parsers (``get_scheme``, ``get_model``, ``canonical_scheme``): a look-up in a name registry, a
+    subscript keyed by an expression named ``*scheme*``/``*model*``, a name literal passed as
+    ``scheme=``/``model=`` or to a parser."""
+    import ast
+
+    from jaxcfl.pde._rhs import MODELS
+    from jaxcfl.pde._schemes import _ALIASES, SCHEMES
+
+    names = set(MODELS) | set(SCHEMES) | set(_ALIASES)
+    registries = {"_SCHEMES", "_MODELS", "_ALIASES", "RIGHT_HAND_SIDES", "MODELS", "SCHEMES"}
+    parsers = {"get_scheme", "get_model", "canonical_scheme", "gradient_fn"}
+
+    def named(node):
+        text = ast.unparse(node).lower()
+        return isinstance(node, (ast.Name, ast.Attribute, ast.Call)) and ("scheme" in text or "model" in text)
+
+    def is_name(node):
+        return isinstance(node, ast.Constant) and node.value in names
+
+    source = path.read_text()
+    tree = ast.parse(source)
+    allowed = set()
+    for fn in ast.walk(tree):
+        if isinstance(fn, ast.FunctionDef) and fn.name in parsers:
+            allowed |= {id(n) for n in ast.walk(fn)}
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in allowed:
+            continue
+        hit = False
+        if isinstance(node, ast.Subscript):
+            base = node.value.id if isinstance(node.value, ast.Name) else ""
+            hit = base in registries or named(node.slice) or is_name(node.slice)
+        elif isinstance(node, ast.Call):
+            func = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+            hit = any(kw.arg in ("scheme", "model") and is_name(kw.value) for kw in node.keywords) or (
+                func in parsers and any(is_name(a) for a in node.args))
+        if hit:
+            found.append((node.lineno, ast.get_source_segment(source, node)))
+    return found
+
+
+def _below_the_front_end():
+    from pathlib import Path
+
+    src = Path(jaxcfl.__file__).parent
+    return src, [p for part in ("pde", "nn", "_core") for p in sorted((src / part).rglob("*.py"))]
+
+
 def test_no_module_branches_on_a_scheme_or_model_name():
-    """Issue 21: ``dt_bound(scheme="guarded_gd")`` gave Nesterov's bound because theory.py asked
-    ``scheme == "gd"``. A branch takes the fact from :class:`jaxcfl.pde._schemes.Scheme` or
-    :class:`jaxcfl.pde._rhs.Model` (looked up once from the name); names stay at the public boundary."""
+    """``dt_bound(scheme="guarded_gd")`` once gave Nesterov's bound because the theory asked
+    ``scheme == "gd"``. A branch takes the fact from :class:`jaxcfl.pde.Scheme` or
+    :class:`jaxcfl.pde.Model` (parsed once from the name); names stay at the public boundary."""
     from pathlib import Path
 
     src = Path(jaxcfl.__file__).parent
     found = {str(p.relative_to(src)): hits for p in sorted(src.rglob("*.py")) if (hits := _name_comparisons(p))}
+    assert found == {}
+
+
+def test_no_module_below_the_front_end_looks_up_a_scheme_or_model_by_name():
+    """Below the front end (every module of ``pde/``, ``nn/`` and ``_core/``) a scheme or a model
+    is a value: no comparison with its name, no look-up keyed by its name (the parsers
+    ``get_scheme``/``get_model`` aside), no name passed down where the value belongs."""
+    src, modules = _below_the_front_end()
+    assert len(modules) > 30 and {p.parent.name for p in modules} >= {"pde", "nn", "_core", "nets"}
+    found = {str(p.relative_to(src)): hits for p in modules if (hits := _name_comparisons(p) + _name_lookups(p))}
     assert found == {}
 
 
@@ -259,3 +320,8 @@ def test_the_name_scan_sees_what_it_should(tmp_path):
                     'd = setup.model == "linear"\ne = model == "resnet20"\nf = pool == "sum"\n'
                     'g = kind not in ("nesterov",)\nfor scheme in ("gd", "nesterov"):\n    pass\n')
     assert [line for line, _ in _name_comparisons(path)] == [1, 2, 3, 4, 7]
+    path.write_text('a = _MATVECS[model]\nb = RIGHT_HAND_SIDES[name]\nc = table[setup.scheme]\n'
+                    'd = symbol(img, model="linear")\ne = get_scheme("nesterov")\nf = get_model(m)\n'
+                    'g = data["lr"]\nh: Mapping[str, Model] = {}\n'
+                    'def get_model(name):\n    return _MODELS[name]\ni = spec(scheme=s)\nj = t["gd"]\n')
+    assert [line for line, _ in _name_lookups(path)] == [1, 2, 3, 4, 5, 12]

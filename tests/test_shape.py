@@ -228,7 +228,7 @@ def test_one_choice_for_make_problem_and_sweep():
 
 def test_setup_round_trips_and_validates():
     s = jaxcfl.Setup(model="nonconstant", scheme="forward_euler", pool="mean", beta=np.float32(2.0), momentum=0.5)
-    assert s.scheme == "gd" and isinstance(s.beta, float)
+    assert s.scheme is jaxcfl.pde.get_scheme("gd") and s.to_dict()["scheme"] == "gd" and isinstance(s.beta, float)
     assert jaxcfl.Setup.from_dict(json.loads(json.dumps(s.to_dict()))) == s
     assert hash(s) == hash(jaxcfl.Setup.from_dict(s.to_dict()))
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -194,3 +194,20 @@ def test_four_host_devices_give_the_same_results():
         # last bits depend on how the GEMM blocks a batch, which changes with the per-device batch.
         atol = 1e-7 if op == "fft" else 5e-6
         np.testing.assert_allclose(np.array(sharded["div"], float), res.metrics["divergence"], rtol=1e-4, atol=atol)
+
+
+def test_a_setup_is_the_primary_way_and_keywords_still_work(tmp_path):
+    """``sweep(setup=Setup(...))`` is the keyword form's sweep: same runs, same manifest, so a folder
+    written by either resumes under the other. Both at once is refused, naming the keywords."""
+    setup = jaxcfl.Setup(scheme="nesterov", momentum=0.8, beta=2.0)
+    kw = dict(steps=30, record_points=10, progress=False)
+    by_keywords = jaxcfl.sweep(IMG, W, 1e-3, [1e3, 1e4], scheme="nesterov", momentum=0.8, beta=2.0, out=tmp_path / "s", **kw)
+    by_setup = jaxcfl.sweep(IMG, W, 1e-3, [1e3, 1e4], setup=setup, out=tmp_path / "s", **kw)  # resumes: all on disk
+    assert by_setup.spec == by_keywords.spec and by_setup.spec.setup == setup
+    np.testing.assert_array_equal(by_setup.metrics["final_norm"], by_keywords.metrics["final_norm"])
+    with pytest.raises(TypeError, match="not both.*scheme, beta"):
+        jaxcfl.sweep(IMG, W, 1e-3, 1e3, setup=setup, scheme="gd", beta=1.0, **kw)
+    with pytest.raises(TypeError, match="setup must be a jaxcfl.Setup"):
+        jaxcfl.sweep(IMG, W, 1e-3, 1e3, setup=setup.to_dict(), **kw)
+    # The defaults of the keywords are Setup's (the one place they are declared).
+    assert jaxcfl.sweep(IMG, W, 1e-3, 1e3, **kw).spec.setup == jaxcfl.Setup()

@@ -282,3 +282,18 @@ def test_symbol_of_every_model_matches_its_closed_form():
     np.testing.assert_allclose(sym("nonconstant"), 0.5 * (s_b - label) * beta * power + rank_one, rtol=1e-13)  # eq 31
     np.testing.assert_allclose(sym("activated"), 2.0 * rank_one, rtol=1e-13, atol=0)  # eq 35
     np.testing.assert_array_equal(sym("nonlinear"), sym("nonconstant"))  # its linearisation at K = 0
+
+
+def test_the_theory_takes_scheme_and_model_values_as_their_names():
+    from jaxcfl.pde import get_model, get_scheme
+
+    img = np.asarray(jaxcfl.checkerboard(16), np.float64)
+    for scheme in jaxcfl.SCHEMES:
+        sch = get_scheme(scheme)
+        assert theory.stability_limit(sch, 1e-3, 0.8) == theory.stability_limit(scheme, 1e-3, 0.8)
+        assert theory.alpha_bounds(img, 1e-4, scheme=sch) == theory.alpha_bounds(img, 1e-4, scheme=scheme)
+        assert theory.dt_bound(img, 1e3, scheme=sch) == theory.dt_bound(img, 1e3, scheme=scheme)
+    for model in jaxcfl.MODELS:
+        np.testing.assert_array_equal(theory.symbol(img, model=get_model(model)), theory.symbol(img, model=model))
+    by_value = theory.windowed_alpha_bounds(img, 4, 1e-4, scheme=get_scheme("nesterov"), model=get_model("nonconstant"))
+    assert by_value == theory.windowed_alpha_bounds(img, 4, 1e-4, scheme="nesterov", model="nonconstant")

@@ -3,6 +3,9 @@ of a PDE (Sun et al., JMLR 2024, Sections 3-5 and appendices A-D).
 
 Values, not names: a :class:`Problem` holds the image and its correlation back-end, a
 :class:`Hyper` the traced numbers, a :class:`Setup` the right-hand side and the scheme.
+A right-hand side is a :class:`Model`, a scheme a :class:`Scheme` with its step-size
+controller (:class:`ConstantStep`, or the CFL guard :class:`CFLController`); every entry point
+takes them as values or by name, and nothing below asks for a name.
 :func:`integrate` steps one configuration, :func:`sweep` a grid, :func:`empirical_bounds`
 finds the CFL bounds, and :mod:`theory` (Von Neumann amplifiers, CFL bounds, the windowed
 spectrum) and :mod:`heat` (Section 3) say what to expect.
@@ -11,6 +14,7 @@ spectrum) and :mod:`heat` (Section 3) say what to expect.
 from jaxcfl.pde import _heat as heat
 from jaxcfl.pde import _theory as theory
 from jaxcfl.pde._bounds import EmpiricalBounds, empirical_bounds
+from jaxcfl.pde._controllers import CFLController, ConstantStep, StepSizeController
 from jaxcfl.pde._integration import Diagnostics, SaveAt, Solution, Trajectory, diagnose, integrate, integrate_many, solve
 from jaxcfl.pde._operators import (
     DenseOperator,
@@ -47,7 +51,7 @@ __all__ = [
     "MODELS", "Model", "get_model", "Setup", "gradient", "gradient_fn", "logit", "loss",
     # schemes (eqs 21, 37-38) and the guard on the PDE
     "SCHEMES", "Scheme", "get_scheme", "State", "init", "euler_step", "nesterov_step", "guarded_euler_step",
-    "GuardSchedule",
+    "GuardSchedule", "StepSizeController", "ConstantStep", "CFLController",
     # integration, sweeps, bounds
     "SaveAt", "Solution", "Trajectory", "Diagnostics", "diagnose", "solve", "integrate", "integrate_many",
     "SweepSpec", "SweepResult", "config_mesh", "sweep", "EmpiricalBounds", "empirical_bounds",

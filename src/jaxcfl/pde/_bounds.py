@@ -11,9 +11,9 @@ together, and the search is the generic one of :mod:`jaxcfl._core.search`.
    misjudged is rescanned at full length.
 3. :func:`_refine`: full-length bisection down to ``rtol``.
 
-The result sits beside the theory of :mod:`jaxcfl.pde._theory` (paper and windowed bounds).
+The result sits beside the theory of :mod:`jaxcfl.theory` (paper and windowed bounds).
 
-Started as N processes (:mod:`jaxcfl._core.distributed`), every evaluation spans every device of
+Started as N processes (:mod:`jaxcfl.distributed`), every evaluation spans every device of
 every process, and every process receives all statuses: each takes the same bisection
 steps and returns the same bounds (docs/scaling.md).
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -31,8 +32,11 @@ from jax.typing import ArrayLike
 from jaxcfl._core import validate as v
 from jaxcfl._core.results import jsonable
 from jaxcfl._core.classify import MIN_STEPS, STABLE, Rule
-from jaxcfl.pde._rhs import get_model
-from jaxcfl.pde._setup import Setup
+from jaxcfl.pde._controllers import GuardSchedule
+from jaxcfl.pde._integration import check_guard
+from jaxcfl.pde._rhs import Model
+from jaxcfl.pde._schemes import Scheme
+from jaxcfl.pde._setup import Setup, setup_from
 from jaxcfl._core.search import Bracket, edge_brackets, log_bisect, narrow
 from jaxcfl.pde._sweeps import classify_metrics, prepare, run_configs
 
@@ -48,6 +52,14 @@ class EmpiricalBounds:
     ``alpha_min``/``alpha_max`` are NaN when the stable set reaches the end of the
     searched range (the bound lies outside it) or is empty; ``notes`` says which.
     ``gap_*`` are relative gaps ``(empirical - theory) / |theory|``.
+
+    ``achieved_rtol`` is the relative precision the result actually has, where an exact
+    bound exists to judge it (an affine model, :attr:`~jaxcfl.pde.Model.affine`, such as the linear
+    one, unguarded: its windowed bound): the larger
+    of ``rtol`` and the distance of each found bound from the exact one. ``limited_by_steps``
+    is then whether that distance exceeds ``rtol``: runs of ``steps`` iterations too short
+    to classify the slow modes near a bound (a warning says so). Both are ``None`` where no
+    exact bound exists (other models, a guarded scheme, ``theory=False``).
     """
 
     alpha_min: float
@@ -68,6 +80,8 @@ class EmpiricalBounds:
     steps: int
     seconds: float
     notes: list[str]
+    achieved_rtol: float | None = None
+    limited_by_steps: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(dataclasses.asdict(self))
@@ -96,14 +110,17 @@ def empirical_bounds(
     kernel_size: int,
     lr: float,
     *,
-    scheme: str = "gd",
-    model: str = "linear",
-    momentum: float = 0.9,
-    a: float = -0.5,
-    beta: float = 1.0,
-    pool: str = "sum",
-    label: float = 1.0,
-    bias: float = 0.0,
+    setup: Setup | None = None,
+    scheme: str | Scheme | None = None,
+    model: str | Model | None = None,
+    momentum: float | None = None,
+    a: float | None = None,
+    beta: float | None = None,
+    pool: str | None = None,
+    label: float | None = None,
+    bias: float | None = None,
+    safety: float | None = None,
+    guard: GuardSchedule | None = None,
     steps: int = 1000,
     alpha_range: tuple[float, float] = (1e-3, 1e12),
     initial_points: int = 64,
@@ -125,7 +142,7 @@ def empirical_bounds(
     engine, with all candidates of both bounds together):
 
     1. *Screen* (:func:`_screen`): ``initial_points`` log-spaced ``alpha`` over
-       ``alpha_range``, then :func:`jaxcfl._core.search.log_bisect` with ``candidates``
+       ``alpha_range``, then :func:`jaxcfl.log_bisect` with ``candidates``
        points per bracket per round, down to 1% brackets, using short runs of
        ``screen_steps`` iterations (default ``steps // 5``, at least ``MIN_STEPS``; far from a bound the
        growth or decay shows early).
@@ -142,10 +159,13 @@ def empirical_bounds(
     reported bound is the geometric midpoint of its final bracket, within
     ``rtol/2`` of the transition that full-length runs show.
 
-    Works for both schemes and every model, including ``"nonlinear"`` where no
+    The set-up is ``setup`` (a :class:`jaxcfl.Setup`) or, instead, its fields as keywords, as in
+    :func:`jaxcfl.sweep`; a guarded scheme's runs use its ``safety`` and ``guard``.
+
+    Works for every scheme and every model, including ``"nonlinear"`` where no
     formula exists. For the linearised models the result also carries the
     paper's non-windowed bounds (``model="linear"`` only) and the exact windowed
-    bounds of :mod:`jaxcfl.pde._theory`, with the relative gaps.
+    bounds of :mod:`jaxcfl.theory`, with the relative gaps.
 
     Returns:
       :class:`EmpiricalBounds`.
@@ -162,9 +182,14 @@ def empirical_bounds(
     if not isinstance(rule, Rule):
         raise TypeError(f"rule must be a jaxcfl.Rule, got {type(rule).__name__} {rule!r:.60}")
     v.check_int("steps", steps, minimum=MIN_STEPS)  # fewer cannot be classified (jaxcfl._core.classify.MIN_STEPS)
-    setup = Setup(model=model, scheme=scheme, pool=pool, beta=beta, a=a, label=label, bias=bias, momentum=momentum)
+    setup = setup_from(setup, "empirical_bounds", model=model, scheme=scheme, pool=pool, beta=beta, a=a, label=label,
+                       bias=bias, momentum=momentum, safety=safety, guard=check_guard(guard))
     problem, kernel0, spec = prepare(image, kernel_size, setup, steps=steps, key=key, kernel=kernel,
                                      chunk_size=chunk_size, operator=operator)
+    if not np.any(np.asarray(problem.image)):
+        raise ValueError("image is all zeros (an all-black picture): the output does not depend on the kernel, so "
+                         "only the weight decay acts and there is no stability bound to find by running the scheme; "
+                         "give an image with non-zero pixels")
     if screen_steps is not None:
         v.check_int("screen_steps", screen_steps, minimum=MIN_STEPS)
     screen = min(spec.steps, screen_steps if screen_steps is not None else max(MIN_STEPS, spec.steps // 5))
@@ -196,22 +221,25 @@ def empirical_bounds(
     paper = windowed = gap_paper = gap_windowed = None
     if theory:
         from jaxcfl.pde import _theory as th
-        rhs = get_model(setup.model)
+        rhs = setup.model
         if rhs.paper_bounds:
-            paper = tuple(th.alpha_bounds(image, lr, a=a, beta=beta, scheme=scheme, momentum=momentum, pool=pool))
+            paper = tuple(th.alpha_bounds(image, lr, a=setup.a, beta=setup.beta, scheme=setup.scheme,
+                                          momentum=setup.momentum, pool=setup.pool))
             gap_paper = (_gap(alpha_min, paper[0]), _gap(alpha_max, paper[1]))
         windowed = tuple(th.windowed_alpha_bounds(image, kernel_size, lr, **setup.theory_kwargs()))
         gap_windowed = (_gap(alpha_min, windowed[0]), _gap(alpha_max, windowed[1]))
         if not rhs.linearised:
-            notes.append("windowed theory for the nonlinear model is that of its linearisation at K = 0")
+            notes.append(f"windowed theory for the {rhs.name} model is that of its linearisation at K = 0")
+    exact = windowed if theory and setup.model.affine and not setup.guarded else None
+    achieved_rtol, limited_by_steps = _achieved(alpha_min, alpha_max, exact, rtol, spec.steps, notes)
     return EmpiricalBounds(
         alpha_min=alpha_min,
         alpha_max=alpha_max,
         alpha_min_bracket=(refined["min"].lo, refined["min"].hi) if "min" in refined else None,
         alpha_max_bracket=(refined["max"].lo, refined["max"].hi) if "max" in refined else None,
         lr=float(lr),
-        scheme=setup.scheme,
-        model=model,
+        scheme=setup.scheme.name,
+        model=setup.model.name,
         kernel_size=int(kernel_size),
         rtol=rtol,
         paper=paper,
@@ -223,7 +251,32 @@ def empirical_bounds(
         steps=spec.steps,
         seconds=time.perf_counter() - start_time,
         notes=notes,
+        achieved_rtol=achieved_rtol,
+        limited_by_steps=limited_by_steps,
     )
+
+
+def _achieved(alpha_min: float, alpha_max: float, exact: tuple[float, float] | None, rtol: float, steps: int,
+              notes: list[str]) -> tuple[float | None, bool | None]:
+    """``(achieved_rtol, limited_by_steps)`` of :class:`EmpiricalBounds`, judged against the ``exact``
+    bounds (``None``: none exist, nothing judged); a bound farther than ``rtol`` from its exact value
+    gets a note and a warning."""
+    if exact is None:
+        return None, None
+    achieved, limited = float(rtol), False
+    for name, found, true in (("alpha_min", alpha_min, exact[0]), ("alpha_max", alpha_max, exact[1])):
+        if not (np.isfinite(found) and np.isfinite(true) and true != 0):
+            continue
+        error = abs(found - true) / abs(true)
+        achieved = max(achieved, error)
+        if error > rtol:
+            limited = True
+            message = (f"{name} = {found:.6g} is {error:.2%} from the exact windowed bound {true:.6g}, more than "
+                       f"rtol = {rtol:g}: runs of {steps} steps are too short to classify the slow modes near it; "
+                       f"raise steps (the error shrinks roughly as 1/steps)")
+            notes.append(message)
+            warnings.warn(f"empirical_bounds: {message}", RuntimeWarning, stacklevel=3)
+    return achieved, limited
 
 
 # --- the three stages ------------------------------------------------------------------

@@ -139,8 +139,8 @@ def tent(n: int = 31, dtype: DTypeLike | None = None) -> Array:
       ``dtype``.
 
     Example:
-      >>> from jaxcfl.pde._heat import tent
-      >>> tent(7).tolist()  # doctest: +ELLIPSIS
+      >>> from jaxcfl import heat
+      >>> heat.tent(7).tolist()  # doctest: +ELLIPSIS
       [0.0, 0.1..., 0.2..., 0.3..., 0.2..., 0.1..., 0.0]
     """
     n = _check_n(n)
@@ -248,9 +248,9 @@ def solve(dt: ArrayLike, t_end: float, *, u0: ArrayLike | None = None, dx: Array
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from jaxcfl.pde._heat import solve, tent
-      >>> stable = solve(0.4, 4.0)     # 10 steps, CFL holds: damped
-      >>> unstable = solve(0.8, 4.0)   # 5 steps, CFL fails: oscillates and grows
+      >>> from jaxcfl import heat
+      >>> stable = heat.solve(0.4, 4.0)     # 10 steps, CFL holds: damped
+      >>> unstable = heat.solve(0.8, 4.0)   # 5 steps, CFL fails: oscillates and grows
       >>> bool(jnp.max(jnp.abs(stable)) <= 1.5), bool(jnp.max(jnp.abs(unstable)) > 1.5)
       (True, True)
       >>> float(stable[0]), float(stable[-1])  # the ends never change

@@ -20,19 +20,14 @@ from jax.typing import ArrayLike
 
 from jaxcfl._core import validate as v
 from jaxcfl._core.determinism import divergence
-from jaxcfl.pde._rhs import MODELS, gradient_fn, loss
+from jaxcfl.pde._controllers import GuardSchedule, StepSizeController, check_controller
 from jaxcfl.pde._problem import Hyper, Problem, as_kernel, check_kernel
-from jaxcfl.pde._schemes import (
-    GuardSchedule,
-    State,
-    estimate_curvature,
-    get_scheme,
-    init,
-    start_guard,
-)
+from jaxcfl.pde._rhs import Model, get_model, loss
+from jaxcfl.pde._schemes import Scheme, get_scheme
+from jaxcfl.pde._state import State, init
 
 __all__ = ["Diagnostics", "Trajectory", "diagnose", "scaled_norm", "SaveAt", "Solution", "solve", "integrate",
-    "integrate_many", "map_configs", "check_guard"]
+    "integrate_many", "map_configs", "check_guard", "controller_of"]
 
 
 @jax.tree_util.register_dataclass
@@ -49,7 +44,7 @@ class Diagnostics:
       update_norm: ``||K^n - K^{n-1}||_2``.
       finite: whether every entry of ``K^n`` is finite.
       curvature, step_size: with the guarded scheme, its estimate ``lambda_n`` and the step
-        ``dt_n`` it took last (:class:`~jaxcfl.pde._schemes.State`); ``None`` otherwise.
+        ``dt_n`` it took last (:class:`~jaxcfl.pde.State`); ``None`` otherwise.
     """
 
     iteration: Array
@@ -148,59 +143,53 @@ class Solution:
     tail_divergence: Array | None = None
 
 
-def solve(problem: Problem, state: State, hyper: Hyper, *, scheme: str, model: str, steps: int, save: SaveAt,
-          pair_k: Array | None = None, tail: int = 0, with_loss: bool = True,
-          guard: GuardSchedule | None = None) -> Solution:
+def solve(problem: Problem, state: State, hyper: Hyper, *, scheme: str | Scheme, model: str | Model, steps: int,
+          save: SaveAt, pair_k: Array | None = None, tail: int = 0, with_loss: bool = True,
+          guard: GuardSchedule | None = None, controller: StepSizeController | None = None) -> Solution:
     """The one integrator loop: ``steps`` iterations of ``scheme`` on ``model``, recorded at ``save``.
 
-    Pure and traceable (``scheme``, ``model``, ``steps``, ``save``, ``tail``, ``guard`` and
-    whether ``pair_k`` is given are static). With ``pair_k`` a second copy runs
+    Pure and traceable (``scheme``, ``model``, ``steps``, ``save``, ``tail``, ``guard``,
+    ``controller`` and whether ``pair_k`` is given are static). With ``pair_k`` a second copy runs
     in lock-step with perturbation factor ``k = pair_k`` (the first keeps
     ``hyper.k``), and the divergence between them is accumulated at every
     iteration. :func:`integrate`, :func:`integrate_many` and the sweep engine
     (:mod:`jaxcfl.pde._sweeps`) are all this function.
 
-    A guarded scheme (``guarded_gd``) starts its guard if ``state`` has none
-    (:func:`~jaxcfl.pde._schemes.start_guard`) and refreshes ``lambda_n`` before the iterations
-    that ``guard.due`` names (default :class:`~jaxcfl.pde._schemes.GuardSchedule`).
-    The refresh is a ``lax.cond`` on the iteration count, which is the same for every
-    configuration of a batch, so under ``jax.vmap`` it stays a branch: the steps between
-    refreshes cost what an unguarded step costs.
+    Each step's size comes from ``controller`` (cf. diffrax's ``stepsize_controller``;
+    :mod:`jaxcfl.pde._controllers`), by default the scheme's own (:attr:`Scheme.controller`),
+    given ``guard`` as its schedule: :meth:`init` readies the state, :meth:`refresh` runs before
+    every step, :meth:`step_size` picks ``dt_n``, and the scheme's ``step`` takes it. Under the
+    CFL guard (``guarded_gd``) that is a first estimate of ``lambda``, a ``lax.cond`` refresh on
+    the iterations that ``guard.due`` names (the same for every configuration of a batch, so
+    under ``jax.vmap`` it stays a branch), and ``dt_n = min(dt, safety 2 / lambda_n)``.
     """
-    sch = get_scheme(scheme)
-    step = sch.step
-    rhs = gradient_fn(model)
+    sch, rhs = get_scheme(scheme), get_model(model).gradient
+    ctrl = controller_of(sch, guard) if controller is None else check_controller(controller)
 
     def grad_fn(kernel, hyp):
         return rhs(problem, kernel, hyp)
 
-    if sch.guarded:
-        guard = GuardSchedule() if guard is None else guard
-        state = start_guard(state, grad_fn, hyper, guard)
-        refresh_one = lambda st, hyp: estimate_curvature(st, grad_fn, hyp, iterations=guard.iterations)
-    elif state.direction is not None:  # a guarded run continued without its guard
-        state = dataclasses.replace(state, curvature=None, direction=None, step_size=None)
+    def step_one(st, hyp):
+        dt, st = ctrl.step_size(st, hyp, sch.limit)
+        return sch.step(st, grad_fn, hyp, dt)
+
+    state = ctrl.init(state, grad_fn, hyper)
     paired = pair_k is not None
     if paired:
         hyps = jax.tree.map(lambda x: jnp.broadcast_to(x, (2,)), hyper)
         hyps = dataclasses.replace(hyps, k=jnp.stack([hyper.k, pair_k]))
         state = jax.tree.map(lambda x: jnp.broadcast_to(x, (2, *x.shape)), state)
-        paired_step = jax.vmap(lambda s, h: step(s, grad_fn, h))
-        advance_one = lambda st: paired_step(st, hyps)
+        each = jax.vmap
         primary = lambda st: jax.tree.map(lambda x: x[0], st)
-        if sch.guarded:
-            refresh = lambda st: jax.vmap(refresh_one)(st, hyps)
     else:
-        advance_one = lambda st: step(st, grad_fn, hyper)
+        hyps = hyper
+        each = lambda fn: fn
         primary = lambda st: st
-        if sch.guarded:
-            refresh = lambda st: refresh_one(st, hyper)
-    if sch.guarded:
-        unguarded_advance = advance_one
 
-        def advance_one(st):
-            due = guard.due(primary(st).iteration)
-            return unguarded_advance(lax.cond(due, refresh, lambda s: s, st))
+    def advance_one(st):
+        st = ctrl.refresh(st, grad_fn, hyps, primary(st).iteration, each)
+        return each(step_one)(st, hyps)
+
     zero = jnp.zeros((), state.kernel.dtype)
 
     def body(_, carry):
@@ -254,13 +243,19 @@ def solve(problem: Problem, state: State, hyper: Hyper, *, scheme: str, model: s
     return Solution(state=state, diagnostics=diagnostics, divergence=curve, tail_divergence=div_tail)
 
 
-@functools.partial(jax.jit, static_argnames=("scheme", "model", "steps", "record_every", "compare", "guard"))
-def _integrate(problem: Problem, state: State, hyper: Hyper, compare_k: Array, *, scheme: str, model: str, steps: int,
-               record_every: int, compare: bool, guard: GuardSchedule | None = None) -> Trajectory:
+@functools.partial(jax.jit, static_argnames=("scheme", "model", "steps", "record_every", "compare", "controller"))
+def _integrate(problem: Problem, state: State, hyper: Hyper, compare_k: Array, *, scheme: Scheme, model: Model,
+               steps: int, record_every: int, compare: bool, controller: StepSizeController) -> Trajectory:
     sol = solve(problem, state, hyper, scheme=scheme, model=model, steps=steps, save=SaveAt(record_every),
-                pair_k=compare_k if compare else None, guard=guard)
+                pair_k=compare_k if compare else None, controller=controller)
     state = jax.tree.map(lambda x: x[0], sol.state) if compare else sol.state
     return Trajectory(state=state, diagnostics=sol.diagnostics, divergence=sol.divergence)
+
+
+def controller_of(scheme: Scheme, guard: GuardSchedule | None = None) -> StepSizeController:
+    """The step-size controller of ``scheme``, with ``guard`` as its schedule if given (a
+    constant step ignores it)."""
+    return scheme.controller if guard is None else scheme.controller.with_schedule(guard)
 
 
 def integrate(
@@ -268,8 +263,8 @@ def integrate(
     kernel: ArrayLike | State,
     hyper: Hyper,
     *,
-    scheme: str = "gd",
-    model: str = "linear",
+    scheme: str | Scheme = "gd",
+    model: str | Model = "linear",
     steps: int = 1000,
     record_every: int = 1,
     compare_k: float | None = None,
@@ -279,25 +274,27 @@ def integrate(
 
     Args:
       problem: from :func:`jaxcfl.make_problem`.
-      kernel: initial ``w x w`` kernel, or a :class:`~jaxcfl.pde._schemes.State` to continue from.
+      kernel: initial ``w x w`` kernel, or a :class:`~jaxcfl.pde.State` to continue from.
       hyper: from :func:`jaxcfl.make_hyper`; its fields are traced, so new
         values reuse the compiled program. ``jax.vmap`` over a batched ``hyper``
         runs many configurations at once.
-      scheme: ``"gd"`` (forward Euler, eq 21), ``"nesterov"`` (eqs 37-38) or
-        ``"guarded_gd"``: forward Euler with ``dt_n = min(dt, hyper.safety * 2 / lambda_n)``,
+      scheme: a :class:`~jaxcfl.pde.Scheme`, or the name of one: ``"gd"`` (forward Euler, eq 21),
+        ``"nesterov"`` (eqs 37-38) or ``"guarded_gd"``: forward Euler with
+        ``dt_n = min(dt, hyper.safety * 2 / lambda_n)`` (:class:`~jaxcfl.pde.CFLController`),
         ``lambda_n`` the top eigenvalue of the Jacobian of the gradient at ``K^n``
-        (:func:`jaxcfl.pde._schemes.guarded_euler_step`; its estimates and steps are recorded
+        (:func:`jaxcfl.pde.guarded_euler_step`; its estimates and steps are recorded
         in ``diagnostics.curvature`` and ``diagnostics.step_size``).
-      model: ``"nonlinear"``, ``"linear"``, ``"nonconstant"`` or ``"activated"``.
+      model: a :class:`~jaxcfl.pde.Model`, or the name of one: ``"nonlinear"``, ``"linear"``,
+        ``"nonconstant"`` or ``"activated"``.
       steps: number of iterations (static).
       record_every: stride of the diagnostics (static). Records are taken at
         iteration 0, every ``record_every`` iterations, and at ``steps``.
       compare_k: also step a copy whose update is perturbed by ``k = compare_k``
         (paper-notes section 2) and record the divergence between the two
         (:attr:`Trajectory.divergence`); traced, so new values reuse the program.
-      guard: the guarded scheme's :class:`~jaxcfl.pde._schemes.GuardSchedule` (static;
-        default ``GuardSchedule()``: a refresh every 10 iterations, 4 Lanczos iterations,
-        30 for the first estimate). Ignored by unguarded schemes.
+      guard: the schedule of the guarded scheme's controller, a :class:`~jaxcfl.GuardSchedule`
+        (static; default ``GuardSchedule()``: a refresh every 10 iterations, 4 Lanczos
+        iterations, 30 for the first estimate). Ignored under a constant step.
 
     Returns:
       A :class:`Trajectory`. A diverging run is not an error: its kernel
@@ -311,12 +308,12 @@ def integrate(
       >>> traj.diagnostics.loss.shape
       (11,)
     """
-    scheme, steps, record_every, pair_k = _check_run(problem, hyper, model, scheme, steps, record_every, compare_k)
-    guard = check_guard(guard)
+    scheme, model, steps, record_every, pair_k = _check_run(problem, hyper, model, scheme, steps, record_every, compare_k)
+    controller = controller_of(scheme, check_guard(guard))
     state = kernel if isinstance(kernel, State) else init(as_kernel(problem, kernel))
     check_kernel(problem, state.kernel)
     return _integrate(problem, state, hyper, pair_k, scheme=scheme, model=model, steps=steps, record_every=record_every,
-                      compare=compare_k is not None, guard=guard)
+                      compare=compare_k is not None, controller=controller)
 
 
 def integrate_many(
@@ -324,8 +321,8 @@ def integrate_many(
     kernel: ArrayLike,
     hypers: Hyper,
     *,
-    scheme: str = "gd",
-    model: str = "linear",
+    scheme: str | Scheme = "gd",
+    model: str | Model = "linear",
     steps: int = 1000,
     record_every: int = 1,
     compare_k: float | None = None,
@@ -339,19 +336,21 @@ def integrate_many(
     (``lax.map`` over vmapped groups), which on CPU keeps the transforms' working
     set in cache; ``map_batch=None`` is a plain ``vmap`` (best for the dense operator).
     """
-    scheme, steps, record_every, pair_k = _check_run(problem, hypers, model, scheme, steps, record_every, compare_k)
+    scheme, model, steps, record_every, pair_k = _check_run(problem, hypers, model, scheme, steps, record_every, compare_k)
     if map_batch is not None:
         map_batch = v.check_int("map_batch", map_batch, minimum=1)
-    guard = check_guard(guard)
+    controller = controller_of(scheme, check_guard(guard))
     state = init(as_kernel(problem, kernel))
     return _integrate_many(problem, state, hypers, pair_k, scheme=scheme, model=model, steps=steps,
-                           record_every=record_every, compare=compare_k is not None, map_batch=map_batch, guard=guard)
+                           record_every=record_every, compare=compare_k is not None, map_batch=map_batch,
+                           controller=controller)
 
 
-@functools.partial(jax.jit, static_argnames=("scheme", "model", "steps", "record_every", "compare", "map_batch", "guard"))
-def _integrate_many(problem, state, hypers, pair_k, *, scheme, model, steps, record_every, compare, map_batch, guard):
+@functools.partial(jax.jit, static_argnames=("scheme", "model", "steps", "record_every", "compare", "map_batch",
+                                             "controller"))
+def _integrate_many(problem, state, hypers, pair_k, *, scheme, model, steps, record_every, compare, map_batch, controller):
     run = lambda h: _integrate(problem, state, h, pair_k, scheme=scheme, model=model, steps=steps,
-                               record_every=record_every, compare=compare, guard=guard)
+                               record_every=record_every, compare=compare, controller=controller)
     return map_configs(run, hypers, map_batch=map_batch)
 
 
@@ -372,14 +371,15 @@ def map_configs(fn, xs, *, groups: int = 1, map_batch: int | None = None):
 
 
 def check_guard(guard: object) -> GuardSchedule | None:
-    """``guard`` itself, if it is ``None`` or a :class:`~jaxcfl.pde._schemes.GuardSchedule`; else a ``TypeError``."""
+    """``guard`` itself, if it is ``None`` or a :class:`~jaxcfl.GuardSchedule`; else a ``TypeError``."""
     if guard is not None and not isinstance(guard, GuardSchedule):
         raise TypeError(f"guard must be a jaxcfl.GuardSchedule or None, got {type(guard).__name__} {guard!r:.60}")
     return guard
 
 
 def _check_run(problem, hyper, model, scheme, steps, record_every, compare_k):
-    """Validate :func:`integrate`'s arguments; returns the canonical scheme, the counts and ``k`` of the copy."""
+    """Validate :func:`integrate`'s arguments; returns the scheme and the model (parsed from their names),
+    the counts and ``k`` of the copy."""
     if not isinstance(problem, Problem):
         raise TypeError(f"problem must be a jaxcfl.Problem (use jaxcfl.make_problem), got {type(problem).__name__}")
     if not isinstance(hyper, Hyper):
@@ -389,11 +389,11 @@ def _check_run(problem, hyper, model, scheme, steps, record_every, compare_k):
     v.check_positive("k", hyper.k)
     v.check_unit_interval("mu", hyper.mu)
     v.check_safety("safety", hyper.safety)
-    v.check_choice("model", model, MODELS)
-    scheme = get_scheme(scheme).name
+    model = get_model(model)
+    scheme = get_scheme(scheme)
     steps = v.check_int("steps", steps, minimum=1)
     record_every = v.check_int("record_every", record_every, minimum=1)
     if compare_k is not None:
         v.check_positive("compare_k", compare_k)
     pair_k = jnp.asarray(1.0 if compare_k is None else compare_k, problem.dtype)
-    return scheme, steps, record_every, pair_k
+    return scheme, model, steps, record_every, pair_k

@@ -315,7 +315,7 @@ def choose_operator(operator: str, image: ArrayLike, img: Array, kernel_size: in
       its ``w^4`` multiply-adds undercut the back-end's normal operator
       (always over FFT; over separable when ``w^4 < 2 r^2 w^3``).
 
-    ``linearised`` is the stepped model's :attr:`jaxcfl.pde._rhs.Model.linearised` (``None``: not known).
+    ``linearised`` is the stepped model's :attr:`jaxcfl.pde.Model.linearised` (``None``: not known).
     """
     v.check_choice("operator", operator, OPERATORS)
     if max_rank is not None:

@@ -51,8 +51,8 @@ class Problem:
 
     Build it with :func:`make_problem`. Array fields (and the back-end's arrays)
     are pytree leaves; ``pool`` is static. ``backend`` is one of
-    :class:`~jaxcfl.pde._operators.FFTOperator`, :class:`~jaxcfl.pde._operators.SeparableOperator`
-    or :class:`~jaxcfl.pde._operators.DenseOperator`; :attr:`operator` names it.
+    :class:`~jaxcfl.pde.FFTOperator`, :class:`~jaxcfl.pde.SeparableOperator`
+    or :class:`~jaxcfl.pde.DenseOperator`; :attr:`operator` names it.
     """
 
     image: Array

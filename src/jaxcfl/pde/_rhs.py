@@ -18,10 +18,10 @@ for four models:
 ``Ibar = C^T 1`` is the windowed input sum (eq 19's "input sum"): for each
 kernel offset ``z``, the sum of the image over the positions the kernel visits.
 Every right-hand side is a ``w x w`` array. A new right-hand side is one
-function ``G(problem, kernel, hyper)`` and one :class:`Model` (its facts:
-linearised or not, the form of its linearisation) added to ``_MODELS``; the
-integrator, the sweeps, the bounds and the windowed theory (the Jacobian of
-``G`` at ``K = 0``) take it from there.
+function ``G(problem, kernel, hyper)`` and one :class:`Model` value (its facts:
+linearised or not, the form of its linearisation), passed wherever a model's name is
+accepted; the integrator, the sweeps, the bounds and the windowed theory (the Jacobian of
+``G`` at ``K = 0``) take it from there. Adding it to ``_MODELS`` gives it a name.
 
 Conventions that differ from the printed text (kept consistent with the
 paper's own amplifier, eq 23):
@@ -41,24 +41,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import Array
-from jax.typing import ArrayLike, DTypeLike
+from jax.typing import ArrayLike
 
 from jaxcfl._core import validate as v
-from jaxcfl.pde._problem import (
-    POOLS,
-    Hyper,
-    Problem,
-    correlate,
-    correlate_adjoint,
-    make_hyper,
-    normal_operator,
-)
+from jaxcfl.pde._problem import Hyper, Problem, correlate, correlate_adjoint, normal_operator
 
 __all__ = ["RIGHT_HAND_SIDES", "MODELS", "swish", "swish_grad", "logit", "loss", "grad_nonlinear",
     "grad_linear", "grad_nonconstant", "grad_activated", "Model", "get_model", "gradient_fn", "gradient"]
@@ -131,8 +121,10 @@ def grad_activated(problem: Problem, kernel: Array, hyper: Hyper) -> Array:
     return (problem.pool_scale * a_k) * problem.window_sum + hyper.alpha * kernel
 
 
-class Model(NamedTuple):
-    """A right-hand side and the facts of it that the operators, the sweeps, the bounds and the theory use.
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A right-hand side as a value: ``G`` and the facts of it that the operators, the sweeps, the
+    bounds and the theory use (``str(model)`` is its name, the one a manifest records).
 
     Every linearised model has the form (eqs 20, 28, 35)
 
@@ -141,59 +133,85 @@ class Model(NamedTuple):
     with ``a`` either the constant ``hyper.a`` (eq 20) or ``a(K) = s(b) - y + (c/2) s'(b) <Ibar, K>``
     (D.4), and ``r0``, ``r1`` the activation's linearisation ``r'(x) ~ r0 + r1 beta x``
     (``1/2, 1/2`` for Swish; ``1, 0`` in the activated regime ``r' = 1``). Its Jacobian at
-    ``K = 0``, the operator ``L`` of :mod:`jaxcfl.pde._theory`, is ``c a0 r1 beta W C^T C W``
+    ``K = 0``, the operator ``L`` of :mod:`jaxcfl.theory`, is ``c a0 r1 beta W C^T C W``
     (``a0 = a(0)``) plus, for ``a(K)``, the rank-one term ``(c^2/2) r0 s'(b) Ibar Ibar^T``.
     The nonlinear model's facts ``constant_residual``, ``slope`` and ``bend`` are those of its
     linearisation at ``K = 0`` (the ``nonconstant`` model). A new right-hand side is one
-    ``Model`` added to ``_MODELS``: nothing else asks for a model by name.
+    ``Model`` value, accepted wherever a model's name is (:func:`jaxcfl.sweep`,
+    :func:`jaxcfl.integrate`, :class:`jaxcfl.Setup`, :mod:`jaxcfl.theory`); nothing asks for a
+    model by name. Adding it to ``_MODELS`` names it for the command line.
 
     Attributes:
-      name: its name (a key of ``_MODELS``, one of :data:`MODELS`).
+      name: its name (for the four of :data:`MODELS`, their key in ``_MODELS``).
       gradient: ``G(problem, kernel, hyper)``.
       linearised: ``G`` is built from ``Ibar`` and ``W C^T C W`` alone (no ``r'(C K)``): its step
         is matrix products and the dense operator serves it. ``False``: the correlations of the
-        nonlinearity are needed (no dense operator), and the theory of :mod:`jaxcfl.pde._theory` is
+        nonlinearity are needed (no dense operator), and the theory of :mod:`jaxcfl.theory` is
         that of the linearisation at ``K = 0`` only.
       constant_residual: ``a`` is the constant ``hyper.a``; else ``a(K)``, through which
         ``label`` and ``bias`` enter.
       slope, bend: ``r0`` and ``r1`` above.
       paper_bounds: the paper's closed-form non-windowed bounds (eqs 26-27, 46-47;
-        :func:`jaxcfl.pde._theory.alpha_bounds`, :func:`jaxcfl.pde._theory.dt_bound`) are this model's.
+        :func:`jaxcfl.theory.alpha_bounds`, :func:`jaxcfl.theory.dt_bound`) are this model's.
     """
 
     name: str
-    gradient: RightHandSide
+    gradient: RightHandSide = dataclasses.field(repr=False)
+    _: dataclasses.KW_ONLY
     linearised: bool
     constant_residual: bool
     slope: float = 0.5
     bend: float = 0.5
     paper_bounds: bool = False
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"Model name must be a non-empty string, got {self.name!r:.60}")
+        if not callable(self.gradient):
+            raise TypeError(f"Model gradient must be callable G(problem, kernel, hyper), got {type(self.gradient).__name__}")
+        for field in ("linearised", "constant_residual", "paper_bounds"):
+            if not isinstance(getattr(self, field), bool):
+                raise TypeError(f"Model {field} must be a bool, got {getattr(self, field)!r:.60}")
+        for field in ("slope", "bend"):
+            v.check_finite(field, getattr(self, field))
+            object.__setattr__(self, field, float(getattr(self, field)))
 
-_MODELS: Mapping[str, Model] = {
-    "nonlinear": Model("nonlinear", grad_nonlinear, linearised=False, constant_residual=False),
-    "linear": Model("linear", grad_linear, linearised=True, constant_residual=True, paper_bounds=True),
-    "nonconstant": Model("nonconstant", grad_nonconstant, linearised=True, constant_residual=False),
-    "activated": Model("activated", grad_activated, linearised=True, constant_residual=False, slope=1.0, bend=0.0),
-}
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def affine(self) -> bool:
+        """``G`` is affine in ``K`` (linearised, with the constant ``a``): the windowed theory of
+        :mod:`jaxcfl.theory` is then exact, not that of a linearisation."""
+        return self.linearised and self.constant_residual
+
+
+NONLINEAR = Model("nonlinear", grad_nonlinear, linearised=False, constant_residual=False)
+LINEAR = Model("linear", grad_linear, linearised=True, constant_residual=True, paper_bounds=True)
+NONCONSTANT = Model("nonconstant", grad_nonconstant, linearised=True, constant_residual=False)
+ACTIVATED = Model("activated", grad_activated, linearised=True, constant_residual=False, slope=1.0, bend=0.0)
+_MODELS: Mapping[str, Model] = {m.name: m for m in (NONLINEAR, LINEAR, NONCONSTANT, ACTIVATED)}
 
 #: The right-hand sides by name; the keys are :data:`MODELS`.
 RIGHT_HAND_SIDES: Mapping[str, RightHandSide] = {name: m.gradient for name, m in _MODELS.items()}
 MODELS = tuple(_MODELS)
 
 
-def get_model(name: str) -> Model:
-    """The :class:`Model` called ``name`` (one of :data:`MODELS`; anything else is refused)."""
-    v.check_choice("model", name, MODELS)
-    return _MODELS[name]
+def get_model(model: str | Model) -> Model:
+    """The :class:`Model` called ``model`` (one of :data:`MODELS`; any other name is refused), or
+    ``model`` itself if it is one: where a name is parsed, once, at a public entry point."""
+    if isinstance(model, Model):
+        return model
+    v.check_choice("model", model, MODELS)
+    return _MODELS[model]
 
 
-def gradient_fn(model: str) -> RightHandSide:
-    """The right-hand side ``G(problem, kernel, hyper)`` of ``model`` (one of :data:`MODELS`)."""
+def gradient_fn(model: str | Model) -> RightHandSide:
+    """The right-hand side ``G(problem, kernel, hyper)`` of ``model`` (a :class:`Model` or one of :data:`MODELS`)."""
     return get_model(model).gradient
 
 
-def gradient(problem: Problem, kernel: Array, hyper: Hyper, model: str = "nonlinear") -> Array:
+def gradient(problem: Problem, kernel: Array, hyper: Hyper, model: str | Model = "nonlinear") -> Array:
     """``G(K)`` for ``model``; the gradient PDE is ``dK/dt = -G(K)``.
 
     Example:

@@ -22,10 +22,11 @@ from jax.typing import ArrayLike, DTypeLike
 from jaxcfl._core import validate as v
 from jaxcfl.pde._operators import OPERATORS, FFTOperator, choose_operator
 from jaxcfl.pde._problem import POOLS, Hyper, Problem, make_hyper
-from jaxcfl.pde._rhs import MODELS, RIGHT_HAND_SIDES, Model, RightHandSide, get_model
-from jaxcfl.pde._schemes import GuardSchedule, canonical_scheme, get_scheme
+from jaxcfl.pde._controllers import GuardSchedule, StepSizeController
+from jaxcfl.pde._rhs import Model, RightHandSide, get_model
+from jaxcfl.pde._schemes import Scheme, get_scheme
 
-__all__ = ["make_problem", "Setup"]
+__all__ = ["make_problem", "Setup", "setup_from"]
 
 
 def make_problem(
@@ -48,14 +49,14 @@ def make_problem(
       operator: the correlation back-end (:mod:`jaxcfl.pde._operators`): ``"fft"``
         (any image), ``"separable"`` (a low-rank image), ``"dense"`` (the
         assembled ``W C^T C W``; linearised models only) or ``"auto"``
-        (:func:`jaxcfl.pde._operators.choose_operator`: separable when the image is
+        (:func:`jaxcfl.pde.choose_operator`: separable when the image is
         concrete, has at most ``max_rank`` factors and they pay, else FFT; with
         a linearised ``model``, dense where that is cheaper still).
       max_rank: the most factors to look for (default: the largest rank for
         which the separable products are cheaper than the FFTs, at most
         ``AUTO_MAX_RANK = 8``).
       model: the right-hand side that will be stepped (:data:`jaxcfl.MODELS`),
-        if known; only whether it is linearised (:attr:`jaxcfl.pde._rhs.Model.linearised`)
+        if known; only whether it is linearised (:attr:`jaxcfl.pde.Model.linearised`)
         matters: it informs ``"auto"`` and refuses ``"dense"`` for ``"nonlinear"``.
 
     Raises:
@@ -67,7 +68,7 @@ def make_problem(
     kernel_size = v.check_int("kernel_size", kernel_size, minimum=1)
     v.check_choice("pool", pool, POOLS)
     v.check_choice("operator", operator, OPERATORS)
-    linearised = None if model is None else (model if isinstance(model, Model) else get_model(model)).linearised
+    linearised = None if model is None else get_model(model).linearised
     shape = np.shape(image)
     if kernel_size > min(shape):
         raise ValueError(f"kernel_size={kernel_size} is larger than the image of shape {shape}; it must be <= {min(shape)}")
@@ -101,30 +102,33 @@ _GUARD_FIELDS = ("safety", "guard")
 class Setup:
     """The model constants and the scheme of a run: everything but ``lr``, ``alpha``, ``k`` and the data.
 
-    Frozen and validated on construction (``scheme`` is stored under its
-    canonical name). :meth:`hyper` packs it with ``lr`` and ``alpha`` into the
-    traced :class:`~jaxcfl.pde._problem.Hyper`; :meth:`to_dict` and
-    :meth:`from_dict` round-trip it through a JSON manifest.
+    Frozen and validated on construction. ``model`` and ``scheme`` are given as values
+    (:class:`~jaxcfl.pde.Model`, :class:`~jaxcfl.pde.Scheme`) or by name, and stored as values:
+    a name is parsed here, once. :meth:`hyper` packs it with ``lr`` and ``alpha`` into the
+    traced :class:`~jaxcfl.Hyper`; :meth:`to_dict` and :meth:`from_dict` round-trip it
+    through a JSON manifest, which records the names.
 
     Attributes:
-      model: the right-hand side (:data:`MODELS`).
-      scheme: ``"gd"`` (eq 21) or ``"nesterov"`` (eqs 37-38).
+      model: the right-hand side, a :class:`~jaxcfl.pde.Model` (given as one or by a name of
+        :data:`MODELS`); ``str(setup.model)`` is its name.
+      scheme: the scheme, a :class:`~jaxcfl.pde.Scheme` (given as one or by name: ``"gd"``,
+        eq 21, ``"nesterov"``, eqs 37-38, ``"guarded_gd"``, or an alias).
       pool: ``"sum"`` or ``"mean"`` (the ``c`` of eq 1).
-      beta, a, label, bias: the model's constants (:class:`~jaxcfl.pde._problem.Hyper`).
+      beta, a, label, bias: the model's constants (:class:`~jaxcfl.Hyper`).
       momentum: Nesterov's ``mu``.
       safety, guard: the CFL guard of the ``guarded_gd`` scheme: its margin (``Hyper.safety``)
-        and its :class:`~jaxcfl.pde._schemes.GuardSchedule`; recorded by :meth:`to_dict` only for
+        and its :class:`~jaxcfl.GuardSchedule`; recorded by :meth:`to_dict` only for
         that scheme.
 
     Example:
       >>> import jaxcfl
       >>> s = jaxcfl.Setup(model="nonlinear", scheme="euler", beta=5.0)
-      >>> s.scheme, jaxcfl.Setup.from_dict(s.to_dict()) == s
-      ('gd', True)
+      >>> s.scheme.name, s.to_dict()["scheme"], jaxcfl.Setup.from_dict(s.to_dict()) == s
+      ('gd', 'gd', True)
     """
 
-    model: str = "linear"
-    scheme: str = "gd"
+    model: Model = "linear"  # type: ignore[assignment]  # a name is parsed in __post_init__
+    scheme: Scheme = "gd"  # type: ignore[assignment]
     pool: str = "sum"
     beta: float = 1.0
     a: float = -0.5
@@ -135,8 +139,8 @@ class Setup:
     guard: GuardSchedule = GuardSchedule()
 
     def __post_init__(self) -> None:
-        v.check_choice("model", self.model, MODELS)
-        object.__setattr__(self, "scheme", canonical_scheme(self.scheme))
+        object.__setattr__(self, "model", get_model(self.model))
+        object.__setattr__(self, "scheme", get_scheme(self.scheme))
         v.check_safety("safety", self.safety)
         if np.ndim(self.safety) != 0:
             raise ValueError(f"safety must be a real scalar in a Setup, got shape {np.shape(self.safety)}")
@@ -158,12 +162,18 @@ class Setup:
     @property
     def rhs(self) -> RightHandSide:
         """The right-hand side ``G`` of :attr:`model`."""
-        return RIGHT_HAND_SIDES[self.model]
+        return self.model.gradient
 
     @property
     def guarded(self) -> bool:
-        """Whether the scheme carries the CFL guard (``guarded_gd``)."""
-        return get_scheme(self.scheme).guarded
+        """Whether the scheme's step-size controller adapts the step (the CFL guard: ``guarded_gd``)."""
+        return self.scheme.guarded
+
+    @property
+    def controller(self) -> StepSizeController:
+        """The scheme's step-size controller with this set-up's :attr:`guard` as its schedule
+        (its margin is :attr:`safety`, through :meth:`hyper`)."""
+        return self.scheme.controller.with_schedule(self.guard)
 
     def hyper(self, lr: ArrayLike, alpha: ArrayLike, *, k: ArrayLike = 1.0, dtype: DTypeLike | None = None) -> Hyper:
         """:func:`~jaxcfl.make_hyper` with this set-up's constants; every field broadcast to ``lr``/``alpha``'s shape."""
@@ -173,7 +183,8 @@ class Setup:
     def to_dict(self) -> dict[str, Any]:
         """The JSON form. The guard's numbers appear only for a guarded scheme, so an unguarded
         set-up keeps the identity (result-folder manifest) it had before the guard existed."""
-        out = dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out.update(model=self.model.name, scheme=self.scheme.name, guard=dataclasses.asdict(self.guard))
         if not self.guarded:
             for name in _GUARD_FIELDS:
                 del out[name]
@@ -191,6 +202,20 @@ class Setup:
         return cls(**{n: data[n] for n in names})
 
     def theory_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`jaxcfl.pde._theory.windowed_alpha_bounds` for this set-up."""
+        """The keyword arguments of :func:`jaxcfl.theory.windowed_alpha_bounds` for this set-up."""
         return dict(a=self.a, beta=self.beta, scheme=self.scheme, momentum=self.momentum, model=self.model,
                     pool=self.pool, label=self.label, bias=self.bias)
+
+
+def setup_from(setup: Setup | None, caller: str, **fields: Any) -> Setup:
+    """The :class:`Setup` of a public entry point that takes either ``setup=`` or the set-up's
+    fields as keywords (``None``: not given). Both at once is refused, naming the keywords."""
+    given = {name: value for name, value in fields.items() if value is not None}
+    if setup is None:
+        return Setup(**given)
+    if not isinstance(setup, Setup):
+        raise TypeError(f"setup must be a jaxcfl.Setup, got {type(setup).__name__} {setup!r:.60}")
+    if given:
+        raise TypeError(f"{caller}: pass the set-up either as setup= or as keywords, not both; got setup= and "
+                        f"{', '.join(given)} (use dataclasses.replace(setup, ...) to change a Setup)")
+    return setup

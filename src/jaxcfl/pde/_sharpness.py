@@ -16,8 +16,9 @@ from jaxcfl._core import validate as v
 from jaxcfl._core.curvature import SharpnessTrajectory, _setup, _track
 from jaxcfl.pde._integration import integrate
 from jaxcfl.pde._problem import Hyper, Problem, check_kernel
-from jaxcfl.pde._rhs import loss
-from jaxcfl.pde._schemes import canonical_scheme, init
+from jaxcfl.pde._rhs import Model, get_model, loss
+from jaxcfl.pde._schemes import Scheme, get_scheme
+from jaxcfl.pde._state import init
 
 __all__ = ["integrate_sharpness", "one_layer_loss"]
 
@@ -25,7 +26,7 @@ __all__ = ["integrate_sharpness", "one_layer_loss"]
 def one_layer_loss(kernel: Array, problem: Problem, hyper: Hyper) -> Array:
     """The one-layer CNN's loss (eq 2, with weight decay ``hyper.alpha``) as ``loss_fn(params, *args)``.
 
-    ``jaxcfl.pde._problem.loss(problem, kernel, hyper)`` with the kernel first, for
+    ``jaxcfl.pde.loss(problem, kernel, hyper)`` with the kernel first, for
     :func:`sharpness`, :func:`sharpness_trajectory` and :func:`max_stable_lr`:
     ``sharpness(one_layer_loss, kernel, problem, hyper)`` (``hyper`` unbatched;
     its ``alpha`` is the weight decay, so pass no ``alpha`` to those functions).
@@ -38,8 +39,8 @@ def integrate_sharpness(
     kernel: ArrayLike,
     hyper: Hyper,
     *,
-    scheme: str = "gd",
-    model: str = "nonlinear",
+    scheme: str | Scheme = "gd",
+    model: str | Model = "nonlinear",
     steps: int = 1000,
     every: int = 10,
     iterations: int | None = None,
@@ -51,7 +52,7 @@ def integrate_sharpness(
     its state) and records the loss of eq 2 and its sharpness
     (:func:`one_layer_loss`). For ``model="nonlinear"`` with ``scheme="gd"`` the
     stepped gradient is exactly that loss's gradient; for the linearised models
-    the stepped operator's spectrum is :func:`jaxcfl.pde._theory.windowed_spectrum`,
+    the stepped operator's spectrum is :func:`jaxcfl.theory.windowed_spectrum`,
     and the sharpness here is still that of the true loss.
 
     Args:
@@ -63,12 +64,12 @@ def integrate_sharpness(
 
     Returns:
       :class:`SharpnessTrajectory`; ``threshold`` is the scheme's stability limit
-      (:func:`jaxcfl.pde._theory.stability_limit`: ``2 / lr`` for ``gd``) and ``params``
+      (:func:`jaxcfl.theory.stability_limit`: ``2 / lr`` for ``gd``) and ``params``
       the final kernel.
     """
     from jaxcfl.pde._theory import stability_limit
 
-    scheme = canonical_scheme(scheme)
+    scheme, model = get_scheme(scheme), get_model(model)
     steps = v.check_int("steps", steps, minimum=1)
     every = v.check_int("every", every, minimum=1)
     if not isinstance(hyper, Hyper):

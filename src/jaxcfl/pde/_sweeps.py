@@ -6,7 +6,7 @@ perturbed by ``compare_k`` (paper-notes section 2), and classifies every run as
 stable, restrained or divergent (:mod:`jaxcfl._core.classify`).
 
 * **One program.** Configurations are a batch axis: ``jax.vmap`` over
-  :class:`~jaxcfl.pde._problem.Hyper`, compiled once per chunk shape. Hyperparameters
+  :class:`~jaxcfl.Hyper`, compiled once per chunk shape. Hyperparameters
   are traced, so new values never recompile.
 * **Bounded memory.** The configuration list is cut into chunks of
   ``chunk_size``; only per-run summaries and ``record_points`` samples of the loss,
@@ -46,13 +46,14 @@ from jaxcfl._core.classify import MIN_STEPS, STATUSES, Rule, classify
 from jaxcfl._core.folder import ResultFolder
 from jaxcfl._core.results import SWEEP_CHUNK, csv_text, json_text, jsonable, npz_bytes, write_csv, write_json
 from jaxcfl._core.determinism import fingerprint
+from jaxcfl.pde._controllers import GuardSchedule, StepSizeController
 from jaxcfl.pde._integration import SaveAt, check_guard, map_configs, solve
-from jaxcfl.pde._rhs import get_model
-from jaxcfl.pde._setup import Setup
 from jaxcfl.pde._operators import OPERATORS
 from jaxcfl.pde._problem import Hyper, Problem
-from jaxcfl.pde._setup import make_problem
-from jaxcfl.pde._schemes import GuardSchedule, init
+from jaxcfl.pde._rhs import Model
+from jaxcfl.pde._schemes import Scheme
+from jaxcfl.pde._setup import Setup, make_problem, setup_from
+from jaxcfl.pde._state import init
 
 __all__ = ["SUMMARY_FIELDS", "CURVE_FIELDS", "GUARD_FIELDS", "config_mesh", "SweepSpec", "SweepResult",
     "classify_metrics", "run_configs", "sweep", "prepare"]
@@ -78,7 +79,7 @@ GUARD_FIELDS = ("guard_lambda", "guard_lr", "guard_lr_min")
 def config_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh named ``"config"`` over ``devices`` (default: all devices).
 
-    In a multi-process run (:mod:`jaxcfl._core.distributed`) "all devices" means every device of
+    In a multi-process run (:mod:`jaxcfl.distributed`) "all devices" means every device of
     every process: the configuration axis spans the global mesh.
     """
     devices = list(jax.devices() if devices is None else devices)
@@ -109,13 +110,13 @@ def _records(steps: int, stride: int) -> SaveAt:
     return SaveAt(stride, offset=steps % stride, initial=False)
 
 
-def _run_one(problem: Problem, kernel0: Array, hyper: Hyper, compare_k: Array, *, scheme: str, model: str,
+def _run_one(problem: Problem, kernel0: Array, hyper: Hyper, compare_k: Array, *, scheme: Scheme, model: Model,
              steps: int, stride: int, tail: int, compare: bool, with_loss: bool,
-             guard: GuardSchedule | None = None) -> dict[str, Array]:
-    """One configuration: :func:`jaxcfl.pde._integration.solve` with records ending at ``steps``, then its summary."""
+             controller: StepSizeController) -> dict[str, Array]:
+    """One configuration: :func:`jaxcfl.pde.solve` with records ending at ``steps``, then its summary."""
     save = _records(steps, stride)
     sol = solve(problem, init(kernel0), hyper, scheme=scheme, model=model, steps=steps, save=save,
-                pair_k=compare_k if compare else None, tail=tail, with_loss=with_loss, guard=guard)
+                pair_k=compare_k if compare else None, tail=tail, with_loss=with_loss, controller=controller)
     rec, state = sol.diagnostics, sol.state
     n_records = steps // stride
 
@@ -155,11 +156,11 @@ def _run_one(problem: Problem, kernel0: Array, hyper: Hyper, compare_k: Array, *
 
 
 @functools.partial(jax.jit, static_argnames=("scheme", "model", "steps", "stride", "tail", "compare", "with_loss", "groups",
-                                             "map_batch", "guard"))
+                                             "map_batch", "controller"))
 def _run_batch(problem, kernel0, hypers, compare_k, *, scheme, model, steps, stride, tail, compare, with_loss, groups, map_batch,
-               guard=None):
+               controller):
     run = functools.partial(_run_one, problem, kernel0, scheme=scheme, model=model, steps=steps, stride=stride, tail=tail,
-                            compare=compare, with_loss=with_loss, guard=guard)
+                            compare=compare, with_loss=with_loss, controller=controller)
     return map_configs(lambda args: run(*args), (hypers, compare_k), groups=groups, map_batch=map_batch)
 
 
@@ -192,7 +193,7 @@ class SweepSpec:
     def to_dict(self) -> dict[str, Any]:
         s = self.setup
         out = dict(image=self.image, image_shape=list(self.image_shape), kernel_size=self.kernel_size, kernel=self.kernel,
-                   scheme=s.scheme, model=s.model, pool=s.pool, beta=s.beta, a=s.a, label=s.label, bias=s.bias,
+                   scheme=s.scheme.name, model=s.model.name, pool=s.pool, beta=s.beta, a=s.a, label=s.label, bias=s.bias,
                    momentum=s.momentum, steps=self.steps, compare_k=self.compare_k, record_points=self.record_points,
                    chunk_size=self.chunk_size, dtype=self.dtype, operator=self.operator)
         if s.guarded:  # only then: an unguarded sweep keeps the manifest it had before the guard existed
@@ -235,6 +236,8 @@ class SweepResult:
         shape ``(len(lr), len(alpha), R)``.
       spec: everything that defines the sweep (:class:`SweepSpec`; ``spec.to_dict()`` is its JSON form).
       rule: the classification thresholds used.
+      chunks_reused: how many chunks were read back from ``out`` (committed and intact) rather
+        than computed; a damaged chunk that was recomputed does not count.
     """
 
     lr: np.ndarray
@@ -246,6 +249,7 @@ class SweepResult:
     spec: SweepSpec
     rule: Rule
     image: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    chunks_reused: int = dataclasses.field(default=0, compare=False)
 
     def reclassify(self, rule: Rule) -> "SweepResult":
         """The same runs under other thresholds (nothing is recomputed)."""
@@ -369,7 +373,7 @@ def run_configs(
     mesh: Mesh | None = None,
     folder: ResultFolder | None = None,
     progress: bool | None = None,
-    on_chunk: Callable[[int, int], None] | None = None,
+    on_chunk: Callable[[int, int, bool], None] | None = None,
     with_loss: bool = True,
     width: int | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -377,7 +381,8 @@ def run_configs(
 
     Returns the per-configuration arrays (summaries and ``curve_*``) and the
     record iterations. This is the engine behind :func:`sweep` and
-    :func:`jaxcfl.empirical_bounds`. ``with_loss=False`` skips the loss records
+    :func:`jaxcfl.empirical_bounds`. ``on_chunk(done, total, reused)`` is called after each
+    chunk; ``reused`` says whether it was read back from ``folder`` rather than computed. ``with_loss=False`` skips the loss records
     (a correlation each), which the classification does not need.
     """
     n = int(hypers.lr.shape[0])
@@ -391,7 +396,7 @@ def run_configs(
     width = -(-max(min(chunk_size, n), width or 0) // n_dev) * n_dev
     hypers = jax.tree.map(np.asarray, hypers)  # gather chunks on the host: no per-shape device ops
     # The back-end says how a batch is best mapped (jaxcfl.pde._operators): one wide vmap, or groups.
-    map_batch = problem.backend.map_batch(get_model(setup.model).linearised)
+    map_batch = problem.backend.map_batch(setup.model.linearised)
     map_batch = None if map_batch is None else min(map_batch, width // n_dev)
     n_chunks = -(-n // chunk_size)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -406,13 +411,14 @@ def run_configs(
         lo, hi = index * chunk_size, min(n, (index + 1) * chunk_size)
         cached = (_load_chunk(folder, index, names or _output_names(setup), hi - lo, records)
                   if folder is not None else None)
+        reused = cached is not None
         if cached is None:
             take = np.minimum(np.arange(width) + lo, hi - 1)  # pad with the chunk's last configuration
             hyp = distributed.put_global(jax.tree.map(lambda x: x[take], hypers), sharded)
             ck = distributed.put_global(np.full(width, 1.0 if compare_k is None else compare_k, kernel0.dtype), sharded)
             res = _run_batch(problem_d, kernel_d, hyp, ck, scheme=setup.scheme, model=setup.model, steps=steps, stride=stride, tail=tail,
                              compare=compare, with_loss=with_loss, groups=n_dev, map_batch=map_batch,
-                             guard=setup.guard if setup.guarded else None)
+                             controller=setup.controller)
             res = {k: np.asarray(val)[: hi - lo] for k, val in distributed.gather(res).items()}
             if folder is not None:
                 folder.commit(_chunk_name(index), npz_bytes(res))
@@ -422,7 +428,7 @@ def run_configs(
         if bar is not None:
             bar.update(1)
         if on_chunk is not None:
-            on_chunk(index + 1, n_chunks)
+            on_chunk(index + 1, n_chunks, reused)
     if bar is not None:
         bar.close()
     merged = {k: np.concatenate([r[k] for r in results]) for k in results[0]}
@@ -453,15 +459,16 @@ def sweep(
     lr: ArrayLike,
     alpha: ArrayLike,
     *,
-    scheme: str = "gd",
-    model: str = "linear",
-    pool: str = "sum",
-    beta: float = 1.0,
-    a: float = -0.5,
-    label: float = 1.0,
-    bias: float = 0.0,
-    momentum: float = 0.9,
-    safety: float = 0.9,
+    setup: Setup | None = None,
+    scheme: str | Scheme | None = None,
+    model: str | Model | None = None,
+    pool: str | None = None,
+    beta: float | None = None,
+    a: float | None = None,
+    label: float | None = None,
+    bias: float | None = None,
+    momentum: float | None = None,
+    safety: float | None = None,
     guard: GuardSchedule | None = None,
     steps: int = 1000,
     compare_k: float | None = None,
@@ -478,18 +485,24 @@ def sweep(
     """Run the full ``lr x alpha`` grid and classify every configuration.
 
     Args:
-      image, kernel_size, pool: the problem (:func:`jaxcfl.make_problem`).
+      image, kernel_size: the problem (:func:`jaxcfl.make_problem`).
       lr, alpha: scalars or 1-D arrays; the grid is their outer product.
-      scheme: ``"gd"``, ``"nesterov"`` (``lr`` is ``dt``; ``momentum`` is ``mu``) or
-        ``"guarded_gd"``: forward Euler under the CFL guard, ``dt_n = min(lr, safety 2 / lambda_n)``
-        with ``lambda_n`` the top eigenvalue of the Jacobian of the gradient at the current kernel
-        (:func:`jaxcfl.pde._schemes.guarded_euler_step`). Its metrics add ``guard_lambda``,
-        ``guard_lr`` (the last ``lambda_n`` and ``dt_n``) and ``guard_lr_min`` (the smallest
-        recorded ``dt_n``).
-      model: ``"linear"``, ``"nonconstant"``, ``"activated"`` or ``"nonlinear"``.
-      beta, a, label, bias: the model's constants.
-      safety: the guard's margin in ``(0, 1]`` (``guarded_gd`` only).
-      guard: the guard's :class:`~jaxcfl.pde._schemes.GuardSchedule` (``guarded_gd`` only; default
+      setup: the right-hand side, the scheme and the model's constants, a
+        :class:`jaxcfl.Setup`. Or, instead, the fields of one as keywords (each ``None``:
+        ``Setup``'s default); both at once is a ``TypeError``:
+      scheme: a :class:`~jaxcfl.pde.Scheme` or its name: ``"gd"`` (default), ``"nesterov"``
+        (``lr`` is ``dt``; ``momentum`` is ``mu``) or ``"guarded_gd"``: forward Euler under the
+        CFL guard, ``dt_n = min(lr, safety 2 / lambda_n)`` with ``lambda_n`` the top eigenvalue of
+        the Jacobian of the gradient at the current kernel (:class:`~jaxcfl.pde.CFLController`).
+        A guarded scheme's metrics add ``guard_lambda``, ``guard_lr`` (the last ``lambda_n`` and
+        ``dt_n``) and ``guard_lr_min`` (the smallest recorded ``dt_n``).
+      model: a :class:`~jaxcfl.pde.Model` or its name: ``"linear"`` (default), ``"nonconstant"``,
+        ``"activated"`` or ``"nonlinear"``.
+      pool: ``"sum"`` (default) or ``"mean"``.
+      beta, a, label, bias, momentum: the model's constants and Nesterov's ``mu`` (defaults
+        1, -0.5, 1, 0, 0.9).
+      safety: the guard's margin in ``(0, 1]`` (default 0.9; guarded schemes only).
+      guard: the guard's :class:`~jaxcfl.GuardSchedule` (guarded schemes only; default
         a refresh every 10 iterations with 4 warm-started Lanczos iterations, 30 at first).
       steps: iterations per run.
       compare_k: also run each configuration with perturbation factor ``k`` in
@@ -506,7 +519,7 @@ def sweep(
       mesh: a 1-D :class:`jax.sharding.Mesh` named ``"config"``; default all devices.
       out: directory for incremental, resumable results.
       progress: show a progress bar (``None``: only on a terminal).
-      rule: classification thresholds (:class:`jaxcfl._core.classify.Rule`).
+      rule: classification thresholds (:class:`jaxcfl.Rule`).
       operator: how correlations (and the linearised models' ``W C^T C W``) are
         applied: ``"fft"`` (FFT correlations, any image), ``"separable"``
         (products with the Toeplitz matrices of a low-rank image's factors, see
@@ -525,18 +538,26 @@ def sweep(
     _check_rule(rule)
     v.check_positive("lr", lr_grid)
     v.check_nonnegative("alpha", alpha_grid)
-    guard = check_guard(guard) or GuardSchedule()
-    setup = Setup(model=model, scheme=scheme, pool=pool, beta=beta, a=a, label=label, bias=bias, momentum=momentum,
-                  safety=safety, guard=guard)
+    setup = setup_from(setup, "sweep", model=model, scheme=scheme, pool=pool, beta=beta, a=a, label=label, bias=bias,
+                       momentum=momentum, safety=safety, guard=check_guard(guard))
     problem, kernel0, spec = prepare(image, kernel_size, setup, steps=steps, compare_k=compare_k, key=key, kernel=kernel,
                                      record_points=record_points, chunk_size=chunk_size, operator=operator)
     spec = spec.with_grid(lr_grid, alpha_grid)
+    # What the host holds per configuration (grid, settings, summaries and curves), before any of it is allocated.
+    records = spec.steps // max(1, spec.steps // record_points) + 1
+    per_config = 56 + 18 * np.dtype(problem.dtype).itemsize + 16 * (len(SUMMARY_FIELDS) + len(GUARD_FIELDS)
+                                                                      + len(CURVE_FIELDS) * records)
+    v.check_memory("lr x alpha", lr_grid.size * alpha_grid.size * per_config,
+                   f"a sweep of {lr_grid.size} x {alpha_grid.size} configurations with {records}-point curves",
+                   hint="sweep a coarser grid (or record fewer points)")
     hypers = setup.hyper(np.repeat(lr_grid, alpha_grid.size), np.tile(alpha_grid, lr_grid.size), dtype=problem.dtype)
     folder = None if out is None else ResultFolder(out, kind="sweep", settings=spec.to_dict()).open()
     try:
+        reused: list[bool] = []
         flat, iterations = run_configs(
             problem, kernel0, hypers, setup=setup, steps=spec.steps, compare_k=compare_k, record_points=record_points,
             chunk_size=chunk_size, mesh=mesh, folder=folder, progress=progress,
+            on_chunk=lambda done, total, was_reused: reused.append(was_reused),
         )
     except BaseException:
         if folder is not None:
@@ -546,7 +567,7 @@ def sweep(
     metrics = {k: flat[k].reshape(shape) for k in (*SUMMARY_FIELDS, *GUARD_FIELDS) if k in flat}
     curves = {c: flat[f"curve_{c}"].reshape(*shape, -1) for c in CURVE_FIELDS}
     result = SweepResult(lr_grid, alpha_grid, classify_metrics(metrics, rule, spec), metrics, curves, iterations, spec, rule,
-                         image=np.asarray(problem.image))
+                         image=np.asarray(problem.image), chunks_reused=sum(reused))
     if folder is not None:
         with folder:
             folder.commit("result.json", json_text(result.to_dict()).encode())
@@ -572,7 +593,7 @@ def prepare(image: ArrayLike, kernel_size: int, setup: Setup, *, steps: int, com
     v.check_int("record_points", record_points, minimum=3)
     v.check_int("chunk_size", chunk_size, minimum=1)
     if compare_k is not None:
-        v.check_positive("compare_k", compare_k)
+        v.check_perturbation("compare_k", compare_k)  # k and 1/k normal in the working dtype, before any work
     problem = make_problem(image, kernel_size, pool=setup.pool, operator=operator, model=setup.model)
     if kernel is None:
         key = jax.random.key(0) if key is None else key

@@ -15,8 +15,8 @@ The Nesterov interval is exact: one mode obeys ``K+ = x (1 + mu) K - x mu K-``
 with ``x = 1 - h(alpha + l)``, and both roots of ``z^2 - x(1+mu) z + x mu`` lie
 inside the unit circle iff ``-1/(1 + 2 mu) < x < 1``. ``guarded_gd`` (forward Euler
 under the CFL guard) has ``gd``'s row at its nominal ``dt``. Every function here takes
-these facts from the scheme's :class:`~jaxcfl.pde._schemes.Scheme` and the model's
-:class:`~jaxcfl.pde._rhs.Model`, never from their names. Hence
+these facts from the scheme's :class:`~jaxcfl.pde.Scheme` and the model's
+:class:`~jaxcfl.pde.Model`, never from their names. Hence
 
     alpha_min = -l_min(L),    alpha_max = S / h - l_max(L).
 
@@ -31,7 +31,7 @@ exact limit is 1.43e8 for ``dt = 1e-4``, the paper's 1.33e8).
 ``w x w`` window): ``L = (c a beta / 2) W C^T C W`` for the linear model (plus
 the rank-one term ``(c^2/4) s'(b) Ibar Ibar^T`` for the non-constant one, eq 29).
 Its extreme eigenvalues are computed matrix-free by Lanczos with FFT mat-vecs
-(:func:`jaxcfl._core.spectral.lanczos_extremes`), in float64. The paper found these
+(:func:`jaxcfl.lanczos_extremes`), in float64. The paper found these
 bounds only by trial (Table 5); here they are derived.
 
 All results are returned as Python floats computed in float64: a lower bound
@@ -51,10 +51,10 @@ from jax.tree_util import Partial
 from jax.typing import ArrayLike
 
 from jaxcfl._core import validate as v
-from jaxcfl.pde._rhs import MODELS, get_model, gradient_fn
 from jaxcfl.pde._problem import POOLS, as_kernel, make_hyper
+from jaxcfl.pde._rhs import LINEAR, Model, RightHandSide, get_model
+from jaxcfl.pde._schemes import Scheme, get_scheme
 from jaxcfl.pde._setup import make_problem
-from jaxcfl.pde._schemes import canonical_scheme, get_scheme
 from jaxcfl._core.spectral import Extremes, lanczos_extremes
 
 __all__ = ["PAPER_MOMENTUM", "AlphaBounds", "step_size", "stability_limit", "growth_factor", "symbol",
@@ -92,7 +92,7 @@ def _image64(image: ArrayLike) -> np.ndarray:
     return np.asarray(image, dtype=np.float64)
 
 
-def step_size(scheme: str, lr: float, momentum: float = 0.9) -> float:
+def step_size(scheme: str | Scheme, lr: float, momentum: float = 0.9) -> float:
     """The gradient step ``h`` of a scheme: ``dt`` (eq 21) or ``(1 + mu) dt^2 / 2`` (eq 38)."""
     sch = get_scheme(scheme)
     v.check_positive("lr", lr)
@@ -101,15 +101,17 @@ def step_size(scheme: str, lr: float, momentum: float = 0.9) -> float:
     return sch.step_size(lr, momentum)
 
 
-def stability_limit(scheme: str, lr: float, momentum: float = 0.9) -> float:
+def stability_limit(scheme: str | Scheme, lr: float, momentum: float = 0.9) -> float:
     """Exact upper limit on an eigenvalue ``alpha + l`` for stability: ``S / h``.
 
-    ``2 / dt`` for ``gd``; ``4 / ((1 + 2 mu) dt^2)`` for ``nesterov``.
+    ``2 / dt`` for ``gd``; ``4 / ((1 + 2 mu) dt^2)`` for ``nesterov``; in general the
+    scheme's :attr:`~jaxcfl.pde.Scheme.limit` over its :attr:`~jaxcfl.pde.Scheme.step_size`.
     """
-    return get_scheme(scheme).limit(momentum) / step_size(scheme, lr, momentum)
+    sch = get_scheme(scheme)
+    return sch.limit(momentum) / step_size(sch, lr, momentum)
 
 
-def growth_factor(eigenvalue: ArrayLike, lr: float, *, scheme: str = "gd", momentum: float = 0.9) -> np.ndarray:
+def growth_factor(eigenvalue: ArrayLike, lr: float, *, scheme: str | Scheme = "gd", momentum: float = 0.9) -> np.ndarray:
     """Per-mode amplification of a linear mode with gradient eigenvalue ``alpha + l``.
 
     ``|1 - dt (alpha + l)|`` for ``gd`` (the ``|A(w)|`` of eq 23); the spectral
@@ -117,9 +119,10 @@ def growth_factor(eigenvalue: ArrayLike, lr: float, *, scheme: str = "gd", momen
     ``x = 1 - h (alpha + l)``, for ``nesterov`` (appendix E). A mode is stable
     iff its factor is < 1.
     """
+    sch = get_scheme(scheme)
     lam = np.asarray(eigenvalue, dtype=np.float64)
-    x = 1.0 - step_size(scheme, lr, momentum) * lam
-    return get_scheme(scheme).factor(x, momentum)
+    x = 1.0 - step_size(sch, lr, momentum) * lam
+    return sch.factor(x, momentum)
 
 
 # --- non-windowed (paper) theory ---------------------------------------------------
@@ -127,7 +130,7 @@ def growth_factor(eigenvalue: ArrayLike, lr: float, *, scheme: str = "gd", momen
 def symbol(
     image: ArrayLike,
     *,
-    model: str = "linear",
+    model: str | Model = "linear",
     a: float = -0.5,
     beta: float = 1.0,
     pool: str = "sum",
@@ -162,7 +165,7 @@ def symbol(
         box = np.zeros((n0, n1))
         box[:kernel_size, :kernel_size] = 1.0
         delta = np.abs(np.fft.fft2(box)) ** 2 / kernel_size**2
-    # L = c a0 r1 beta C^T C (+ (c^2/2) r0 s'(b) Ibar Ibar^T for a(K)): jaxcfl.pde._rhs.Model.
+    # L = c a0 r1 beta C^T C (+ (c^2/2) r0 s'(b) Ibar Ibar^T for a(K)): jaxcfl.pde.Model.
     a0 = a if rhs.constant_residual else s_b - label
     lam = c * a0 * rhs.bend * beta * power if rhs.bend else np.zeros_like(power)
     if not rhs.constant_residual:
@@ -175,7 +178,7 @@ def amplifier(
     lr: float,
     alpha: float,
     *,
-    model: str = "linear",
+    model: str | Model = "linear",
     a: float = -0.5,
     beta: float = 1.0,
     pool: str = "sum",
@@ -198,10 +201,9 @@ PAPER_MOMENTUM = 1.0
 of the exact ones; forward Euler's (eqs 24-27) do not depend on ``mu``."""
 
 
-def _paper_limit(scheme: str, lr: float, momentum: float) -> float:
+def _paper_limit(sch: Scheme, lr: float) -> float:
     # S / h at the paper's mu: eq 25, 2 / dt (gd, and the guarded gd's nominal step), and eq 45,
-    # 4 / (3 dt^2) (nesterov). ``momentum`` is not used (the paper's formulas do not have it).
-    sch = get_scheme(scheme)
+    # 4 / (3 dt^2) (nesterov); the paper's formulas do not have the momentum.
     return sch.limit(PAPER_MOMENTUM) / sch.step_size(lr, PAPER_MOMENTUM)
 
 
@@ -211,7 +213,7 @@ def alpha_bounds(
     *,
     a: float = -0.5,
     beta: float = 1.0,
-    scheme: str = "gd",
+    scheme: str | Scheme = "gd",
     momentum: float = 0.9,
     pool: str = "sum",
 ) -> AlphaBounds:
@@ -224,14 +226,14 @@ def alpha_bounds(
 
     Example:
       >>> import jaxcfl
-      >>> lo, hi = jaxcfl.pde._theory.alpha_bounds(jaxcfl.checkerboard(256), 1e-4, scheme="nesterov")
+      >>> lo, hi = jaxcfl.theory.alpha_bounds(jaxcfl.checkerboard(256), 1e-4, scheme="nesterov")
       >>> f"{lo:.3g} {hi:.3g}"
       '1.07e+09 1.33e+08'
     """
-    scheme = canonical_scheme(scheme)
-    step_size(scheme, lr, momentum)  # validates lr and momentum
-    lam = symbol(image, model="linear", a=a, beta=beta, pool=pool)
-    return AlphaBounds(-float(lam.min()), _paper_limit(scheme, float(lr), momentum) - float(lam.max()))
+    sch = get_scheme(scheme)
+    step_size(sch, lr, momentum)  # validates lr and momentum
+    lam = symbol(image, model=LINEAR, a=a, beta=beta, pool=pool)
+    return AlphaBounds(-float(lam.min()), _paper_limit(sch, float(lr)) - float(lam.max()))
 
 
 def dt_bound(
@@ -240,7 +242,7 @@ def dt_bound(
     *,
     a: float = -0.5,
     beta: float = 1.0,
-    scheme: str = "gd",
+    scheme: str | Scheme = "gd",
     pool: str = "sum",
 ) -> float:
     """The paper's CFL bound on ``dt`` (eq 24-25 for ``gd``, eq 45 for ``nesterov``).
@@ -248,11 +250,11 @@ def dt_bound(
     ``dt < 2 / (alpha + max l)`` or ``dt < 2 / sqrt(3 (alpha + max l))``; ``0`` when
     the lower condition ``alpha + min l > 0`` (eq 24/47) fails, so no ``dt`` is stable.
     ``guarded_gd`` has forward Euler's bound (that of its nominal step); in general the
-    bound is the scheme's :meth:`~jaxcfl.pde._schemes.Scheme.dt_limit` at :data:`PAPER_MOMENTUM`.
+    bound is the scheme's :meth:`~jaxcfl.pde.Scheme.dt_limit` at :data:`PAPER_MOMENTUM`.
     """
     sch = get_scheme(scheme)
     v.check_nonnegative("alpha", alpha)
-    lam = symbol(image, model="linear", a=a, beta=beta, pool=pool)
+    lam = symbol(image, model=LINEAR, a=a, beta=beta, pool=pool)
     lo, hi = float(alpha) + float(lam.min()), float(alpha) + float(lam.max())
     if lo <= 0:
         return 0.0
@@ -274,7 +276,7 @@ def activated_alpha_bounds(
     label: float = 1.0,
     bias: float = 0.0,
     pool: str = "sum",
-    scheme: str = "gd",
+    scheme: str | Scheme = "gd",
     momentum: float = 0.9,
 ) -> AlphaBounds:
     """D.5, the activated regime: ``alpha > -q`` and ``alpha < min(S/h, S/h - q)``.
@@ -286,7 +288,7 @@ def activated_alpha_bounds(
     ``2/dt`` for ``gd`` and the exact Nesterov limit otherwise. The modes
     orthogonal to ``Ibar`` add ``0 < alpha``, which the paper leaves implicit.
     """
-    scheme = canonical_scheme(scheme)
+    sch = get_scheme(scheme)
     img = _image64(image)
     c = _pool_scale(img.shape, kernel_size, pool)
     s_b = _sigmoid(bias)
@@ -295,7 +297,7 @@ def activated_alpha_bounds(
     else:
         energy = float(np.sum(np.asarray(_window_sum64(img, kernel_size)) ** 2))
     q = 0.5 * c * c * s_b * (1.0 - s_b) * energy
-    limit = stability_limit(scheme, lr, momentum)
+    limit = stability_limit(sch, lr, momentum)
     return AlphaBounds(-q, min(limit, limit - q))
 
 
@@ -306,25 +308,32 @@ def _window_sum64(img: np.ndarray, kernel_size: int) -> np.ndarray:
         return np.asarray(make_problem(img, kernel_size).window_sum)
 
 
-def _operator_matvec(model, problem, hyper, flat):
+def _operator_matvec(grad, problem, hyper, flat):
     """``L v``: the Jacobian at ``K = 0`` of ``G(K) - alpha K`` (alpha is zero in ``hyper``)."""
     w = problem.kernel_size
-    grad = gradient_fn(model)
     zero = jnp.zeros((w, w), flat.dtype)
     _, tangent = jax.jvp(lambda k: grad(problem, k, hyper), (zero,), (flat.reshape(w, w),))
     return tangent.reshape(-1)
 
 
-# One module-level function per model, so that Partial's tree structure (and the
-# compiled Lanczos solver) is reused across calls.
-_MATVECS = {model: functools.partial(_operator_matvec, model) for model in MODELS}
+def _local_matvec(grad, problem, kernel, hyper, flat):
+    """``J v``: the Jacobian of ``G`` (weight decay included) at ``kernel``."""
+    _, tangent = jax.jvp(lambda k: grad(problem, k, hyper), (kernel,), (flat.reshape(kernel.shape),))
+    return tangent.reshape(-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _matvec(kind, grad: RightHandSide):
+    """One function per right-hand side (and kind of mat-vec), the same object on every call, so that
+    Partial's tree structure (and the compiled Lanczos solver) is reused across calls."""
+    return functools.partial(kind, grad)
 
 
 def windowed_spectrum(
     image: ArrayLike,
     kernel_size: int,
     *,
-    model: str = "linear",
+    model: str | Model = "linear",
     a: float = -0.5,
     beta: float = 1.0,
     pool: str = "sum",
@@ -340,46 +349,37 @@ def windowed_spectrum(
     ``nonconstant`` and ``nonlinear`` (eq 29); ``(c^2/2) s'(b) Ibar Ibar^T`` for
     ``activated``. Lanczos in float64, ``min(w^2, 128)`` iterations by default.
     """
-    v.check_choice("model", model, MODELS)
+    rhs = get_model(model)
     _check_constants(a=a, beta=beta, label=label, bias=bias)
     with jax.enable_x64(True):
         problem = make_problem(_image64(image), kernel_size, pool=pool, dtype=jnp.float64)
         hyper = make_hyper(1.0, 0.0, beta=beta, a=a, label=label, bias=bias, dtype=jnp.float64)
-        matvec = Partial(_MATVECS[model], problem, hyper)
+        matvec = Partial(_matvec(_operator_matvec, rhs.gradient), problem, hyper)
         start = jax.random.normal(jax.random.key(1), (kernel_size * kernel_size,), jnp.float64)
         return lanczos_extremes(matvec, start, iterations=iterations, key=jax.random.key(2))
 
 
-def _local_matvec(model, problem, kernel, hyper, flat):
-    """``J v``: the Jacobian of ``G`` (weight decay included) at ``kernel``."""
-    grad = gradient_fn(model)
-    _, tangent = jax.jvp(lambda k: grad(problem, k, hyper), (kernel,), (flat.reshape(kernel.shape),))
-    return tangent.reshape(-1)
-
-
-_LOCAL_MATVECS = {model: functools.partial(_local_matvec, model) for model in MODELS}
-
-
-def local_spectrum(problem, kernel: ArrayLike, hyper, *, model: str = "nonlinear", iterations: int | None = None) -> Extremes:
+def local_spectrum(problem, kernel: ArrayLike, hyper, *, model: str | Model = "nonlinear",
+                   iterations: int | None = None) -> Extremes:
     """Extreme eigenvalues of the local operator of the PDE: the Jacobian of ``G`` at ``kernel``.
 
     For the nonlinear model this is the Hessian of the loss of eq 2, weight decay included;
     its top eigenvalue is what the guarded scheme (``guarded_gd``) keeps below
     ``2 safety / dt``, and a negative bottom eigenvalue is a mode that grows for every step
-    size (the gradient flow itself is unstable there). Lanczos (:func:`jaxcfl._core.spectral.lanczos_extremes`)
+    size (the gradient flow itself is unstable there). Lanczos (:func:`jaxcfl.lanczos_extremes`)
     in the problem's dtype, ``min(w^2, 128)`` iterations by default.
 
     Args:
       problem: from :func:`jaxcfl.make_problem`.
       kernel: the ``w x w`` kernel ``K``.
       hyper: from :func:`jaxcfl.make_hyper` (``alpha`` and the model's constants are used).
-      model: the right-hand side (:data:`jaxcfl.MODELS`).
+      model: the right-hand side, a :class:`~jaxcfl.pde.Model` or a name of :data:`jaxcfl.MODELS`.
       iterations: Krylov dimension.
     """
 
-    v.check_choice("model", model, MODELS)
+    rhs = get_model(model)
     kernel = as_kernel(problem, kernel)
-    matvec = Partial(_LOCAL_MATVECS[model], problem, kernel, hyper)
+    matvec = Partial(_matvec(_local_matvec, rhs.gradient), problem, kernel, hyper)
     start = jax.random.normal(jax.random.key(1), (kernel.size,), kernel.dtype)
     return lanczos_extremes(matvec, start, iterations=iterations, key=jax.random.key(2))
 
@@ -391,9 +391,9 @@ def windowed_alpha_bounds(
     *,
     a: float = -0.5,
     beta: float = 1.0,
-    scheme: str = "gd",
+    scheme: str | Scheme = "gd",
     momentum: float = 0.9,
-    model: str = "linear",
+    model: str | Model = "linear",
     pool: str = "sum",
     label: float = 1.0,
     bias: float = 0.0,
@@ -414,7 +414,7 @@ def windowed_alpha_bounds(
       kernel_size: window ``w``.
       lr: ``dt`` (for ``nesterov`` the step is ``(1 + mu) dt^2/2``).
       a, beta, label, bias, pool, model: as in :func:`jaxcfl.make_problem` / :func:`jaxcfl.make_hyper`.
-      scheme: ``"gd"`` or ``"nesterov"``.
+      scheme: a :class:`~jaxcfl.pde.Scheme` or its name (``"gd"``, ``"nesterov"``, ...).
       momentum: ``mu`` (nesterov only).
       iterations: Lanczos iterations.
 
@@ -422,12 +422,13 @@ def windowed_alpha_bounds(
       :class:`AlphaBounds` ``(alpha_min, alpha_max)``; ``alpha_min`` may be
       negative (no lower bound) and ``alpha_max < alpha_min`` means no stable alpha.
     """
-    scheme = canonical_scheme(scheme)
-    stability_limit(scheme, lr, momentum)  # validate before the expensive part
+    sch = get_scheme(scheme)
+    stability_limit(sch, lr, momentum)  # validate before the expensive part
     ext = windowed_spectrum(image, kernel_size, model=model, a=a, beta=beta, pool=pool, label=label, bias=bias, iterations=iterations)
-    return bounds_from_spectrum(ext, lr, scheme=scheme, momentum=momentum)
+    return bounds_from_spectrum(ext, lr, scheme=sch, momentum=momentum)
 
 
-def bounds_from_spectrum(spectrum: Extremes, lr: float, *, scheme: str = "gd", momentum: float = 0.9) -> AlphaBounds:
+def bounds_from_spectrum(spectrum: Extremes, lr: float, *, scheme: str | Scheme = "gd",
+                         momentum: float = 0.9) -> AlphaBounds:
     """``(-l_min, S/h - l_max)`` from a precomputed :func:`windowed_spectrum` (reuse it across lr and schemes)."""
     return AlphaBounds(-spectrum.minimum, stability_limit(scheme, lr, momentum) - spectrum.maximum)
