@@ -235,6 +235,7 @@ def _check_variance(got: dict, want: dict) -> None:
     assert got["runs"] == want["runs"] and got["std_over_k"] == want["std_over_k"]
 
 
+@pytest.mark.slow
 def test_sweep_and_bounds_span_both_processes_and_match_one_process(runs, reference):
     for got in _task(runs, "sweep"):
         _check_sweep(got, reference["sweep"])

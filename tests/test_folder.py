@@ -81,12 +81,14 @@ def test_a_kill_between_the_unit_and_the_manifest_leaves_the_old_commit(tmp_path
 
         monkeypatch.setattr(f, "_write_manifest", killed)
         with pytest.raises(KeyboardInterrupt):
-            f.commit("unit.bin", b"second")  # the file is replaced, the manifest is not
+            f.commit("unit.bin", b"second")  # the new bytes are written, the manifest is not
         with pytest.raises(KeyboardInterrupt):
             f.commit("new.bin", b"never committed")
+        assert f.read("unit.bin") == (b"first", "ok")
     with ResultFolder(tmp_path, kind="test", settings=SETTINGS) as f:
-        assert f.read("unit.bin") == (None, "corrupt")  # the torn unit is not taken for committed
+        assert f.read("unit.bin") == (b"first", "ok")  # the last commit stands (kills at every step: test_folder_faults.py)
         assert f.read("new.bin") == (None, "absent")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".jaxcfl.lock", "manifest.json", "unit.bin"]
 
 
 def test_damaged_swapped_and_missing_units(tmp_path):

@@ -127,7 +127,7 @@ def mlp():
     return params, x, y
 
 
-@pytest.mark.parametrize("where", ["perturbed_sgd before", "perturb_update after"])
+@pytest.mark.parametrize("where", [pytest.param("perturbed_sgd before", marks=pytest.mark.slow), "perturb_update after"])
 def test_guarded_runs_can_be_perturbed_powers_of_two_are_bit_identical(mlp, where):
     params, x, y = mlp
     loss = lambda p: _mlp_loss(p, x, y)  # noqa: E731
@@ -227,6 +227,7 @@ def test_a_missing_objective_or_params_is_named():
         opt.update(p, state, value_fn=_quadratic)
 
 
+@pytest.mark.slow
 def test_a_host_side_refresh_follows_the_same_schedule(mlp):
     """``update(..., refresh=refresh_due(step, every))`` (no branch in the program) gives the run
     that the in-program schedule gives."""
@@ -265,7 +266,8 @@ def test_the_guard_defaults_have_one_source():
     assert inspect.signature(guarded_lr).parameters["safety"].default == DEFAULTS.safety
     config = TrainConfig()
     assert {name: getattr(config, f"guard_{name}") for name in DEFAULTS._fields} == DEFAULTS._asdict()
-    assert open_question.DEFAULT_GUARD == DEFAULTS._asdict()
+    options = open_question.Options()
+    assert {name: getattr(options, name) for name in DEFAULTS._fields} == DEFAULTS._asdict()
 
 
 def test_the_guard_refuses_an_optimiser_whose_limit_it_does_not_know():

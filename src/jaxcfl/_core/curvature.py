@@ -8,10 +8,10 @@ eigenvalue of the loss Hessian; Cohen et al. (2021) observed that the
 both sides of that relation for any loss ``loss_fn(params, *args)`` on any
 pytree of float arrays:
 
-* :func:`sharpness`: Lanczos (:func:`jaxcfl._core.spectral.lanczos_extremes`) on
+* :func:`sharpness`: Lanczos (:func:`jaxcfl.lanczos_extremes`) on
   Hessian-vector products (forward-over-reverse, ``jax.jvp`` of ``jax.grad``);
   no Hessian is ever formed. :func:`hessian_eigenpairs`: the ``k`` largest
-  eigenvalues and their eigenvectors (:func:`jaxcfl._core.spectral.top_eigenpairs`).
+  eigenvalues and their eigenvectors (:func:`jaxcfl.top_eigenpairs`).
   Both accept ``physical_batch_size``: the Hessian-vector products are then
   accumulated over chunks of the data, so that memory scales with the chunk,
   not with the data set (as locuslab/edge-of-stability does for Cohen et al.).
@@ -19,7 +19,7 @@ pytree of float arrays:
   full-batch gradient descent, beside ``2 / lr`` (:func:`jaxcfl.integrate_sharpness`
   does the same along :func:`jaxcfl.integrate` for the one-layer CNN).
 * :func:`max_stable_lr`: the largest learning rate whose gradient-descent run
-  stays stable, by :func:`jaxcfl._core.search.log_bisect`; every round runs all its
+  stays stable, by :func:`jaxcfl.log_bisect`; every round runs all its
   candidate learning rates in one vmapped, compiled program.
 
 Everything numeric (params, data ``args``, ``alpha``, ``lr``) is traced; only
@@ -27,7 +27,7 @@ the number of steps of :func:`max_stable_lr` is static. New values of the same
 shapes reuse the compiled programs, as long as ``loss_fn`` is the same Python
 object (a fresh ``lambda`` or ``functools.partial`` per call compiles anew).
 ``args`` are arrays or pytrees of arrays (e.g. a
-:class:`~jaxcfl.pde._problem.Problem` and a :class:`~jaxcfl.pde._problem.Hyper`).
+:class:`~jaxcfl.Problem` and a :class:`~jaxcfl.Hyper`).
 
 References:
   Sun et al., "A PDE-based Explanation of Extreme Numerical Sensitivities and
@@ -314,9 +314,9 @@ def sharpness(
       alpha: weight decay added to the loss (its Hessian adds ``alpha``).
       iterations: Krylov dimension; default ``min(n, 64)`` with ``n`` the number of
         parameters. The extreme eigenvalues converge first (the residual bound in
-        :class:`~jaxcfl._core.spectral.Extremes` says how far); ``iterations = n`` is exact.
+        :class:`~jaxcfl.spectral.Extremes` says how far); ``iterations = n`` is exact.
       key: PRNG key of the random start vector (default ``jax.random.key(0)``).
-      return_extremes: return the :class:`~jaxcfl._core.spectral.Extremes` (smallest and
+      return_extremes: return the :class:`~jaxcfl.spectral.Extremes` (smallest and
         largest eigenvalue with residual bounds) instead of the largest only.
       physical_batch_size: accumulate the Hessian-vector products (and the loss
         checked at ``params``) over chunks of this many examples; memory then scales
@@ -327,7 +327,7 @@ def sharpness(
         operator as without chunks, up to rounding. ``None`` (default): one call on all the data.
 
     Returns:
-      The sharpness as a float, or the :class:`~jaxcfl._core.spectral.Extremes`.
+      The sharpness as a float, or the :class:`~jaxcfl.spectral.Extremes`.
 
     Raises:
       ValueError: the loss is not a scalar or not finite at ``params``, ``params`` is
@@ -355,7 +355,7 @@ def hessian_eigenpairs(
 ) -> Eigenpairs:
     """The ``k`` largest eigenvalues of the Hessian of ``loss_fn(params, *args) + alpha/2 ||params||^2``, with eigenvectors.
 
-    :func:`jaxcfl._core.spectral.top_eigenpairs` on the Hessian-vector products of
+    :func:`jaxcfl.top_eigenpairs` on the Hessian-vector products of
     :func:`sharpness` (same start vector and Krylov space: ``values[0]`` is the
     sharpness). The top eigenvectors are the directions along which gradient descent
     turns unstable first (Cohen et al. 2021; Sun et al., JMLR 2024, appendix F:
@@ -368,7 +368,7 @@ def hessian_eigenpairs(
         The largest pairs converge first; check ``residuals``.
 
     Returns:
-      :class:`~jaxcfl._core.spectral.Eigenpairs`: ``values`` descending; ``vectors`` flat,
+      :class:`~jaxcfl.Eigenpairs`: ``values`` descending; ``vectors`` flat,
       ``(k, n)``, in the order of ``jax.flatten_util.ravel_pytree(params)`` (for dot
       products, projections, warm starts); ``vector_tree(i)`` gives the ``i``-th one
       shaped like ``params`` (e.g. to step along it), ``unravel`` the map itself.
@@ -378,7 +378,7 @@ def hessian_eigenpairs(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from jaxcfl._core.curvature import hessian_eigenpairs
+      >>> from jaxcfl import hessian_eigenpairs
       >>> loss = lambda p, x: jnp.mean(jnp.sum(x * p["w"] ** 2, axis=1))  # Hessian diag(2 mean(x))
       >>> x = jnp.array([[1.0, 2.0, 6.0], [3.0, 2.0, 2.0]])
       >>> pairs = hessian_eigenpairs(loss, {"w": jnp.ones(3)}, x, k=2, physical_batch_size=1)
@@ -565,7 +565,7 @@ def max_stable_lr(
     stationary point (nothing moves there).
 
     Method: ``initial_points`` log-spaced lrs over ``lr_range`` (ends included),
-    then :func:`jaxcfl._core.search.log_bisect` (``candidates`` per round) on the
+    then :func:`jaxcfl.log_bisect` (``candidates`` per round) on the
     bracket around the first unstable point, down to relative width ``rtol``.
     Each round is one call of a compiled program: ``lax.scan`` of the steps,
     vmapped over the round's lrs (padded to a fixed width); lrs and ``alpha``

@@ -10,37 +10,53 @@ Every folder jaxcfl writes results to (a sweep's ``out``, a training run's
   own resume.
 * **Manifest first.** ``manifest.json`` (what the folder holds: its kind and the
   settings that define it) is written before any result. A folder that holds
-  something else is refused.
-* **Atomic units.** A unit of work (a sweep chunk, a training checkpoint) is
-  one file, written to a temporary name, flushed to disk and renamed into
-  place; its SHA-256 then enters the manifest, itself replaced atomically. The
-  manifest's entry is the commit: a unit whose file is missing, or whose bytes
-  do not match, was never committed (a crash between the two renames) or was
-  damaged since, and :meth:`ResultFolder.read` reports which.
+  something else is refused, naming the settings that differ; settings named in
+  ``grows`` (a list, e.g. the seeds of a variance grid) may gain values instead, and the
+  manifest records their union.
+* **Atomic units, and a kill at any instant keeps the last commit.** A unit of work (a
+  sweep chunk, a training checkpoint) is one file. Its bytes go to a temporary file,
+  flushed to disk; then the manifest records the new SHA-256 *and the previous one*
+  (``"previous"``), replaced atomically: that is the commit; then the temporary file is
+  renamed over the unit. Killed before the manifest, the old unit and the old manifest
+  stand; killed between the manifest and the rename, the old file matches the previous
+  checksum, and the next :meth:`ResultFolder.open` takes it back as the committed unit;
+  after the rename, the new unit stands. A unit whose bytes match neither was damaged
+  since, and :meth:`ResultFolder.read` says so. Temporary files of killed writes
+  (``.NAME.*.partial``) are removed when the folder is opened.
+* **Journals: appends that cost what they add.** :meth:`ResultFolder.append` adds a
+  record (its length and SHA-256 in front of it) to an append-only file, flushed to disk;
+  a unit committed afterwards records how many bytes of the journal it vouches for, and
+  :meth:`ResultFolder.records` reads those bytes back, checking every record. A training
+  run appends one record per epoch instead of rewriting its whole history.
+* **A folder it cannot write is one clear error**: :class:`FolderNotWritable` (a
+  ``PermissionError`` and a ``ValueError``), naming the folder, instead of a traceback.
 * **The umask is honoured** (:func:`jaxcfl._core.io.atomic_open`).
-* **One writer across processes.** In a multi-process run (:mod:`jaxcfl._core.distributed`) a
+* **One writer across processes.** In a multi-process run (:mod:`jaxcfl.distributed`) a
   folder opened by every process is *shared*: only process 0 creates, locks, writes and
   reads it; every method is a collective that every process calls at the same point, and
   its outcome (the bytes read, the error raised) is process 0's, on every process. The
   other processes need not see the folder at all (no shared file system is assumed).
-  Inside :func:`jaxcfl._core.distributed.on_leader` process 0 uses it alone; inside
-  :func:`jaxcfl._core.distributed.process_local` a folder belongs to the process that opens it.
+  Inside :func:`jaxcfl.distributed.on_leader` process 0 uses it alone; inside
+  :func:`jaxcfl.distributed.process_local` a folder belongs to the process that opens it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+import struct
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from jaxcfl._core.io import atomic_open
+from jaxcfl._core.io import TEMP_SUFFIX, append_at, atomic_open, publish, write_temp
 from jaxcfl._version import __version__
 
-__all__ = ["MANIFEST", "LOCK", "FolderInUse", "FolderMismatch", "sha256", "ResultFolder"]
+__all__ = ["MANIFEST", "LOCK", "FolderInUse", "FolderMismatch", "FolderNotWritable", "sha256", "ResultFolder"]
 
 try:  # POSIX; elsewhere folders are not locked (documented in docs/reliability.md)
     import fcntl
@@ -60,8 +76,27 @@ class FolderMismatch(ValueError):
     """The folder holds other results (another kind, other settings) or no readable manifest."""
 
 
+class FolderNotWritable(PermissionError, ValueError):
+    """The folder (or a file in it) cannot be created or written: read-only, or another user's."""
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 13]"
+        return str(self.strerror if self.strerror is not None else super().__str__())
+
+
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+_RECORD = struct.Struct("<4sQ32s")  # magic, payload length, SHA-256 of the payload
+_MAGIC = b"jxr1"
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _short(value: Any, most: int = 40) -> str:
+    """``value`` as JSON, cut to ``most`` characters, for a message."""
+    text = json.dumps(value)
+    return text if len(text) <= most else text[:most - 3] + "..."
 
 
 def _plain_json(value: Any) -> Any:
@@ -78,17 +113,27 @@ class ResultFolder:
       settings: what defines its results (JSON-serialisable); a folder whose
         manifest records other settings is refused, naming the keys that differ.
       label: the argument name to use in messages (e.g. ``"out"``).
+      grows: keys of ``settings`` whose values are lists that a later run may extend
+        (new seeds of a grid): they are not compared; once open, ``settings[key]`` is
+        the folder's values followed by the new ones, and the manifest records them.
 
     Use it as a context manager, or call :meth:`open` and :meth:`close`.
     """
 
-    def __init__(self, path: str | os.PathLike, *, kind: str, settings: Mapping[str, Any], label: str = "out"):
+    def __init__(self, path: str | os.PathLike, *, kind: str, settings: Mapping[str, Any], label: str = "out",
+                 grows: Sequence[str] = ()):
         self.path = Path(path)
         self.kind = kind
         self.settings = _plain_json(dict(settings))
         self.label = label
+        self.grows = tuple(grows)
+        for key in self.grows:
+            if not isinstance(self.settings.get(key), list):
+                raise TypeError(f"grows: settings[{key!r}] must be a list, got {self.settings.get(key)!r}")
         self._lock_fd: int | None = None
         self._files: dict[str, str] = {}
+        self._previous: dict[str, str | None] = {}  # the unit being committed: its checksum before (None: absent)
+        self._journals: list[str] = []
         self._shared = False  # opened by every process of a multi-process run: process 0 does the I/O
         self._follower = False  # a shared folder seen from a process other than 0
 
@@ -104,23 +149,38 @@ class ResultFolder:
         if not distributed.shares_folders():
             self._open_here()
             return self
-        files = distributed.on_leader(self._open_here)  # every process raises process 0's error, if any
+        files, settings = distributed.on_leader(self._open_here)  # every process raises process 0's error, if any
         self._shared, self._follower = True, not distributed.is_leader()
-        self._files = dict(files)
+        self._files, self.settings = dict(files), settings
         return self
 
-    def _open_here(self) -> dict[str, str]:
+    def _open_here(self) -> tuple[dict[str, str], dict[str, Any]]:
         if self.path.exists() and not self.path.is_dir():
             raise FolderMismatch(f"{self.label}={str(self.path)!r} is a file, not a folder; give a folder "
                                  f"(it is created if missing)")
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._lock()
+        with self._writable():
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._lock()
         try:
-            self._start_or_resume()
+            with self._writable():
+                self._start_or_resume()
         except BaseException:
             self.close()
             raise
-        return dict(self._files)
+        return dict(self._files), dict(self.settings)
+
+    @contextlib.contextmanager
+    def _writable(self) -> Iterator[None]:
+        """Turn "permission denied" and "read-only file system" into :class:`FolderNotWritable`, naming the folder."""
+        try:
+            yield
+        except OSError as err:
+            if isinstance(err, FolderNotWritable) or err.errno not in _NOT_WRITABLE:
+                raise
+            where = f" ({err.filename})" if err.filename and str(err.filename) != str(self.path) else ""
+            message = (f"{self.label}={str(self.path)!r} cannot be written: {os.strerror(err.errno).lower()}{where}; "
+                       f"give a folder you can write to")
+            raise FolderNotWritable(err.errno, message) from None
 
     def close(self) -> None:
         """Release the lock (the results stay). Not a collective: each process closes its own handle."""
@@ -191,15 +251,74 @@ class ResultFolder:
             raise FolderMismatch(f"{self.label}={str(self.path)!r} holds a {stored.get('kind')} result, not a {self.kind}; "
                                  f"use another folder")
         theirs = stored.get("settings", stored.get("spec"))
-        if theirs != self.settings:
-            theirs = theirs if isinstance(theirs, dict) else {}
-            diff = sorted(k for k in set(theirs) | set(self.settings) if theirs.get(k) != self.settings.get(k))
+        rewrite = False
+        if theirs == {} and self.settings and stored.get("kind") == self.kind:
+            # Written before its command recorded what defines it: adopted, and its units checked one by one.
+            warnings.warn(f"{self.label}={str(self.path)!r}: its {MANIFEST} records no settings (an older jaxcfl); "
+                          f"taking it as this {self.kind}'s folder", stacklevel=5)
+            theirs, rewrite = dict(self.settings), True
+        theirs = theirs if isinstance(theirs, dict) else {}
+        grown = {}
+        for key in self.grows:
+            old = theirs.get(key, [])
+            old = old if isinstance(old, list) else [old]
+            grown[key] = old + [x for x in self.settings[key] if x not in old]
+            rewrite = rewrite or grown[key] != theirs.get(key)
+        fixed = lambda d: {k: d.get(k) for k in set(theirs) | set(self.settings) if k not in self.grows}
+        if fixed(theirs) != fixed(self.settings):
+            diff = sorted(k for k, value in fixed(theirs).items() if value != fixed(self.settings)[k])
+            values = "; ".join(f"{k}={_short(theirs.get(k))} in the folder, {_short(self.settings.get(k))} now"
+                               for k in diff[:3])
             raise FolderMismatch(f"{self.label}={str(self.path)!r} holds a different {self.kind} "
-                                 f"(differs in: {', '.join(diff)}); use another folder")
+                                 f"(differs in: {', '.join(diff)}): {values}; use another folder")
+        self.settings.update(grown)
+        self._remove_partial_writes()  # the folder is this run's: what a killed write left can go
         self._files = {str(k): str(v) for k, v in stored.get("files", {}).items()}
+        journals = stored.get("journals", [])
+        self._journals = [str(j) for j in journals] if isinstance(journals, list) else []
+        previous = stored.get("previous", {})
+        if isinstance(previous, dict) and previous:
+            self._settle(previous)
+            rewrite = True
+        if rewrite:
+            self._write_manifest()
+
+    def _settle(self, previous: Mapping[str, Any]) -> None:
+        """Finish the commit a kill interrupted: a unit whose file still holds its previous bytes (the rename
+        never happened) is that previous unit again; a unit that was new and never landed is absent."""
+        for name, before in previous.items():
+            if name not in self._files:
+                continue
+            try:
+                digest = sha256((self.path / name).read_bytes())
+            except FileNotFoundError:
+                digest = None
+            if digest == self._files[name]:
+                continue  # the rename happened: the new unit stands
+            if before is None:
+                del self._files[name]  # a new unit that never landed: absent (a file there is left to be overwritten)
+            elif digest == before:
+                self._files[name] = str(before)  # the rename never happened: the previous unit stands
+            # else: neither, damaged since; read() reports it
+
+    def _remove_partial_writes(self) -> None:
+        """Remove the temporary files (``.NAME.*.partial``) that killed writes left, here and in sub-folders
+        that are not result folders of their own."""
+        for root, dirs, names in os.walk(self.path):
+            if root != str(self.path) and (LOCK in names or MANIFEST in names):
+                dirs[:] = []  # another folder, with a writer of its own
+                continue
+            for name in names:
+                if name.startswith(".") and name.endswith(TEMP_SUFFIX):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(root, name))
 
     def _write_manifest(self) -> None:
         payload = dict(jaxcfl=__version__, kind=self.kind, settings=self.settings, files=self._files)
+        if self._journals:
+            payload["journals"] = self._journals
+        if self._previous:
+            payload["previous"] = self._previous
         with atomic_open(self.path / MANIFEST, "w") as fh:
             json.dump(payload, fh, indent=1, allow_nan=False)
 
@@ -210,18 +329,40 @@ class ResultFolder:
             raise RuntimeError(f"{self!r} is not open; use it in a with block or call open()")
 
     def commit(self, name: str, data: bytes) -> Path:
-        """Write the unit ``name`` atomically and record its checksum: after this, it is committed."""
+        """Write the unit ``name`` atomically and record its checksum: after this, it is committed.
+
+        Killed at any instant, the folder holds the new unit or, when the kill came first, the
+        one committed before it (module docstring)."""
         self._check_open()
         path, self._files[name] = self._on_writer(lambda: self._commit_here(name, data))
         return path
 
     def _commit_here(self, name: str, data: bytes) -> tuple[Path, str]:
         path = self.path / name
-        with atomic_open(path, "wb") as fh:
-            fh.write(data)
-        self._files[name] = sha256(data)
-        self._write_manifest()
+        with self._writable():
+            tmp = write_temp(path, data)
+            before = self._files.get(name)
+            try:
+                self._files[name], self._previous = sha256(data), {name: before}
+                self._write_manifest()  # the commit: the new checksum, and the previous one until the rename
+            except BaseException:
+                self._restore(name, before)
+                os.unlink(tmp)
+                raise
+            finally:
+                self._previous = {}  # the next manifest drops it: this rename is done by then, or settled on open
+            try:
+                publish(tmp, path)
+            except BaseException:
+                self._restore(name, before)
+                raise
         return path, self._files[name]
+
+    def _restore(self, name: str, digest: str | None) -> None:
+        if digest is None:
+            self._files.pop(name, None)
+        else:
+            self._files[name] = digest
 
     def read(self, name: str) -> tuple[bytes | None, str]:
         """``(data, state)`` of unit ``name``; ``data`` is ``None`` unless ``state == "ok"``.
@@ -260,7 +401,8 @@ class ResultFolder:
                  if not missing_ok or (self.path / name).is_file()}
         if found:
             self._files.update(found)
-            self._write_manifest()
+            with self._writable():
+                self._write_manifest()
         return found
 
     def forget(self, name: str) -> None:
@@ -271,7 +413,79 @@ class ResultFolder:
 
     def _forget_here(self, name: str) -> None:
         if self._files.pop(name, None) is not None:
-            self._write_manifest()
+            with self._writable():
+                self._write_manifest()
+
+    # --- journals ---------------------------------------------------------------------------
+
+    def append(self, name: str, data: bytes, *, at: int) -> int:
+        """Add ``data`` as one record to the journal ``name``, after its first ``at`` bytes; returns its new length.
+
+        What followed ``at`` is dropped (an append that no commit vouched for). The record is
+        flushed to disk, but committed only by a unit committed afterwards that records the
+        returned length (:meth:`records` reads that many bytes back).
+        """
+        self._check_open()
+        return self._on_writer(lambda: self._append_here(name, data, at))
+
+    def _append_here(self, name: str, data: bytes, at: int) -> int:
+        with self._writable():
+            if name not in self._journals:
+                self._journals.append(name)
+                self._write_manifest()
+            frame = _RECORD.pack(_MAGIC, len(data), hashlib.sha256(data).digest()) + data
+            return append_at(self.path / name, frame, at)
+
+    def records(self, name: str, length: int) -> tuple[list[bytes] | None, str]:
+        """``(records, state)``: the records in the first ``length`` bytes of the journal ``name``.
+
+        ``state`` is ``"ok"``, ``"missing"`` (no file, or fewer than ``length`` bytes) or
+        ``"corrupt"`` (a record whose bytes do not match its checksum, or a cut record);
+        ``records`` is ``None`` unless ``"ok"``. Bytes after ``length`` are not read.
+        """
+        self._check_open()
+        return self._on_writer(lambda: self._records_here(name, length))
+
+    def _records_here(self, name: str, length: int) -> tuple[list[bytes] | None, str]:
+        if length == 0:
+            return [], "ok"
+        try:
+            with open(self.path / name, "rb") as fh:
+                data = fh.read(length)
+        except FileNotFoundError:
+            return None, "missing"
+        if len(data) < length:
+            return None, "missing"
+        out, pos = [], 0
+        while pos < length:
+            if length - pos < _RECORD.size:
+                return None, "corrupt"
+            magic, size, digest = _RECORD.unpack_from(data, pos)
+            payload = data[pos + _RECORD.size:pos + _RECORD.size + size]
+            if magic != _MAGIC or len(payload) != size or hashlib.sha256(payload).digest() != digest:
+                return None, "corrupt"
+            out.append(payload)
+            pos += _RECORD.size + size
+        return out, "ok"
+
+    def write_plain(self, name: str, data: bytes, *, at: int | None = None) -> int:
+        """A file that is no unit (a view derived from committed units, e.g. a CSV of a journal): written
+        atomically whole (``at=None``), or ``data`` appended after its first ``at`` bytes without a flush.
+        Not recorded in the manifest; returns the file's new length."""
+        self._check_open()
+        return self._on_writer(lambda: self._write_plain_here(name, data, at))
+
+    def _write_plain_here(self, name: str, data: bytes, at: int | None) -> int:
+        with self._writable():
+            if at is None:
+                with atomic_open(self.path / name, "wb") as fh:
+                    fh.write(data)
+                return len(data)
+            try:
+                size = (self.path / name).stat().st_size
+            except FileNotFoundError:
+                size = 0
+            return append_at(self.path / name, data, min(at, size), sync=False)  # a view cut short stays a view
 
     @property
     def files(self) -> dict[str, str]:

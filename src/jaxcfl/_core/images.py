@@ -16,7 +16,7 @@ import numpy as np
 from jax import Array
 from jax.typing import DTypeLike
 
-from jaxcfl._core.validate import check_int
+from jaxcfl._core.validate import check_int, check_memory
 
 __all__ = ["LUMA_WEIGHTS", "checkerboard", "load_image"]
 
@@ -35,6 +35,10 @@ def checkerboard(n: int, *, dtype: DTypeLike | None = None) -> Array:
     Returns:
       An ``(n, n)`` array of +-1.
 
+    Raises:
+      ValueError: ``n < 1``, or an array larger than this machine's memory (refused before
+        anything is allocated, with the estimate).
+
     References:
       Sun et al. (2024), Section 5 / appendix E: the input of the one-layer CNN.
 
@@ -44,9 +48,10 @@ def checkerboard(n: int, *, dtype: DTypeLike | None = None) -> Array:
       [[-1.0, 1.0, -1.0], [1.0, -1.0, 1.0], [-1.0, 1.0, -1.0]]
     """
     n = check_int("n", n, minimum=1)
+    dtype = jax.dtypes.canonicalize_dtype(dtype if dtype is not None else float)
+    check_memory("n", n * n * np.dtype(dtype).itemsize, f"a {n} x {n} {np.dtype(dtype).name} checkerboard")
     idx = jnp.arange(n)
     parity = (idx[:, None] + idx[None, :]) % 2
-    dtype = jax.dtypes.canonicalize_dtype(dtype if dtype is not None else float)
     return jnp.where(parity == 0, -1.0, 1.0).astype(dtype)
 
 
@@ -79,8 +84,9 @@ def load_image(source: str | os.PathLike, *, size: int = 256) -> np.ndarray:
       A float64 NumPy array of shape ``(height, width)``, every value finite.
 
     Raises:
-      ValueError: the file is missing, unreadable, not 2-D, not real, not finite or
-        empty; the message names ``source``.
+      ValueError: the file is missing, unreadable, truncated, not 2-D, not real, not
+        finite or empty, or larger than this machine's memory (judged from a ``.npy``
+        file's header, before anything is read); the message names ``source``.
 
     Example:
       >>> import jaxcfl
@@ -88,6 +94,9 @@ def load_image(source: str | os.PathLike, *, size: int = 256) -> np.ndarray:
       [[-1.0, 1.0], [1.0, -1.0]]
     """
     if isinstance(source, str) and source == "checkerboard":
+        size = check_int("size", size, minimum=1)
+        check_memory("size", size * size * (8 + np.dtype(jax.dtypes.canonicalize_dtype(float)).itemsize),
+                     f"a {size} x {size} checkerboard")
         return np.asarray(checkerboard(size), np.float64)
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"source must be 'checkerboard' or a path, got {type(source).__name__} {source!r:.60}")
@@ -108,7 +117,38 @@ def load_image(source: str | os.PathLike, *, size: int = 256) -> np.ndarray:
     return image
 
 
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int] | None:
+    """``(shape, dtype, offset of the data)`` of a ``.npy`` file, read from its header alone;
+    ``None`` when the file does not start like one (``np.load`` then says why)."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version in ((2, 0), (3, 0)):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                return None
+            return tuple(int(n) for n in shape), np.dtype(dtype), f.tell()
+    except (OSError, ValueError, TypeError, EOFError):
+        return None
+
+
 def _read_npy(path: Path) -> np.ndarray:
+    header = _npy_header(path)
+    if header is not None:  # what the header claims, checked before anything is allocated
+        shape, dtype, offset = header
+        count = int(np.prod(shape, dtype=object))
+        if not dtype.hasobject:
+            shown = " x ".join(map(str, shape)) or "scalar"
+            converted = 0 if dtype == np.float64 else 8  # the float64 copy
+            check_memory("source", count * (dtype.itemsize + converted),
+                         f"{str(path)!r} (its header says: a {shown} {dtype.name} array)",
+                         hint="give a smaller image")
+            have, need = path.stat().st_size - offset, count * dtype.itemsize
+            if have < need:
+                raise ValueError(f"{str(path)!r} is truncated: its header claims a {shown} {dtype.name} array "
+                                 f"({need} bytes), but the file holds {max(have, 0)} bytes of data")
     try:
         image = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
@@ -125,6 +165,10 @@ def _read_picture(path: Path) -> np.ndarray:
 
     try:
         with Image.open(path) as picture:
+            width, height = picture.size  # from the header: checked before any pixel is decoded
+            check_memory("source", width * height * 8 * (len(picture.getbands()) + 2),
+                         f"{str(path)!r} (a {width} x {height} {picture.mode} picture, decoded and converted to grey)",
+                         hint="give a smaller image")
             picture = ImageOps.exif_transpose(picture)
             return _grey(picture, path)
     except UnidentifiedImageError:

@@ -21,13 +21,14 @@ methods, :meth:`~ResultDir.finish` and the :class:`RowCache` use it; figures are
 with ``plot.save(fig, results.file(name))``, sweeps and training runs get their
 sub-folders from it), so that what a result folder promises (a lock for its lifetime,
 taken where the folder is made; a checksum per file; a manifest completed by
-``finish``: issue 15) can be added here once, for every experiment. This module is
+``finish``: ``docs/reliability.md``) can be added here once, for every experiment. This module is
 one of the shared pieces (it imports no PDE, network or front-end module).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -48,6 +49,7 @@ __all__ = [
     "ResultDir",
     "RowCache",
     "Stopwatch",
+    "identity_json",
     "jsonable",
     "read_json",
     "stderr",
@@ -212,6 +214,38 @@ def sweep_chunks_on_disk(folder: str | os.PathLike | None, chunks: int) -> int:
 
 # --- the folder ------------------------------------------------------------------------------------
 
+def _float_dtype() -> str:
+    """The working float dtype (``float64`` under ``jax_enable_x64``): part of every run's identity."""
+    import jax
+
+    return str(jax.dtypes.canonicalize_dtype(float))
+
+
+def identity_json(identity: Mapping[str, Any]) -> dict[str, Any]:
+    """``identity`` as the JSON a manifest records: tuples as lists, arrays as lists, named tuples,
+    dataclasses and objects with ``to_dict()`` as dicts. Anything else is a ``TypeError`` naming the entry."""
+
+    def plain(value: Any, where: str) -> Any:
+        if hasattr(value, "to_dict") and callable(value.to_dict):
+            value = value.to_dict()
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)
+        elif isinstance(value, tuple) and hasattr(value, "_asdict"):
+            value = value._asdict()
+        if isinstance(value, Mapping):
+            return {str(k): plain(v, f"{where}.{k}") for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        value = jsonable(value)
+        if isinstance(value, list):
+            return [plain(v, where) for v in value]
+        if value is None or isinstance(value, (str, bool, int, float)):
+            return value
+        raise TypeError(f"identity: {where} is a {type(value).__name__}, which a manifest cannot record")
+
+    return {str(k): plain(v, str(k)) for k, v in identity.items()}
+
+
 class RowCache:
     """Finished rows, one JSON unit each in a :class:`~jaxcfl._core.folder.ResultFolder`, reused by a rerun
     whose settings match.
@@ -274,15 +308,28 @@ class ResultDir:
     :meth:`write_json`, :meth:`write_csv`, :meth:`write_npz` and the row caches,
     and of every file named through :meth:`file` (figures) when the run ends.
 
+    ``identity`` says what defines the run (its arguments, less where its output goes and how
+    it is shown), and the working float dtype is added to it: a folder that holds a run of
+    another identity is refused with :class:`~jaxcfl._core.folder.FolderMismatch`, naming the
+    entries that differ, so that no command writes over another run's results. The entries
+    named in ``grows`` are lists that a rerun may extend (new seeds of a grid): the folder then
+    holds, and :attr:`identity` gives, its earlier values followed by the new ones. A folder it
+    cannot write is :class:`~jaxcfl._core.folder.FolderNotWritable`, naming it.
+
     ``ResultDir(None)`` writes nothing (``writes`` is False; its ``write_*`` methods raise)
     and its row caches find nothing. ``seconds()`` counts from construction either way, or
     from the start of ``clock`` when one is given.
     """
 
-    def __init__(self, path: str | os.PathLike | None, *, kind: str = "experiment", clock: Stopwatch | None = None):
+    def __init__(self, path: str | os.PathLike | None, *, kind: str = "experiment", clock: Stopwatch | None = None,
+                 identity: Mapping[str, Any] | None = None, grows: Sequence[str] = ()):
         self.path = None if path is None else Path(path)
         self.clock = Stopwatch() if clock is None else clock
-        self.folder = None if self.path is None else ResultFolder(self.path, kind=kind, settings={}).open()
+        self.identity: dict[str, Any] = {} if identity is None else identity_json({"dtype": _float_dtype(), **identity})
+        self.folder = None
+        if self.path is not None:
+            self.folder = ResultFolder(self.path, kind=kind, settings=self.identity, grows=grows).open()
+            self.identity = dict(self.folder.settings)
         self._named: list[str] = []
 
     def __repr__(self) -> str:

@@ -204,10 +204,10 @@ def lanczos_eigh(
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from jaxcfl._core.spectral import lanczos_eigh
+      >>> from jaxcfl import spectral
       >>> @jax.jit
       ... def top2(diagonal, start):
-      ...     return lanczos_eigh(lambda v: diagonal * v, start, jax.random.key(0), iterations=10, k=2)
+      ...     return spectral.lanczos_eigh(lambda v: diagonal * v, start, jax.random.key(0), iterations=10, k=2)
       >>> values, vectors, residuals, floor = top2(jnp.arange(1.0, 11.0), jnp.ones(10))
       >>> values.round(4).tolist(), jnp.abs(vectors).argmax(axis=1).tolist()
       ([10.0, 9.0], [9, 8])
@@ -263,7 +263,7 @@ def lanczos_extremes(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from jaxcfl._core.spectral import lanczos_extremes
+      >>> from jaxcfl import lanczos_extremes
       >>> diagonal = jnp.arange(1.0, 11.0)
       >>> ext = lanczos_extremes(lambda v: diagonal * v, jnp.ones(10))
       >>> round(ext.minimum, 4), round(ext.maximum, 4), ext.iterations
@@ -305,7 +305,7 @@ class Eigenpairs:
         the accuracy of the vectors).
       iterations: Krylov dimension used.
       rounding_floor: as in :class:`Extremes`.
-      unravel: for the Hessian of a loss (:func:`jaxcfl._core.curvature.hessian_eigenpairs`),
+      unravel: for the Hessian of a loss (:func:`jaxcfl.hessian_eigenpairs`),
         the map from a flat vector to a pytree shaped like ``params``; else ``None``.
     """
 
@@ -355,7 +355,7 @@ def top_eigenpairs(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from jaxcfl._core.spectral import top_eigenpairs
+      >>> from jaxcfl import top_eigenpairs
       >>> diagonal = jnp.arange(1.0, 11.0)
       >>> pairs = top_eigenpairs(lambda v: diagonal * v, jnp.ones(10), k=3)
       >>> pairs.values.round(4).tolist(), pairs.vectors.shape, pairs.iterations

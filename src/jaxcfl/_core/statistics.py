@@ -7,8 +7,10 @@ of 364 is 0.27 accuracy points), so this module adds what such a table can
 carry:
 
 * :func:`spread` and :func:`bootstrap_spread`: the mean population std along
-  one axis, with a two-stage percentile-bootstrap interval;
-* :func:`compare_spreads`: whether two such intervals say "same size";
+  one axis, with a two-stage percentile-bootstrap interval (undefined, ``None``,
+  with one value per group: one value has no spread);
+* :func:`compare_spreads`: whether two such intervals say "same size"
+  ("undetermined" when either spread is undefined);
 * :func:`churn` and :func:`pairwise_churn`: the fraction of test examples whose
   predicted class differs between two runs, a finer measure than the accuracy
   (two runs with equal accuracy can disagree on many examples);
@@ -23,7 +25,8 @@ carry:
   weight divergence between two runs grows), :func:`verdict_sentence`.
 
 Everything is NumPy on the host: these are statistics of a finished table, not
-part of any compiled step.
+part of any compiled step. Inputs are checked first: a ragged table, text, or a
+level that is not a finite number is refused naming the argument.
 """
 
 from __future__ import annotations
@@ -39,27 +42,57 @@ from numpy.typing import ArrayLike
 from jaxcfl._core import validate as v
 @dataclasses.dataclass(frozen=True)
 class Interval:
-    """A point estimate with a bootstrap confidence interval ``[low, high]``."""
+    """A point estimate with a bootstrap confidence interval ``[low, high]``.
 
-    estimate: float
-    low: float
-    high: float
+    ``estimate``, ``low`` and ``high`` are ``None`` when the spread is undefined: one value per
+    group (one seed, say) has no spread, and a std of 0.0 would claim one that was measured
+    (:func:`bootstrap_spread`). :func:`compare_spreads` then answers ``"undetermined"``.
+    """
+
+    estimate: float | None
+    low: float | None
+    high: float | None
     level: float
 
-    def to_dict(self) -> dict[str, float]:
+    @property
+    def defined(self) -> bool:
+        """Whether the interval holds numbers (not an undefined spread)."""
+        return self.estimate is not None and self.low is not None and self.high is not None
+
+    def to_dict(self) -> dict[str, float | None]:
         return {"std": self.estimate, "ci_low": self.low, "ci_high": self.high, "level": self.level}
 
     def __str__(self) -> str:
+        if not self.defined:
+            return "undefined (one value per group)"
         return f"{self.estimate:.3g} [{self.low:.3g}, {self.high:.3g}]"
+
+
+UNDETERMINED = "undetermined"
+""":func:`compare_spreads`'s answer when a spread is undefined (one value per group)."""
+
+
+def _axis(axis: Any) -> int:
+    if isinstance(axis, bool) or axis not in (0, 1):
+        raise ValueError(f"axis must be 0 or 1, got {axis!r:.40}")
+    return int(axis)
+
+
+def _levels(levels: Any, name: str = "levels") -> tuple[float, ...]:
+    """``levels``: one number or a 1-D sequence of finite numbers, as floats."""
+    arr = v.as_array(name, levels)
+    if arr.ndim > 1:
+        raise ValueError(f"{name} must be a number or a 1-D sequence of numbers, got shape {arr.shape}")
+    arr = np.atleast_1d(arr)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be finite, got {arr.tolist()}")
+    return tuple(float(level) for level in arr)
 
 
 def _table(table: ArrayLike, axis: int) -> np.ndarray:
     """``table`` as a float array with the members of each group along the last axis."""
-    t = np.asarray(table, np.float64)
-    if t.ndim != 2:
-        raise ValueError(f"table must be 2-D (k x seed), got shape {t.shape}")
-    if axis not in (0, 1):
-        raise ValueError(f"axis must be 0 or 1, got {axis!r}")
+    t = v.as_array("table", table, ndim=2, what="(k x seed)")
+    _axis(axis)
     if min(t.shape) < 1:
         raise ValueError(f"table must not be empty, got shape {t.shape}")
     if not np.all(np.isfinite(t)):
@@ -67,15 +100,19 @@ def _table(table: ArrayLike, axis: int) -> np.ndarray:
     return np.moveaxis(t, axis, -1)
 
 
-def spread(table: ArrayLike, axis: int) -> float:
+def spread(table: ArrayLike, axis: int) -> float | None:
     """Mean over groups of the population std along ``axis``.
 
     ``axis=0`` on a k x seed table: the std across k of each seed (the
     perturbation's spread), averaged over seeds; ``axis=1``: across seeds of each
     k (the batch order's spread), averaged over k. Population std (``ddof=0``), as
-    in the paper's tables.
+    in the paper's tables. ``None`` when the table has one entry along ``axis``
+    (one seed, say): one value has no spread, and 0.0 would claim a measured one.
     """
-    return float(_table(table, axis).std(axis=-1).mean())
+    groups = _table(table, axis)
+    if groups.shape[-1] < 2:
+        return None
+    return float(groups.std(axis=-1).mean())
 
 
 def bootstrap_spread(table: ArrayLike, axis: int, *, resamples: int = 2000, level: float = 0.95,
@@ -98,14 +135,18 @@ def bootstrap_spread(table: ArrayLike, axis: int, *, resamples: int = 2000, leve
       seed: seed of the resampling (the result is reproducible).
 
     Returns:
-      :class:`Interval`.
+      :class:`Interval`; undefined (``None`` numbers) when the table has one entry along
+      ``axis``, where no spread exists.
     """
     groups = _table(table, axis)
     resamples = v.check_int("resamples", resamples)
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    level = _level(level)
     rng = np.random.default_rng(v.check_int("seed", seed, minimum=0))
     g, n = groups.shape
+    if n < 2:
+        return Interval(None, None, None, level)
+    v.check_memory("resamples", resamples * g * (2 * n + 1) * 8, f"{resamples} resamples of {g} group(s) of {n}",
+                   hint="use fewer resamples")
     pick_group = rng.integers(0, g, size=(resamples, g))
     pick_member = rng.integers(0, n, size=(resamples, g, n))
     shrinkage = np.sqrt(n / (n - 1)) if n > 1 else 1.0
@@ -114,9 +155,25 @@ def bootstrap_spread(table: ArrayLike, axis: int, *, resamples: int = 2000, leve
     return Interval(spread(table, axis), float(low), float(high), float(level))
 
 
+def _level(level: Any) -> float:
+    try:
+        ok = not isinstance(level, bool) and np.ndim(level) == 0 and 0 < float(level) < 1
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"level must be a number in (0, 1), got {level!r:.40}")
+    return float(level)
+
+
 def compare_spreads(perturbation: Interval, seeds: Interval) -> str:
     """``"same size"`` when the two intervals overlap, else ``"smaller"`` or ``"larger"``
-    (the perturbation's spread against the seeds')."""
+    (the perturbation's spread against the seeds'); :data:`UNDETERMINED` when either spread
+    is undefined (one value per group: no spread to compare)."""
+    for name, value in (("perturbation", perturbation), ("seeds", seeds)):
+        if not isinstance(value, Interval):
+            raise ValueError(f"{name} must be an Interval, got {type(value).__name__}")
+    if not (perturbation.defined and seeds.defined):
+        return UNDETERMINED
     if perturbation.high < seeds.low:
         return "smaller"
     if perturbation.low > seeds.high:
@@ -126,7 +183,7 @@ def compare_spreads(perturbation: Interval, seeds: Interval) -> str:
 
 def churn(a: ArrayLike, b: ArrayLike) -> float:
     """Fraction of examples whose predicted class differs between two runs."""
-    a, b = np.asarray(a), np.asarray(b)
+    a, b = v.as_array("a", a, None), v.as_array("b", b, None)
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
         raise ValueError(f"predictions must be two non-empty 1-D arrays of one shape, got {a.shape} and {b.shape}")
     return float(np.mean(a != b))
@@ -160,11 +217,10 @@ def pairwise_churn(predictions: ArrayLike, axis: int) -> PairwiseSummary:
     ``axis=0``: pairs of k at each seed (what the perturbation changes);
     ``axis=1``: pairs of seeds at each k (what the batch order changes).
     """
-    p = np.asarray(predictions)
+    p = v.as_array("predictions", predictions, None, what="(k, seeds, examples)")
     if p.ndim != 3 or p.shape[2] == 0:
         raise ValueError(f"predictions must have shape (k, seeds, examples), got {p.shape}")
-    if axis not in (0, 1):
-        raise ValueError(f"axis must be 0 or 1, got {axis!r}")
+    axis = _axis(axis)
     p = np.moveaxis(p, axis, 1)  # (groups, members, examples)
     if p.shape[1] < 2:
         raise ValueError(f"churn along axis {axis} needs at least 2 runs, got {p.shape[1]}")
@@ -173,13 +229,13 @@ def pairwise_churn(predictions: ArrayLike, axis: int) -> PairwiseSummary:
 
 
 def divergence_curve(a: ArrayLike, b: ArrayLike) -> np.ndarray:
-    """:func:`jaxcfl._core.determinism.divergence` of ``a[t]`` and ``b[t]`` for every row ``t``
+    """:func:`jaxcfl.divergence` of ``a[t]`` and ``b[t]`` for every row ``t``
     (two ``(steps, entries)`` trajectories), as a NumPy array."""
     import jax
 
     from jaxcfl._core.determinism import divergence
 
-    a, b = np.asarray(a), np.asarray(b)
+    a, b = v.as_array("a", a, None), v.as_array("b", b, None)
     if a.shape != b.shape or a.ndim != 2:
         raise ValueError(f"a and b must be 2-D arrays (steps, entries) of one shape, got {a.shape} and {b.shape}")
     return np.asarray(jax.vmap(divergence)(a, b), np.float64)
@@ -208,9 +264,15 @@ def log_slope(x: ArrayLike, y: ArrayLike, *, cap: float = np.inf) -> GrowthRate 
     Returns:
       :class:`GrowthRate`, or ``None`` with fewer than 3 usable points.
     """
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    x, y = v.as_array("x", x), v.as_array("y", y)
     if x.shape != y.shape or x.ndim != 1:
         raise ValueError(f"x and y must be 1-D arrays of one shape, got {x.shape} and {y.shape}")
+    try:
+        cap_ok = not isinstance(cap, bool) and np.ndim(cap) == 0 and float(cap) > 0
+    except (TypeError, ValueError):
+        cap_ok = False
+    if not cap_ok:
+        raise ValueError(f"cap must be a number > 0 (inf: no cap), got {cap!r:.40}")
     with np.errstate(invalid="ignore"):
         keep = np.isfinite(x) & np.isfinite(y) & (y > 0) & (y < cap)
     if keep.sum() < 3:
@@ -229,13 +291,12 @@ def log_slope(x: ArrayLike, y: ArrayLike, *, cap: float = np.inf) -> GrowthRate 
 def first_crossing(curve: ArrayLike, levels: Sequence[float]) -> dict[float, int | None]:
     """For each level, the first step (1-based) at which ``curve`` exceeds it; ``None``: never.
 
-    A NaN entry counts as above every level (a copy that blew up has diverged).
+    A NaN entry counts as above every level (a copy that blew up has diverged). ``levels`` is
+    one finite number or a sequence of them.
     """
-    c = np.asarray(curve, np.float64)
-    if c.ndim != 1:
-        raise ValueError(f"curve must be 1-D, got shape {c.shape}")
+    c = v.as_array("curve", curve, ndim=1)
     out: dict[float, int | None] = {}
-    for level in levels:
+    for level in _levels(levels):
         above = np.flatnonzero(~(c <= level))
         out[float(level)] = int(above[0]) + 1 if above.size else None
     return out
@@ -266,7 +327,7 @@ def std_interval(values: ArrayLike, *, resamples: int = 2000, level: float = 0.9
     Returns:
       :class:`Interval` (``estimate``: the std; ``low``, ``high``: the interval).
     """
-    x = np.asarray(values, np.float64)
+    x = v.as_array("values", values, what="(one value per run)")
     if x.ndim != 1:
         raise ValueError(f"values must be 1-D (one value per run), got shape {x.shape}")
     bad = int(np.count_nonzero(~np.isfinite(x)))
@@ -309,6 +370,8 @@ def verdict_sentence(name: str, source: Interval, reference: Interval, metric_na
     verdict = compare_sources(source, reference)
 
     def show(iv: Interval) -> str:
+        if not iv.defined:
+            return "undefined"
         return f"{_short(iv.estimate)} [{_short(iv.low)}, {_short(iv.high)}]"
 
     unit = f" {metric_name}" if metric_name else ""
@@ -326,7 +389,7 @@ def pairwise_correlation(outputs: ArrayLike) -> PairwiseSummary:
     Returns:
       :class:`PairwiseSummary` of the ``runs (runs - 1) / 2`` correlations, each in ``[-1, 1]``.
     """
-    x = np.asarray(outputs, np.float64)
+    x = v.as_array("outputs", outputs, what="(runs, examples, ...)")
     if x.ndim < 2 or x.shape[0] < 2 or x[0].size < 2:
         raise ValueError(f"outputs must have shape (runs >= 2, examples, ...) with >= 2 entries per run, got {x.shape}")
     if not np.all(np.isfinite(x)):
@@ -350,7 +413,7 @@ def pairwise_disagreement(predictions: ArrayLike) -> PairwiseSummary:
     Returns:
       :class:`PairwiseSummary` of the ``runs (runs - 1) / 2`` fractions of examples on which two runs disagree.
     """
-    p = np.asarray(predictions)
+    p = v.as_array("predictions", predictions, None, what="(runs, examples)")
     if p.ndim != 2 or p.shape[0] < 2 or p.shape[1] == 0:
         raise ValueError(f"predictions must have shape (runs >= 2, examples >= 1), got {p.shape}")
     if not (np.issubdtype(p.dtype, np.integer) or p.dtype == np.bool_):
@@ -400,13 +463,13 @@ def ensemble_gain(outputs: ArrayLike, labels: ArrayLike) -> EnsembleGain:
     Returns:
       :class:`EnsembleGain`.
     """
-    z = np.asarray(outputs, np.float64)
+    z = v.as_array("outputs", outputs, what="(runs, examples, classes)")
     if z.ndim != 3 or min(z.shape) < 1:
         raise ValueError(f"outputs must have shape (runs, examples, classes), none empty, got {z.shape}")
     if not np.all(np.isfinite(z)):
         raise ValueError("outputs holds NaN or infinite logits")
     runs, examples, classes = z.shape
-    y = np.asarray(labels)
+    y = v.as_array("labels", labels, None)
     if y.shape != (examples,):
         raise ValueError(f"labels must have shape ({examples},) (one per example of outputs), got {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):
@@ -449,12 +512,12 @@ def amplification(curve: ArrayLike, *, scale: float = 1) -> dict[str, Any]:
       multiplies it. A non-finite entry (a run blew up) counts as amplified, with
       ``peak_divergence`` ``None``; otherwise ``peak_divergence`` is the curve's maximum.
     """
-    c = np.asarray(curve)
+    c = v.as_array("curve", curve, None)
     if not np.issubdtype(c.dtype, np.floating):
         c = c.astype(np.float64)
     if c.ndim != 1 or c.size == 0:
         raise ValueError(f"curve must be a non-empty 1-D array, got shape {c.shape}")
-    if np.ndim(scale) != 0:
+    if isinstance(scale, bool) or np.ndim(scale) != 0:
         raise ValueError(f"scale must be a number > 0, got {scale!r}")
     v.check_positive("scale", scale)
     steps = c.size
@@ -516,12 +579,12 @@ def divergence_summary(curve: ArrayLike, *, levels: Sequence[float] = (1e-3, 1e-
       curve: 1-D, one divergence (>= 0, or NaN/inf for a run that blew up) per step.
       levels: the levels of ``first_step``, finite and > 0.
     """
-    c = np.asarray(curve, np.float64)
+    c = v.as_array("curve", curve)
     if c.ndim != 1 or c.size == 0:
         raise ValueError(f"curve must be a non-empty 1-D array, got shape {c.shape}")
     if np.any(c < 0):
         raise ValueError(f"curve must be >= 0 (a divergence), got minimum {np.nanmin(c)}")
-    levels = tuple(float(level) for level in np.atleast_1d(np.asarray(levels, np.float64)))
+    levels = _levels(levels)
     if levels:
         v.check_positive("levels", levels)
     amp = amplification(c)
@@ -544,6 +607,7 @@ __all__ = [
     "Interval",
     "PairwiseSummary",
     "SATURATION",
+    "UNDETERMINED",
     "amplification",
     "bootstrap_spread",
     "churn",

@@ -6,9 +6,9 @@ nonlinearity, and amplify every last-bit error. Their extended discussion (appen
 learning rates adapted in time so that every step satisfies the local stability
 condition. :func:`cfl_guard` is that learning rate, as an optax transform.
 
-For SGD with momentum ``mu`` (PyTorch convention, as :func:`jaxcfl.nn._perturb.perturbed_sgd`)
+For SGD with momentum ``mu`` (PyTorch convention, as :func:`jaxcfl.perturbed_sgd`)
 a quadratic mode of curvature ``l`` is stable iff ``lr l < S(mu)``
-(:func:`jaxcfl.pde._schemes.momentum_limit`: ``2`` for plain gradient descent, eq 21;
+(:func:`jaxcfl.limits.momentum_limit`: ``2`` for plain gradient descent, eq 21;
 ``2 (1 + mu)`` for heavy ball; ``2 (1 + mu) / (1 + 2 mu)`` for Nesterov, eqs 37-38).
 The guard estimates the top eigenvalue ``lambda_max`` of the Hessian of the objective,
 weight decay included, and takes the step
@@ -19,7 +19,7 @@ by scaling the optimiser's final update by ``lr_eff / lr``. In the PyTorch conve
 learning rate multiplies the momentum buffer at each step, so this scaling *is* a
 learning-rate schedule: the optimiser with the guard is the optimiser with ``lr_eff``.
 
-``lambda_max`` comes from Lanczos on Hessian-vector products (:func:`jaxcfl._core.spectral.lanczos_eigh`,
+``lambda_max`` comes from Lanczos on Hessian-vector products (:func:`jaxcfl.spectral.lanczos_eigh`,
 ``jax.jvp`` of ``jax.grad``), refreshed every ``every`` steps and warm-started from the
 previous top eigenvector, so that a refresh converges in a few iterations. The estimate
 is the top Ritz value plus its residual bound, which errs on the side of a smaller step.
@@ -52,17 +52,17 @@ from jaxcfl._core.spectral import lanczos_eigh
 
 ScalarOrSchedule = float | ArrayLike | Callable[[Array], ArrayLike]
 
-__all__ = ["DEFAULTS", "CFLGuardState", "GuardDefaults", "cfl_guard", "check_guarded", "guard_state", "guarded_lr",
-           "refresh_due"]
+__all__ = ["DEFAULTS", "CFLGuardState", "GuardDefaults", "cfl_guard", "check_guarded", "guard_problems", "guard_state",
+           "guarded_lr", "refresh_due", "warn_guard_problems"]
 
 
 class GuardDefaults(NamedTuple):
-    """The network guard's defaults, in one place: :func:`cfl_guard`, :class:`jaxcfl.nn._preset.TrainConfig`
+    """The network guard's defaults, in one place: :func:`cfl_guard`, :class:`jaxcfl.TrainConfig`
     and ``jaxcfl reproduce open-question`` take them from :data:`DEFAULTS`.
 
     Measured on the built-in ``cnn`` (``benchmarks/cfl_guard.py``, ``docs/cfl_guard.md``): they cost
     22-26% of a training step on a 2-core CPU and stayed within 15% of a 48-iteration sharpness.
-    The guard on the PDE (:class:`jaxcfl.pde._schemes.GuardSchedule`) has its own schedule, measured on
+    The guard on the PDE (:class:`jaxcfl.GuardSchedule`) has its own schedule, measured on
     Figure 4's problem: a refresh every 10 iterations and at every one of the first 20.
     """
 
@@ -85,6 +85,14 @@ class CFLGuardState(NamedTuple):
       lr: the effective learning rate of the last step, ``min(lr, safety S / lambda_max)``.
       base_lr: the optimiser's learning rate at the last step (its schedule's value).
       vector: the flat top-eigenvector estimate: the warm start of the next refresh.
+      failed_estimates: refreshes whose estimate was not a finite number (a ``value_fn``
+        that returned NaN, say). The guard fails closed: the last finite ``lambda_max``
+        (and its vector) stay in force, and with none yet the step is refused.
+      refused_steps: steps whose update the guard set to zero: no finite ``lambda_max``
+        known yet, or a schedule's learning rate that was negative or not finite.
+      bad_lr: steps whose schedule gave a negative or non-finite learning rate (refused).
+
+    The three counters are never reset; :func:`guard_problems` reads them on the host.
     """
 
     count: Array
@@ -92,19 +100,37 @@ class CFLGuardState(NamedTuple):
     lr: Array
     base_lr: Array
     vector: Array
+    failed_estimates: Array
+    refused_steps: Array
+    bad_lr: Array
 
 
 def guarded_lr(lr: ArrayLike, lambda_max: ArrayLike, *, safety: ArrayLike = DEFAULTS.safety, momentum: ArrayLike = 0.0,
                nesterov: bool = False) -> Array:
     """``min(lr, safety * S(momentum) / lambda_max)``: the step inside the stability region.
 
-    ``S`` is :func:`jaxcfl.pde._schemes.momentum_limit`. A ``lambda_max`` that is not a finite
+    ``S`` is :func:`jaxcfl.limits.momentum_limit`. A ``lambda_max`` that is not a finite
     positive number leaves ``lr`` unchanged (no mode to keep stable, or nothing known).
     Every argument but ``nesterov`` may be traced.
     """
     lr = jnp.asarray(lr)
     limit = jnp.asarray(safety, lr.dtype) * jnp.asarray(momentum_limit(momentum, nesterov), lr.dtype)
     return guarded_step_size(lr, lambda_max, limit)
+
+
+_MAX_COUNT = int(np.iinfo(np.int32).max)
+"""The largest step count the guard's int32 counter holds (and so the largest ``every``)."""
+
+
+def _check_key(key: Any) -> Any:
+    """A PRNG key (``jax.random.key(seed)``, or a legacy ``uint32[2]`` one), else ``TypeError`` naming ``key``."""
+    dtype = getattr(key, "dtype", None)
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    raw = dtype == np.uint32 and np.shape(key) == (2,)
+    if not (typed or raw) or (typed and np.ndim(key) != 0):
+        got = f"shape {np.shape(key)} and dtype {dtype}" if dtype is not None else f"{type(key).__name__} {key!r:.60}"
+        raise TypeError(f"key must be one PRNG key, e.g. jax.random.key(0), got {got}")
+    return key
 
 
 def _check(learning_rate, momentum, nesterov, weight_decay, safety, every, iterations) -> None:
@@ -115,8 +141,10 @@ def _check(learning_rate, momentum, nesterov, weight_decay, safety, every, itera
         raise ValueError("nesterov=True needs momentum > 0")
     v.check_nonnegative("weight_decay", weight_decay)
     v.check_safety("safety", safety)
-    if v.is_concrete(every) and (isinstance(every, bool) or not float(every).is_integer() or every < 1):
-        raise ValueError(f"every must be an integer >= 1 (steps between refreshes of lambda_max), got {every!r}")
+    if v.is_concrete(every) and (isinstance(every, bool) or np.ndim(every) != 0 or not np.isfinite(float(every))
+                                 or not float(every).is_integer() or not 1 <= every <= _MAX_COUNT):
+        raise ValueError(f"every must be an integer in [1, {_MAX_COUNT}] (steps between refreshes of lambda_max), "
+                         f"got {every!r:.40}")
     v.check_int("iterations", iterations, minimum=1)
 
 
@@ -167,6 +195,13 @@ def cfl_guard(
     Every number but ``nesterov`` and ``iterations`` may be a traced array: new values never
     recompile. The state (:class:`CFLGuardState`) records ``lambda_max`` and the effective lr.
 
+    The guard fails closed. A refresh whose estimate is not finite (a ``value_fn`` that
+    returns NaN) keeps the last finite ``lambda_max`` in force; with none yet, the step is
+    refused (its update set to zero). A schedule's negative or non-finite learning rate is
+    refused too. The state counts each case (``failed_estimates``, ``refused_steps``,
+    ``bad_lr``); :func:`guard_problems` says them in words, and an ``update`` run outside
+    ``jit`` warns at once (``RuntimeWarning``).
+
     When to refresh: by default the program decides (``lax.cond`` on the step count). On
     XLA's CPU backend a convolution inside a ``lax.cond`` branch runs about 10x slower than
     outside one, and under ``jax.vmap`` (copies in lockstep) the branch becomes a select
@@ -185,13 +220,15 @@ def cfl_guard(
     """
     _check(learning_rate, momentum, nesterov, weight_decay, safety, every, iterations)
     v.check_int("first_iterations", first_iterations, minimum=1)
-    key = jax.random.key(0) if key is None else key
+    key = jax.random.key(0) if key is None else _check_key(key)
 
     def init_fn(params):
         flat, _ = ravel_pytree(params)
         start = jax.random.normal(key, flat.shape, flat.dtype)
         nan = jnp.full((), jnp.nan, flat.dtype)
-        return CFLGuardState(count=jnp.zeros((), jnp.int32), lambda_max=nan, lr=nan, base_lr=nan, vector=start)
+        zero = jnp.zeros((), jnp.int32)
+        return CFLGuardState(count=zero, lambda_max=nan, lr=nan, base_lr=nan, vector=start, failed_estimates=zero,
+                             refused_steps=zero, bad_lr=zero)
 
     def update_fn(updates, state, params=None, *, value_fn=None, refresh=None, **extra_args):
         del extra_args
@@ -217,39 +254,111 @@ def cfl_guard(
             pairs = lanczos_eigh(hvp, state.vector, jax.random.fold_in(key, state.count), iterations=n_iter, k=1,
                                  unroll=True)
             # The Ritz value plus its residual bound: errs towards a larger lambda, a smaller step.
-            return (pairs.values[0] + pairs.residuals[0]).astype(dtype), pairs.vectors[0].astype(dtype)
+            lam, vec = (pairs.values[0] + pairs.residuals[0]).astype(dtype), pairs.vectors[0].astype(dtype)
+            # Fail closed: a non-finite estimate (value_fn gave NaN, ...) keeps the last finite one in force.
+            ok = jnp.isfinite(lam) & jnp.all(jnp.isfinite(vec))
+            return jnp.where(ok, lam, state.lambda_max), jnp.where(ok, vec, state.vector), ~ok
 
         def keep():
-            return state.lambda_max, state.vector
+            return state.lambda_max, state.vector, jnp.zeros((), bool)
 
         if refresh is None:  # the schedule, in the program: a refresh every `every` steps
             due = (state.count % jnp.asarray(every, state.count.dtype)) == 0
-            lam, vector = lax.cond(state.count == 0, lambda: estimate(first=True),
-                                   lambda: lax.cond(due, estimate, keep))
+            lam, vector, failed = lax.cond(state.count == 0, lambda: estimate(first=True),
+                                           lambda: lax.cond(due, estimate, keep))
         elif refresh == "first":  # the caller's choice, made on the host: no branch in the program
-            lam, vector = estimate(first=True)
+            lam, vector, failed = estimate(first=True)
         else:
-            lam, vector = estimate() if refresh else keep()
+            lam, vector, failed = estimate() if refresh else keep()
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         lr = jnp.asarray(lr, dtype)
-        lr_eff = guarded_lr(lr, lam, safety=safety, momentum=momentum, nesterov=nesterov)
-        scale = jnp.where(lr > 0, lr_eff / jnp.where(lr > 0, lr, 1), 1)
+        lr_ok = jnp.isfinite(lr) & (lr >= 0)  # a schedule's negative or NaN lr never passes
+        known = jnp.isfinite(lam)  # no finite estimate yet: the step is refused, not left uncapped
+        lr_eff = jnp.where(lr_ok & known, guarded_lr(jnp.where(lr_ok, lr, 0), lam, safety=safety, momentum=momentum,
+                                                     nesterov=nesterov), 0)
+        scale = jnp.where(lr_ok & known, jnp.where(lr > 0, lr_eff / jnp.where(lr > 0, lr, 1), 1), 0)
         updates = jax.tree.map(lambda u: None if u is None else (u * scale.astype(u.dtype)), updates,
                                is_leaf=lambda x: x is None)
-        return updates, CFLGuardState(count=optax.safe_increment(state.count), lambda_max=lam, lr=lr_eff,
-                                      base_lr=lr, vector=vector)
+        if v.is_concrete((failed, lr_ok, known)):  # run op by op, not traced: say so at once
+            _warn_now(bool(failed), bool(lr_ok), bool(known), lr)
+        one = jnp.ones((), jnp.int32)
+        return updates, CFLGuardState(
+            count=optax.safe_increment(state.count), lambda_max=lam, lr=lr_eff, base_lr=lr, vector=vector,
+            failed_estimates=state.failed_estimates + jnp.where(failed, one, 0),
+            refused_steps=state.refused_steps + jnp.where(lr_ok & known, 0, one),
+            bad_lr=state.bad_lr + jnp.where(lr_ok, 0, one))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _warn_now(failed: bool, lr_ok: bool, known: bool, lr: Array) -> None:
+    """The warnings of one step that ran outside ``jit`` (inside it, read :func:`guard_problems`)."""
+    import warnings
+
+    if failed:
+        warnings.warn("cfl_guard: the estimate of lambda_max is not finite (value_fn returned NaN or inf?); "
+                      "the last finite estimate (if any) stays in force", RuntimeWarning, stacklevel=3)
+    if not lr_ok:
+        warnings.warn(f"cfl_guard: the learning rate is {float(lr)!r}, negative or not finite; the step is refused "
+                      f"(update set to zero)", RuntimeWarning, stacklevel=3)
+    elif not known:
+        warnings.warn("cfl_guard: no finite lambda_max is known yet; the step is refused (update set to zero)",
+                      RuntimeWarning, stacklevel=3)
 
 
 def refresh_due(step: int, every: int) -> bool | str:
     """What step ``step`` (0-based, host-side) does with ``lambda_max`` under :func:`cfl_guard`'s
     schedule: ``"first"`` (the first estimate, step 0), ``True`` (a warm refresh, every ``every``
-    steps) or ``False``. For callers that pass ``update(..., refresh=...)``."""
-    step = int(step)
+    steps) or ``False``. For callers that pass ``update(..., refresh=...)``.
+
+    Raises:
+      ValueError: ``step`` is not an integer >= 0, or ``every`` not an integer >= 1.
+    """
+    whole = []
+    for name, value, minimum in (("step", step, 0), ("every", every, 1)):
+        try:
+            number = None if isinstance(value, bool) else float(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is None or not np.isfinite(number) or not number.is_integer() or number < minimum:
+            raise ValueError(f"refresh_due: {name} must be an integer >= {minimum}, got {value!r:.40}")
+        whole.append(int(number))
+    step, every = whole
     if step == 0:
         return "first"
-    return step % int(every) == 0
+    return step % every == 0
+
+
+def guard_problems(state: CFLGuardState) -> list[str]:
+    """What went wrong in a guard's run so far, in words (host-side; ``[]``: nothing).
+
+    Reads the counters of :class:`CFLGuardState` (a lockstep state's counters are summed over
+    its copies): failed estimates (the last finite ``lambda_max`` kept, or the step refused),
+    refused steps, and steps whose schedule gave a negative or non-finite learning rate.
+    A trainer reports them; :func:`warn_guard_problems` turns them into a warning.
+    """
+    failed, refused, bad = (int(np.sum(np.asarray(x))) for x in (state.failed_estimates, state.refused_steps,
+                                                                  state.bad_lr))
+    out = []
+    if failed:
+        out.append(f"{failed} refresh(es) of lambda_max gave a non-finite estimate (value_fn returned NaN or inf?); "
+                   f"the last finite estimate stayed in force")
+    if bad:
+        out.append(f"{bad} step(s) had a negative or non-finite learning rate from the schedule; they were refused "
+                   f"(update set to zero)")
+    if refused - bad > 0:
+        out.append(f"{refused - bad} step(s) were refused (update set to zero) because no finite lambda_max was known")
+    return out
+
+
+def warn_guard_problems(state: CFLGuardState) -> list[str]:
+    """:func:`guard_problems`, each emitted as a ``RuntimeWarning``; returns them."""
+    import warnings
+
+    problems = guard_problems(state)
+    for problem in problems:
+        warnings.warn(f"cfl_guard: {problem}", RuntimeWarning, stacklevel=2)
+    return problems
 
 
 def guard_state(opt_state: Any) -> CFLGuardState | None:
@@ -284,7 +393,7 @@ def _states_in_order(tree: Any):
 def check_guarded(opt_state: Any) -> None:
     """Refuse a :func:`cfl_guard` that guards an optimiser whose stability limit it does not know.
 
-    The guard keeps ``lr lambda_max`` below the limit of SGD (:func:`jaxcfl.pde._schemes.momentum_limit`),
+    The guard keeps ``lr lambda_max`` below the limit of SGD (:func:`jaxcfl.limits.momentum_limit`),
     which is wrong for an adaptive optimiser (Adam's limit is on the *preconditioned* sharpness,
     Cohen et al. 2022). Every transform chained before the guard must be one of SGD's
     (:data:`_SGD_STATES`: SGD, momentum, weight decay, schedules, the perturbation), and only

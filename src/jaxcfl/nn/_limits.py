@@ -10,7 +10,7 @@ sharpness stays below a threshold (the edge of stability, Cohen et al. 2021 and 
   ``P = diag(sqrt(v_hat) + eps)`` read from Adam's state, below ``(2 + 2 beta1) / ((1 - beta1) lr)``
   (38 / lr for beta1 = 0.9; Cohen et al., "Adaptive Gradient Methods at the Edge of Stability").
 
-The SGD constants are :func:`jaxcfl.pde._schemes.momentum_limit`'s. Each object gives ``threshold``
+The SGD constants are :func:`jaxcfl.limits.momentum_limit`'s. Each object gives ``threshold``
 and ``scale(opt_state)``: the per-parameter factor ``P^-1/2`` by which the Hessian is preconditioned
 (``None`` for SGD), so that one sharpness routine measures every optimiser against its own limit.
 """

@@ -14,7 +14,7 @@ A training run is four objects and the data:
   ``(seed, epoch) -> iterable of (x, y) batches`` (a loader the user already has).
 
 :class:`Copies` says what differs between the copies of one run: the perturbation ``k`` of
-the update (the paper's ``fl(lr k) * fl(u / k)``, :func:`jaxcfl.nn._perturb.perturb_update`
+the update (the paper's ``fl(lr k) * fl(u / k)``, :func:`jaxcfl.perturb_update`
 chained last), any traced hyperparameter of the optimiser (learning rate, weight decay,
 momentum: one value per copy, so an ``lr x weight-decay`` grid is one run), the
 initialisation seed, a one-ulp change of the initial weights, the batch order, the
@@ -55,7 +55,7 @@ from jaxcfl._core import validate as v
 from jaxcfl._core.folder import ResultFolder
 from jaxcfl._core.results import npz_bytes
 from jaxcfl._core.determinism import divergence, fingerprint
-from jaxcfl.nn._guard import check_guarded, guard_state, refresh_due
+from jaxcfl.nn._guard import check_guarded, guard_state, refresh_due, warn_guard_problems
 from jaxcfl.nn._perturb import perturb_update, ulp_perturb
 
 __all__ = [
@@ -570,7 +570,7 @@ class TrainResult:
     """History of a lockstep run. Arrays have one column per copy.
 
     ``test_accuracy`` holds the metric (accuracy by default); ``config`` is the preset's
-    :class:`jaxcfl.nn._preset.TrainConfig` for the built-in experiments, ``None`` otherwise
+    :class:`jaxcfl.TrainConfig` for the built-in experiments, ``None`` otherwise
     (``settings`` then says what ran).
     """
 
@@ -634,12 +634,29 @@ class TrainResult:
 
 
 CHECKPOINT = "checkpoint.npz"
-"""The checkpoint of a run: weights, optimiser state, curves and history in one file, committed atomically."""
+"""The checkpoint of a run: weights, optimiser and RNG state, the last predictions, and how much of
+:data:`HISTORY` it vouches for, in one file committed atomically after every epoch (its size does not
+grow with the epochs)."""
 
-_CURVES = ("step_divergence", "probe_divergence", "param_trace", "test_predictions", "guard_lr", "guard_lambda",
-           "test_outputs", "checksums")
-"""Arrays of the checkpoint beside the weights: the per-step curves and the last predictions
-(``guard_*``: the CFL guard's effective lr and sharpness estimate, empty without the guard)."""
+HISTORY = "history.log"
+"""The run's history, one checksummed record per epoch appended to a journal
+(:meth:`jaxcfl._core.folder.ResultFolder.append`): the epoch's losses, accuracies and divergences and its
+per-step curves. ``metrics.csv`` and ``metrics.json`` are views of it: the CSV gains the epoch's rows after
+every epoch, and both are committed whole when the run ends."""
+
+METRICS_CSV, METRICS_JSON = "metrics.csv", "metrics.json"
+
+_STEP_CURVES = ("step_divergence", "probe_divergence", "param_trace", "guard_lr", "guard_lambda", "checksums")
+"""Curves with a row per step, appended to :data:`HISTORY` epoch by epoch (``guard_*``: the CFL guard's
+effective lr and sharpness estimate, empty without the guard)."""
+
+_LAST_CURVES = ("test_predictions", "test_outputs")
+"""Arrays of the last epoch only, kept in the checkpoint."""
+
+_CURVES = _STEP_CURVES + _LAST_CURVES
+
+_HISTORY_ROWS = ("train_loss", "test_accuracy", "test_loss", "divergence", "lr")
+"""The per-epoch history: a list of per-copy values per epoch (``lr``: one value per epoch, or none)."""
 
 
 def _to_host(leaf: Any) -> np.ndarray:
@@ -654,18 +671,69 @@ def _from_host(saved: np.ndarray, like: Any) -> Array:
     return jnp.asarray(saved)
 
 
-def _checkpoint_bytes(state: LockstepState, meta: dict[str, Any], curves: dict[str, np.ndarray]) -> bytes:
+def _checkpoint_bytes(state: LockstepState, meta: dict[str, Any], last: dict[str, np.ndarray]) -> bytes:
     leaves = [_to_host(leaf) for leaf in jax.tree.leaves(state)]
     meta_bytes = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-    return npz_bytes({**curves, **{f"leaf_{i}": leaf for i, leaf in enumerate(leaves)}, "meta": meta_bytes})
+    return npz_bytes({**last, **{f"leaf_{i}": leaf for i, leaf in enumerate(leaves)}, "meta": meta_bytes})
+
+
+def _record_bytes(epochs: tuple[int, int], history: Mapping[str, list], steps: Mapping[str, np.ndarray]) -> bytes:
+    """One :data:`HISTORY` record: epochs ``[first, stop)``, their history rows and their per-step curves."""
+    first, stop = epochs
+    arrays = {f"history_{name}": np.asarray(history[name][first:stop] if name != "lr" else
+                                            history[name][first:min(stop, len(history[name]))], np.float64)
+              for name in _HISTORY_ROWS}
+    arrays.update({f"curve_{name}": np.asarray(value) for name, value in steps.items()})
+    return npz_bytes({**arrays, "epochs": np.asarray([first, stop], np.int64)})
+
+
+def _replay(records: Sequence[bytes], empty: Mapping[str, np.ndarray]):
+    """``(history, step curves, epochs)`` from :data:`HISTORY` records, or ``None`` when they do not follow
+    one another from epoch 0."""
+    history: dict[str, list] = {name: [] for name in _HISTORY_ROWS}
+    parts: dict[str, list[np.ndarray]] = {name: [empty[name]] for name in _STEP_CURVES}
+    done = 0
+    for data in records:
+        with np.load(io.BytesIO(data)) as z:
+            first, stop = (int(e) for e in z["epochs"])
+            if first != done or stop <= first:
+                return None
+            for name in _HISTORY_ROWS:
+                history[name].extend(z[f"history_{name}"].tolist())
+            for name in _STEP_CURVES:
+                if f"curve_{name}" in z.files:
+                    parts[name].append(z[f"curve_{name}"])
+        done = stop
+    return history, {name: np.concatenate(arrays, axis=0) for name, arrays in parts.items()}, done
+
+
+# Leaves that later versions added to a state, with the value a run written before them resumes with:
+# the CFL guard's fail-closed counters (zero: nothing was refused before they existed).
+_ADDED_LEAVES = (".failed_estimates", ".refused_steps", ".bad_lr")
+
+
+def _saved_leaves(z, template: LockstepState, count: int) -> list[np.ndarray]:
+    """The checkpoint's leaves in ``template``'s order. A checkpoint written before a leaf of
+    :data:`_ADDED_LEAVES` existed has fewer; those take the template's (initial) value."""
+    saved = sum(1 for name in z.files if name.startswith("leaf_"))
+    if saved == count:
+        return [z[f"leaf_{i}"] for i in range(count)]
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(template)[0]]
+    added = [any(path.endswith(name) for name in _ADDED_LEAVES) for path in paths]
+    if saved != count - sum(added):
+        return [z[f"leaf_{i}"] if f"leaf_{i}" in z.files else np.zeros(0) for i in range(count)]  # refused below
+    it = iter(range(saved))
+    template_leaves = jax.tree.leaves(template)
+    return [_to_host(leaf) if is_added else z[f"leaf_{next(it)}"] for leaf, is_added in zip(template_leaves, added)]
 
 
 def _load_checkpoint(folder: ResultFolder, template: LockstepState, empty: dict[str, np.ndarray]):
-    """The committed checkpoint ``(state, meta, curves)``, or ``None`` to train from the first epoch.
+    """The committed run ``(state, epochs_done, curves, history, journal)``, or ``None`` to train from the first epoch.
 
-    A checkpoint that does not match its checksum (damaged, or lost after its
-    commit) is not used: the run starts again, with a warning (it is
-    deterministic, so it ends with the same bytes).
+    ``journal`` is ``(bytes, records)`` of :data:`HISTORY` that the checkpoint vouches for, or ``None`` for a
+    checkpoint written before the journal (it holds the whole history itself). A checkpoint or history that
+    does not match its checksum (damaged since its commit) is not used: the run starts again, with a warning
+    (it is deterministic, so it ends with the same bytes).
     """
     data, status = folder.read(CHECKPOINT)
     if data is None:
@@ -675,7 +743,7 @@ def _load_checkpoint(folder: ResultFolder, template: LockstepState, empty: dict[
         return None
     with np.load(io.BytesIO(data)) as z:
         leaves, treedef = jax.tree.flatten(template)
-        saved = [z[f"leaf_{i}"] for i in range(len(leaves))]
+        saved = _saved_leaves(z, template, len(leaves))
         # guard_* came with the CFL guard: a checkpoint written before it has none, and no guard.
         curves = {name: z[name] if name in z.files else empty[name] for name in _CURVES}
         meta = json.loads(z["meta"].tobytes())
@@ -684,7 +752,32 @@ def _load_checkpoint(folder: ResultFolder, template: LockstepState, empty: dict[
         if new.shape != old_host.shape or new.dtype != old_host.dtype:
             raise ValueError(f"checkpoint in {str(folder.path)!r} does not match the model "
                              f"({new.shape} vs {old_host.shape})")
-    return jax.tree.unflatten(treedef, [_from_host(a, old) for a, old in zip(saved, leaves)]), meta, curves
+    state = jax.tree.unflatten(treedef, [_from_host(a, old) for a, old in zip(saved, leaves)])
+    done, journal = int(meta["epochs_done"]), meta.get("journal")
+    if journal is None:  # the format before the journal: the history and every curve in the checkpoint
+        history = {name: list(meta["history"].get(name, [])) for name in _HISTORY_ROWS}
+        return state, done, curves, history, None
+    records, status = folder.records(HISTORY, int(journal["bytes"]))
+    replayed = None if records is None or len(records) != journal["records"] else _replay(records, empty)
+    if replayed is None or replayed[2] != done:
+        warnings.warn(f"out={str(folder.path)!r}: {HISTORY} is {status if records is None else 'inconsistent'} "
+                      f"(the checkpoint vouches for {journal['bytes']} bytes in {journal['records']} records); "
+                      f"training again from the first epoch", stacklevel=4)
+        return None
+    history, steps, _ = replayed
+    curves.update(steps)
+    return state, done, curves, history, (int(journal["bytes"]), int(journal["records"]))
+
+
+def _metrics_csv(history: Mapping[str, list], ks: Sequence[float], first: int, stop: int) -> bytes:
+    """The rows of ``metrics.csv`` for epochs ``[first, stop)`` (with the header when ``first == 0``)."""
+    lines = ["epoch,k,lr,train_loss,test_accuracy,test_loss,divergence"] if first == 0 else []
+    for e in range(first, stop):
+        lr = f"{history['lr'][e]:.8g}" if e < len(history["lr"]) else ""
+        for c, k in enumerate(ks):
+            lines.append(f"{e + 1},{k:g},{lr},{history['train_loss'][e][c]:.8g},{history['test_accuracy'][e][c]:.6f},"
+                         f"{history['test_loss'][e][c]:.8g},{history['divergence'][e][c]:.8g}")
+    return "".join(line + "\n" for line in lines).encode()
 
 
 def _copy_fingerprints(state: LockstepState) -> tuple[str, ...]:
@@ -1074,9 +1167,11 @@ class Lockstep:
           batch_size: for array data.
           test: ``(x, y)`` evaluated after every epoch (``None``: no test metrics).
           out: a result folder (``docs/reliability.md``): locked for the run, with
-            ``checkpoint.npz`` (weights, curves and history, committed as one unit after
-            every epoch) and ``metrics.csv``/``.json``. An existing checkpoint of the same run
-            is resumed bit for bit; a folder of a different run is refused.
+            ``checkpoint.npz`` (weights, optimiser and RNG state, committed as one unit after
+            every epoch, of a size that does not grow), ``history.log`` (one checksummed record
+            per epoch: :data:`HISTORY`) and ``metrics.csv``/``.json``. An existing checkpoint of
+            the same run is resumed bit for bit, after a kill at any instant; a folder of a
+            different run is refused.
           settings: the run's identity in the folder (JSON); default: the names of the
             model and optimiser, the copies and the lengths. A caller that changes
             anything else it trains with must say so here.
@@ -1085,7 +1180,7 @@ class Lockstep:
           eval_batch_size: test examples per evaluation batch.
           steps_per_epoch: for the progress bar of a data function (arrays: known).
           lr_at: ``epoch -> lr`` recorded per epoch (``None``: not recorded).
-          config: stored in the result (the preset's :class:`jaxcfl.nn._preset.TrainConfig`).
+          config: stored in the result (the preset's :class:`jaxcfl.TrainConfig`).
           description: the progress bar's label.
 
         Returns:
@@ -1139,13 +1234,13 @@ class Lockstep:
                         "checksums": self.checksums}
         folder = None if out is None else ResultFolder(out, kind="training run", settings=dict(settings)).open()
         compile_seconds = 0.0
+        journal: tuple[int, int] | None = (0, 0)  # bytes and records of HISTORY committed (None: not yet written)
+        csv_bytes = 0
         try:
             if folder is not None:
                 restored = _load_checkpoint(folder, state, empty)
                 if restored is not None:
-                    state, ckpt, curves = restored
-                    history = ckpt["history"]
-                    first_epoch = ckpt["epochs_done"]
+                    state, first_epoch, curves, history, journal = restored
 
             def result(epochs_done: int) -> TrainResult:
                 arr = lambda name: np.asarray(history[name], np.float64).reshape(epochs_done, -1)
@@ -1170,6 +1265,10 @@ class Lockstep:
             if global_step is None and first_epoch:
                 global_step = int(curves["step_divergence"].shape[0])
             global_step = global_step or 0
+            if folder is not None and first_epoch < epochs:
+                for name in (METRICS_CSV, METRICS_JSON):  # views of the history, rewritten by this run
+                    folder.forget(name)
+                csv_bytes = folder.write_plain(METRICS_CSV, _metrics_csv(history, copies.ks(), 0, first_epoch))
             for epoch in range(first_epoch, epochs):
                 recorded: dict[str, list] = {name: [] for name in
                                              ("loss", "divergence", "probe_divergence", "trace", "guard_lr",
@@ -1189,12 +1288,13 @@ class Lockstep:
                 if not recorded["loss"]:
                     raise ValueError(f"data gave no batch in epoch {epoch} (seed {data_seeds[0]})")
                 losses = np.asarray(jax.device_get(recorded["loss"]))
+                added = {}  # this epoch's rows of the per-step curves
                 for name, source in (("step_divergence", "divergence"), ("probe_divergence", "probe_divergence"),
                                      ("param_trace", "trace"), ("guard_lr", "guard_lr"),
                                      ("guard_lambda", "guard_lambda"), ("checksums", "checksums")):
                     if recorded[source]:
-                        curves[name] = np.concatenate([curves[name], np.asarray(jax.device_get(recorded[source]))],
-                                                      axis=0)
+                        added[name] = np.asarray(jax.device_get(recorded[source]))
+                        curves[name] = np.concatenate([curves[name], added[name]], axis=0)
                 if test is not None:
                     ev = self.evaluate(state, x_test, y_test, batch_size=eval_batch_size)
                     accuracy_, test_loss = ev["metric"], ev["loss"]
@@ -1209,18 +1309,31 @@ class Lockstep:
                 history["divergence"].append(np.asarray(_divergence_to_first(state.params)).tolist())
                 if lr_at is not None:
                     history["lr"].append(lr_at(epoch))
-                partial = result(epoch + 1)
-                if folder is not None:
-                    folder.commit(CHECKPOINT, _checkpoint_bytes(state, {"epochs_done": epoch + 1, "history": history},
-                                                                curves))
-                    _write_metrics(folder, partial)
+                if folder is not None:  # what this epoch adds, then the checkpoint that vouches for it
+                    if journal is None:  # resumed from a checkpoint that held the whole history: it becomes a record
+                        before = {name: curves[name][:len(curves[name]) - len(added.get(name, ()))]
+                                  for name in _STEP_CURVES}
+                        journal = (folder.append(HISTORY, _record_bytes((0, epoch), history, before), at=0), 1)
+                    journal = (folder.append(HISTORY, _record_bytes((epoch, epoch + 1), history, added), at=journal[0]),
+                               journal[1] + 1)
+                    vouched = {"name": HISTORY, "bytes": journal[0], "records": journal[1]}
+                    folder.commit(CHECKPOINT, _checkpoint_bytes(state, {"epochs_done": epoch + 1, "journal": vouched},
+                                                                {name: curves[name] for name in _LAST_CURVES}))
+                    csv_bytes = folder.write_plain(METRICS_CSV, _metrics_csv(history, copies.ks(), epoch, epoch + 1),
+                                                   at=csv_bytes)
                 if on_epoch is not None:
-                    on_epoch(epoch + 1, partial)
+                    on_epoch(epoch + 1, result(epoch + 1))
             if bar is not None:
                 bar.close()
+            if folder is not None and (first_epoch < epochs or not {METRICS_CSV, METRICS_JSON} <= set(folder.files)):
+                final = result(epochs)
+                folder.commit(METRICS_CSV, _metrics_csv(history, copies.ks(), 0, epochs))
+                folder.commit(METRICS_JSON, json.dumps(final.to_dict(), indent=1).encode())
         finally:  # also on an interruption: a resume in the same process must find the folder free
             if folder is not None:
                 folder.close()
+        if guarded:  # a guard that failed closed (non-finite estimates, refused steps) says so
+            warn_guard_problems(guard_state(state.opt_state))
         return result(epochs)
 
     @staticmethod
@@ -1249,14 +1362,3 @@ class Lockstep:
             if len({x.shape for x in xs}) > 1:
                 raise ValueError(f"data: batches of different shapes across seeds ({[x.shape for x in xs]})")
             yield jnp.asarray(np.stack(xs)), jnp.asarray(np.stack(ys))
-
-
-def _write_metrics(folder: ResultFolder, result: TrainResult) -> None:
-    lines = ["epoch,k,lr,train_loss,test_accuracy,test_loss,divergence"]
-    for e in range(result.epochs_done):
-        lr = f"{result.lr[e]:.8g}" if e < len(result.lr) else ""
-        for c, k in enumerate(result.ks):
-            lines.append(f"{e + 1},{k:g},{lr},{result.train_loss[e, c]:.8g},"
-                         f"{result.test_accuracy[e, c]:.6f},{result.test_loss[e, c]:.8g},{result.divergence[e, c]:.8g}")
-    folder.commit("metrics.csv", ("\n".join(lines) + "\n").encode())
-    folder.commit("metrics.json", json.dumps(result.to_dict(), indent=1).encode())

@@ -195,7 +195,7 @@ def perturbed_sgd(
 
     Example:
       >>> import jax.numpy as jnp, optax
-      >>> from jaxcfl.nn._perturb import perturbed_sgd
+      >>> from jaxcfl import perturbed_sgd
       >>> opt = perturbed_sgd(0.1, k=3, momentum=0.9, nesterov=True, weight_decay=5e-4)
       >>> params = {"w": jnp.ones(3)}
       >>> state = opt.init(params)

@@ -1,11 +1,11 @@
 """Lockstep training of k perturbed copies of a Flax network (Section 4, appendix C).
 
 The copies share one initialisation and the same batches, and differ only in the
-perturbation factor ``k`` of :func:`jaxcfl.nn._perturb.perturbed_sgd`: one vmapped,
+perturbation factor ``k`` of :func:`jaxcfl.perturbed_sgd`: one vmapped,
 jit-compiled step trains all of them. Everything that could vary between two
 runs is fixed by the seeds: the initialisation by ``init_seed``, the batch order
 by ``seed`` and the epoch, the augmentation by ``seed``, the epoch and the step.
-With the deterministic mode (:mod:`jaxcfl._core.determinism`) a run is reproducible bit
+With the deterministic mode (:mod:`jaxcfl.determinism`) a run is reproducible bit
 for bit, and a run killed and resumed from its checkpoint ends with the same
 bytes as one that never stopped.
 
@@ -65,8 +65,8 @@ class TrainConfig:
 
     Attributes:
       model: one of :data:`jaxcfl.nn.nets.NETWORKS`.
-      dataset: one of :data:`jaxcfl.nn._data.DATASETS` (``"builtin"`` needs no files).
-      data_root: where the dataset's files are (see :func:`jaxcfl.nn._data.load`).
+      dataset: one of :data:`jaxcfl.data.DATASETS` (``"builtin"`` needs no files).
+      data_root: where the dataset's files are (see :func:`jaxcfl.data.load`).
       activation, beta: ``"relu"`` or ``"swish"`` with Swish's beta.
       epochs, batch_size: training length and batch (the last partial batch is dropped).
       lr, momentum, nesterov, weight_decay: the optimiser.
@@ -152,7 +152,7 @@ class TrainConfig:
         in float64 (the optimiser runs the same schedule over steps, in float32).
 
         Example:
-          >>> from jaxcfl.nn._preset import TrainConfig
+          >>> from jaxcfl import TrainConfig
           >>> config = TrainConfig(epochs=200)
           >>> config.milestone_epochs
           (40, 80, 120, 160)
@@ -345,10 +345,11 @@ def train(
         initialisation and every batch.
       seed: the batch order and augmentation (appendix C's "seed").
       out: a result folder (docs/reliability.md): locked for the run, with
-        ``checkpoint.npz`` (weights, curves and history, committed as one unit
-        after every epoch) and ``metrics.csv``/``.json``, each checksummed in its
-        manifest. An existing checkpoint of the same run is resumed; a folder of a
-        different run, or one in use by another process, is refused.
+        ``checkpoint.npz`` (weights and optimiser state, committed as one unit
+        after every epoch), ``history.log`` (a checksummed record per epoch) and
+        ``metrics.csv``/``.json``, each checksummed. An existing checkpoint of the
+        same run is resumed, after a kill at any instant; a folder of a different
+        run, or one in use by another process, is refused.
       progress: tqdm bar over the steps (``None``: when stderr is a terminal).
       on_epoch: called as ``on_epoch(epoch, partial_result)`` after each epoch's
         checkpoint is written.

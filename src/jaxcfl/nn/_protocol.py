@@ -18,7 +18,7 @@ churn (disagreement of predicted classes), the mean pairwise correlation of the 
 ensemble's gain over the mean single run, the weight divergence from copy 0 after every step
 (its first crossings of 1e-3, 1e-2 and 1e-1, its growth rate per step with standard error,
 and whether it was amplified beyond what re-injected rounding builds up:
-:func:`jaxcfl._core.statistics.amplification`), and a plain verdict against ``order``.
+:func:`jaxcfl.statistics.amplification`), and a plain verdict against ``order``.
 
 The **determinism checks** repeat the baseline: in this process (bit-identical or not, and if
 not, the first step and parameter that differ, from per-step checksums), in two fresh
@@ -74,7 +74,7 @@ class Training:
       loss, metric: ``(outputs, labels) -> per-example values`` (``None``: cross-entropy, accuracy).
       augment: ``(x, key) -> x``, a JAX augmentation run in the step (``None``: none).
       batch_size: for array data (``None``: the caller's).
-      stability: the optimiser's stability threshold (:mod:`jaxcfl.nn._limits`, e.g. ``Adam(lr=1e-3)``):
+      stability: the optimiser's stability threshold (:mod:`jaxcfl.limits`, e.g. ``Adam(lr=1e-3)``):
         the baseline's (preconditioned) sharpness is measured against it after every epoch.
     """
 
@@ -495,7 +495,7 @@ def sensitivity(
       copies_mode: ``"auto"``, ``"vmap"`` or ``"unroll"`` (:func:`jaxcfl.nn._lockstep.resolve_copies_mode`).
       resamples: bootstrap resamples of each interval.
       metric_name: what the metric is, for the report's sentences.
-      stability: the optimiser's threshold (:mod:`jaxcfl.nn._limits`: ``GradientDescent``, ``HeavyBall``,
+      stability: the optimiser's threshold (:mod:`jaxcfl.limits`: ``GradientDescent``, ``HeavyBall``,
         ``Nesterov``, ``Adam``); the baseline's sharpness (Adam: preconditioned) on the first
         ``curvature_examples`` training examples is measured after every epoch of the first
         source's run, by ``curvature_iterations`` Lanczos steps, and held against it.
@@ -533,7 +533,7 @@ def sensitivity(
         from jaxcfl.nn._limits import Limit
 
         if not isinstance(stability, Limit):
-            raise TypeError(f"stability must be a jaxcfl.nn._limits object (GradientDescent, HeavyBall, Nesterov, Adam), "
+            raise TypeError(f"stability must be a jaxcfl.limits object (GradientDescent, HeavyBall, Nesterov, Adam), "
                             f"got {type(stability).__name__}")
         curvature_examples = v.check_int("curvature_examples", curvature_examples)
         curvature_iterations = v.check_int("curvature_iterations", curvature_iterations)
@@ -554,7 +554,9 @@ def sensitivity(
     settings = {"model": engine.model.name, "optimizer": engine.optimizer.name, "data": _data_digest(data),
                 "test": _data_digest((test_x, test_y)), "runs": runs, "epochs": epochs, "batch_size": batch_size,
                 "seed": seed, "sources": chosen}
-    folder = ResultDir(out, kind="sensitivity")
+    folder = ResultDir(out, kind="sensitivity", identity={  # how it is computed or worded (copies_mode, resamples) is not
+        **settings, "determinism": determinism, "spec": spec, "stability": None if stability is None else repr(stability),
+        "curvature_examples": curvature_examples, "curvature_iterations": curvature_iterations})
     say(f"[sensitivity] {', '.join(chosen)}: {runs} runs each, {epochs} epochs"
         + (f"; not measured: {', '.join(skipped)}" if skipped else "") + " ...")
     fit = dict(epochs=epochs, batch_size=batch_size, test=(test_x, test_y), progress=progress)

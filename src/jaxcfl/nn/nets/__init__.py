@@ -10,7 +10,7 @@ other size) and return logits; all take ``activation="relu"`` or ``"swish"``
 Models follow the NNX convention for BatchNorm: built in training mode;
 ``model.eval()`` / ``model.train()`` switch it. For pure functions of the
 parameters (``jit``, ``vmap`` over k copies, ``grad``) use
-:func:`jaxcfl.nn.nets._functional.split` and :func:`jaxcfl.nn.nets._functional.apply`.
+:func:`jaxcfl.nets.split` and :func:`jaxcfl.nets.apply`.
 
 References:
   He, Zhang, Ren & Sun, "Deep residual learning for image recognition", CVPR 2016.

@@ -21,7 +21,7 @@ Train / eval: NNX convention. BatchNorm layers are built in training mode
 (batch statistics, running averages updated on every call); ``model.eval()``
 switches them to the running averages, ``model.train()`` back. ``__call__``
 takes only ``x``. For the pure, jit/vmap-friendly form see
-:mod:`jaxcfl.nn.nets._functional`.
+:mod:`jaxcfl.nets.functional`.
 
 References:
   He, Zhang, Ren & Sun, "Deep residual learning for image recognition",
