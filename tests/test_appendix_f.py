@@ -80,10 +80,13 @@ def test_files_written_and_rows_reused(tiny):
     code, stdout, stderr = _cli("reproduce", "appendix-f", *TINY_ARGS, "--out", str(out), "--json")
     assert code == 0 and strict_json.loads(stdout) == rows
     assert stderr.count("reusing") == 4 and "searching" not in stderr
-    # Other settings are not reused: a new alpha is searched, the finished ones are not.
-    code, stdout, stderr = _cli("reproduce", "appendix-f", "--models", "mlp", "--alphas", "1000", "30",
-                                "--train-size", "16", "--steps", "20", "--out", str(out))
-    assert code == 0 and stderr.count("reusing") == 1 and stderr.count("searching") == 1
+    # Other settings are another run: refused in this folder (docs/reliability.md), searched in another.
+    other = ("reproduce", "appendix-f", "--models", "mlp", "--alphas", "30", "--train-size", "16", "--steps", "20")
+    with pytest.raises(SystemExit) as exit_, contextlib.redirect_stderr(io.StringIO()) as err:
+        cli.main([*other, "--out", str(out)])
+    assert exit_.value.code == 2 and "differs in: alphas, models" in err.getvalue()
+    code, stdout, stderr = _cli(*other, "--out", str(out.parent / "other"))
+    assert code == 0 and stderr.count("reusing") == 0 and stderr.count("searching") == 1
     assert "mlp" in stdout and "ratio" in stdout and "-----" in stdout  # the rendered table
 
 

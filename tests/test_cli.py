@@ -81,6 +81,7 @@ def test_console_script_entry_point_runs():
     assert out.stdout.startswith("jaxcfl ")
 
 
+@pytest.mark.slow
 def test_reproduce_table5_small(tmp_path, capsys):
     # The size, kernel and steps of notebooks/table5_figure3.ipynb's small branch: the bisection programs
     # compiled here are the ones the notebook test runs (tests/test_notebooks.py), so they compile once.

@@ -1,4 +1,4 @@
-"""``jaxcfl sweep`` and ``jaxcfl bounds`` on a user's own image (issue 14), the grid syntax of their
+"""``jaxcfl sweep`` and ``jaxcfl bounds`` on a user's own image (docs/cli.md), the grid syntax of their
 ``--lr`` / ``--alpha``, and :func:`jaxcfl.load_image`.
 
 The commands run in-process (``cli.main``) on 16 x 16 images with a 4 x 4 kernel, so that each
@@ -285,6 +285,11 @@ def test_sweep_writes_the_map_the_csv_and_the_json(swept):
     assert swept["written"] == printed
     assert set(payload["files"]) == {"png", "csv", "sweep", "json"}
     assert any("alpha = 0" in note for note in payload["notes"])  # left off the log axis, said so
+    from jaxcfl.experiments import image_sweep
+
+    declared = image_sweep.Options(lr=(1e-3,), alpha=(1.0,)).settings()
+    assert list(payload["settings"]) == list(declared)  # the settings are the declared options
+    assert payload["settings"]["lr"] == payload["spec"]["lr"] and payload["settings"]["seed"] == payload["seed"]
 
 
 def test_a_rerun_reuses_every_chunk_and_gives_the_same_result(swept):
@@ -295,6 +300,22 @@ def test_a_rerun_reuses_every_chunk_and_gives_the_same_result(swept):
     assert swept["stamps"][0] == swept["stamps"][1]  # the chunk files were read, not written again
     assert second["runs"] == first["runs"] and second["status"] == first["status"]
 
+
+
+def test_a_damaged_chunk_is_recomputed_and_not_counted_as_reused(swept, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(swept["out"], out)
+    chunk = sorted((out / "sweep").glob("chunk_*.npz"))[0]
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 1
+    chunk.write_bytes(bytes(data))
+    argv = [str(out) if a == str(swept["out"]) else a for a in swept["argv"] if a != "--json"]
+    with pytest.warns(UserWarning, match="corrupt"):
+        code, printed, _ = _run([*argv, "--no-progress"], capsys)
+    assert code == 0
+    assert "1 of 2 chunk(s) reused" in printed and "2 of 2" not in printed
 
 def test_another_sweep_in_the_same_out_is_refused(swept, capsys):
     argv = [a if a != "3e2:3e3:2" else "3e2:3e3:3" for a in swept["argv"]]

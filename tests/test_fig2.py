@@ -62,6 +62,12 @@ def test_json_payload(tiny):
     assert s["n"] == [1, 2] and s["k"] == 3.0 and s["base_lr"] == 0.1
     assert (s["activation"], s["beta"], s["momentum"], s["nesterov"], s["weight_decay"]) == ("swish", 5.0, 0.0, False, 5e-4)
     assert "['features'][0]['conv']['kernel']" in s["probe_path"]  # the trainer's default: the first conv kernel
+    # The settings are the declared options (fig2.Options) and what the run fixes or resolves; every key
+    # that the payload had before the options were declared is still there.
+    assert list(s) == [*fig2.Options().settings(), "momentum", "nesterov", "milestones", "probe_path"]
+    assert {"n", "base_lr", "k", "model", "dataset", "train_size", "test_size", "batch_size", "activation", "beta",
+            "weight_decay", "momentum", "nesterov", "milestones", "augment", "probe", "probe_path", "seed", "init_seed",
+            "window", "copies_mode", "epochs_per_n"} <= set(s)
     assert payload["steps_per_epoch"] == STEPS_PER_EPOCH
     rows = payload["rows"]
     assert [r["n"] for r in rows] == [1, 2]
@@ -126,7 +132,7 @@ def test_render(tiny):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="distinct integers"):
+    with pytest.raises(ValueError, match="n repeats 2"):
         fig2.run(n=(2, 2), out=None)
     with pytest.raises(ValueError, match="window"):
         fig2.run(n=(1,), window=-1, out=None)

@@ -123,7 +123,7 @@ def test_a_killed_run_resumes_from_its_chunks(small, tmp_path, monkeypatch):
     assert resumed["chunks_on_disk"] == 2 and len(calls) == 1  # only the chunk lost to the kill ran again
     assert resumed["rows"] == reference["rows"]
 
-    with pytest.raises(ValueError, match="different sweep"):
+    with pytest.raises(ValueError, match=r"different fig4 \(differs in: lr\)"):  # refused before any work
         fig4.run(out=out, log=lambda msg: None, **(SMALL | dict(lr=(0.01, 0.05))))
 
 

@@ -14,6 +14,7 @@ from jaxcfl._core.determinism import ProcessCheck
 TINY = ["--model", "cnn", "--train-size", "128", "--test-size", "64", "--batch-size", "64", "--epochs", "2"]
 
 
+@pytest.mark.slow
 def test_variance_cli_json_and_resume(tmp_path, capsys):
     out = tmp_path / "var"
     argv = ["variance", *TINY, "--k", "1", "2", "3", "--seeds", "1", "2", "--out", str(out), "--json"]
@@ -21,6 +22,10 @@ def test_variance_cli_json_and_resume(tmp_path, capsys):
     captured = capsys.readouterr()
     payload = strict_json.loads(captured.out)  # stdout is pure JSON
     assert "[variance]" in captured.err
+    from jaxcfl.experiments import variance
+
+    assert list(payload["settings"]) == list(variance.Options().settings())  # the declared options
+    assert payload["settings"]["ks"] == [1.0, 2.0, 3.0] and payload["settings"]["train_size"] == 128
     runs = payload["runs"]
     assert sorted((r["k"], r["seed"]) for r in runs) == [(k, s) for k in (1.0, 2.0, 3.0) for s in (1, 2)]
     acc = np.array([[next(r["final_accuracy"] for r in runs if r["k"] == k and r["seed"] == s) for s in (1, 2)]
@@ -125,8 +130,9 @@ def test_determinism_cli_real_processes(tmp_path, capsys):
     assert payload["powers_of_two_identical"] and payload["odd_k_differ"]
 
 
-# --- one seed, one k: what is missing is said, not guessed (issue 21) -----------------------------
+# --- one seed, one k: what is missing is said, not guessed -----------------------------
 
+@pytest.mark.slow
 def test_variance_cli_one_seed(tmp_path, capsys):
     """One seed is a legitimate run: no seed pairs, so nothing over seeds, said as ``None`` and in words;
     the k pair's divergence is plotted (here k = 2 is k = 1 bit for bit: a curve of zeros)."""

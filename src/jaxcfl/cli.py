@@ -45,11 +45,29 @@ PAPER_LR = {"nesterov": 1e-4, "gd": 1e-8}  # appendix E and Section 5.2
 THEORY_SCHEMES = {"gd": ("gd",), "nesterov": ("nesterov",), "both": ("nesterov", "gd")}  # --scheme: the schemes it runs
 
 
+THEORY_MOMENTUM = 0.9
+"""``jaxcfl theory --momentum``'s default: the paper's Nesterov mu (appendix E)."""
+
+
+def _check_theory(args: argparse.Namespace) -> None:
+    """``jaxcfl theory``'s options, before any work: the model's constants in the working dtype, no
+    kernel size twice, and no ``--momentum`` where no scheme uses it."""
+    from jaxcfl._core import validate as v
+    from jaxcfl.pde._schemes import get_scheme
+
+    v.check_in_dtype("--a", args.a, "finite")
+    v.check_in_dtype("--beta", args.beta, "finite")
+    v.check_distinct("--kernel-size", args.kernel_size)
+    if args.momentum != THEORY_MOMENTUM and not any(get_scheme(s).uses_momentum for s in THEORY_SCHEMES[args.scheme]):
+        raise ValueError(f"--momentum is ignored here (no scheme of --scheme {args.scheme} uses it); leave it out")
+
+
 def cmd_theory(args: argparse.Namespace) -> int:
     from jaxcfl.pde import _theory as theory
     from jaxcfl.pde._rhs import get_model
     from jaxcfl.pde._schemes import get_scheme
 
+    _check_theory(args)
     image = read_image(args.image, args.size)
     schemes = THEORY_SCHEMES[args.scheme]
     paper_bounds = get_model(args.model).paper_bounds
@@ -107,7 +125,11 @@ def cmd_theory(args: argparse.Namespace) -> int:
 # --- jaxcfl heat --------------------------------------------------------------------------
 
 def cmd_heat(args: argparse.Namespace) -> int:
+    from jaxcfl._core import validate as v
     from jaxcfl.pde import _heat as heat
+
+    v.check_distinct("--dt", args.dt)  # each a run of its own
+    v.check_distinct("--times", args.times)
     results = []
     for dt in args.dt:
         snaps = np.asarray(heat.snapshots(dt, tuple(args.times), max_steps=None if args.long else heat.MAX_STEPS))
@@ -192,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--x64", action="store_true", help="compute in float64 (jax_enable_x64)")
     parser.add_argument("--deterministic", action="store_true",
                         help="bit-reproducible mode: single-threaded Eigen on CPU, deterministic GPU ops, no autotuning, "
-                             "highest matmul precision (see jaxcfl._core.determinism); also JAXCFL_DETERMINISTIC=1")
+                             "highest matmul precision (see jaxcfl.determinism); also JAXCFL_DETERMINISTIC=1")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_LazyParser)
 
     th = sub.add_parser("theory", help="CFL bounds on alpha: paper formulas and exact windowed bounds",
@@ -204,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     th.add_argument("--scheme", choices=list(THEORY_SCHEMES), default="both")
     th.add_argument("--lr", type=_positive_float, default=None,
                     help="dt; default the paper's: 1e-4 for nesterov, 1e-8 for gd")
-    th.add_argument("--momentum", type=float, default=0.9, help="Nesterov mu in [0, 1) (default 0.9)")
+    th.add_argument("--momentum", type=float, default=THEORY_MOMENTUM,
+                    help=f"Nesterov mu in [0, 1) (default {THEORY_MOMENTUM:g}; nesterov only)")
     th.add_argument("--a", type=float, default=-0.5, help="the constant yhat - y of eq 20 (default -0.5)")
     th.add_argument("--beta", type=float, default=1.0, help="Swish beta (default 1)")
     th.add_argument("--pool", choices=["sum", "mean"], default="sum")

@@ -8,6 +8,11 @@ stays argument parsing only:
 * ``main(args) -> dict``: run it from parsed arguments, return a JSON-able payload;
 * ``render(payload) -> str``: the human-readable table.
 
+Its options are declared once, as a frozen dataclass ``Options``
+(:mod:`jaxcfl.experiments._options`): its flags, the keyword arguments of its ``run`` and
+the ``settings`` its payload records all come from that declaration, and every value is
+checked when the options are built, before any work starts.
+
 Their files go through :mod:`jaxcfl._core.results` (the result folder, atomic CSV / JSON,
 the row cache, the clock and the progress log).
 
@@ -26,9 +31,11 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "fig4": ("jaxcfl.experiments.fig4", "Section 5, Figure 4: restrained instabilities of the nonlinear CNN, by lr"),
     "appendix-f": ("jaxcfl.experiments.appendix_f", "appendix F: largest stable lr of standard networks against 2/alpha"),
     "pde-guard": ("jaxcfl.experiments.pde_guard",
-                  "issue 13: Figure 4 and its lr x alpha stability map without and with the CFL guard"),
+                  "appendix A on Section 5's problem: Figure 4 and its lr x alpha stability map without and "
+                  "with the CFL guard"),
     "open-question": ("jaxcfl.experiments.open_question",
-                      "issue 13: does keeping every step stable (CFL guard, or a constant lr) remove the variance?"),
+                      "appendix A's open question: does keeping every step stable (CFL guard, or a constant lr) "
+                      "remove the variance?"),
 }
 """``jaxcfl reproduce NAME``: name -> (module, one-line help)."""
 

@@ -7,12 +7,17 @@ from collections.abc import Callable
 
 import numpy as np
 
+from jaxcfl._core.validate import INT32_MAX, SEED_MAX
 
-def _parse(text: str, kind: Callable[[str], float], ok: Callable[[float], bool], requirement: str):
+
+def _parse(text: str, kind: Callable[[str], float], ok: Callable[[float], bool], requirement: str,
+           maximum: int = INT32_MAX):
     try:
         value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    if kind is int and abs(value) > maximum:  # a count or a seed this large overflows later, deep in the work
+        raise argparse.ArgumentTypeError(f"expected {requirement} and at most {maximum}, got {text!r}")
     if not (np.isfinite(value) and ok(value)):
         raise argparse.ArgumentTypeError(f"expected {requirement}, got {text!r}")
     return value
@@ -32,6 +37,11 @@ def positive_int(text: str) -> int:
 
 def nonnegative_int(text: str) -> int:
     return _parse(text, int, lambda x: x >= 0, "an integer >= 0")
+
+
+def seed(text: str) -> int:
+    """A PRNG seed: an integer in ``[0, 2^32 - 1]`` (:func:`jaxcfl._core.validate.check_seed`)."""
+    return _parse(text, int, lambda x: x >= 0, "a seed, an integer >= 0", maximum=SEED_MAX)
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:

@@ -10,7 +10,7 @@ stable learning rate divided by ``2 / alpha`` against ``alpha``: the ratio tends
 to 1 as ``alpha`` grows.
 
 Set-up here: full-batch gradient descent on ``cross-entropy + alpha/2 ||p||^2``
-over a fixed subset of the built-in digits (:func:`jaxcfl.nn._data.load`, the first
+over a fixed subset of the built-in digits (:func:`jaxcfl.data.load`, the first
 ``train_size`` training images, normalised), from one seeded initialisation,
 for three architectures:
 
@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,8 @@ from jaxcfl._core.results import ResultDir, Stopwatch, stderr
 from jaxcfl._core.text import table
 from jaxcfl._core.curvature import BELOW_RANGE, FOUND, max_stable_lr, sharpness
 from jaxcfl.nn._preset import cross_entropy, network_loss
+from jaxcfl.experiments import _options
+from jaxcfl.experiments._options import COUNT, POSITIVE, SEED, option
 
 ARCHITECTURES = ("mlp", "cnn", "resnet20")
 """The networks whose largest stable lr is measured (not :data:`jaxcfl.MODELS`, the PDE's right-hand sides)."""
@@ -67,6 +69,7 @@ DEFAULT_RTOL = 0.05
 SHARPNESS_ITERATIONS = 20  # Lanczos steps: the top eigenvalue converges first (its residual bound is reported)
 SEARCH = dict(initial_points=2, candidates=2)  # two runs per compiled call: vmap width is costly for convolutions
 ROW_KEYS = ("model", "alpha", "max_lr", "ratio")
+DEFAULT_OUT = "jaxcfl-appendix-f"
 
 
 # --- the models --------------------------------------------------------------------------------
@@ -236,17 +239,36 @@ def top_eigenvalue(work: Workload) -> tuple[float, float]:
 
 # --- the experiment ----------------------------------------------------------------------------
 
-def run(
-    *,
-    models: Sequence[str] = ARCHITECTURES,
-    alphas: Sequence[float] = DEFAULT_ALPHAS,
-    train_size: int | None = None,
-    steps: int | None = None,
-    rtol: float = DEFAULT_RTOL,
-    seed: int = 0,
-    out: str | Path | None = None,
-    log: Callable[[str], None] = stderr,
-) -> list[dict[str, Any]]:
+def _alpha(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not (
+            np.isfinite(value) and value > 0):
+        raise ValueError(f"alpha must be a finite number > 0 (eq 51 divides by it), got {value!r}")
+    return float(v.check_in_dtype(name, value, "positive"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Options(_options.Options):
+    """``jaxcfl reproduce appendix-f``'s options."""
+
+    models: tuple[str, ...] = option(ARCHITECTURES, "architectures (default: {default})", nargs="+",
+                                     choices=ARCHITECTURES,
+                                     kind=_options.Kind(None, lambda name, x: v.check_choice("model", x, ARCHITECTURES)))
+    alphas: tuple[float, ...] = option(DEFAULT_ALPHAS, "weight decays alpha > 0 (default {default})",
+                                       _options.Kind(_options.POSITIVE.parse, _alpha), nargs="+")
+    train_size: int | None = option(None, "images in the full batch, all models (default per model, images/steps: "
+                                    + ", ".join(f"{m} {n}/{s}" for m, (n, s) in DEFAULT_WORKLOAD.items()) + ")",
+                                    COUNT)
+    steps: int | None = option(None, "gradient-descent steps per run, all models (default per model, see "
+                               "--train-size)", COUNT)
+    rtol: float = option(DEFAULT_RTOL, "relative precision of each max lr (default {default})", POSITIVE)
+    seed: int = option(0, "initialisation seed (default {default})", SEED)
+
+    def validate(self) -> None:
+        _options.clamp_sizes(self, "builtin", (("train_size", "train"),))
+
+
+@_options.entry(Options)
+def run(o: Options, *, out: str | Path | None = None, log: Callable[[str], None] = stderr) -> list[dict[str, Any]]:
     """Run appendix F; returns one row per ``(model, alpha)`` (JSON-able), in the order given.
 
     Args:
@@ -269,16 +291,8 @@ def run(
     Raises:
       ValueError: an unknown model, a non-positive alpha, steps or train_size.
     """
-    for name in models:
-        v.check_choice("model", name, ARCHITECTURES)
-    if not models or not alphas:
-        raise ValueError("give at least one model and one alpha")
-    alphas = [float(a) for a in alphas]
-    for a in alphas:
-        if not (np.isfinite(a) and a > 0):
-            raise ValueError(f"alpha must be a finite number > 0 (eq 51 divides by it), got {a}")
-    v.check_positive("rtol", rtol)
-    results = ResultDir(out, kind="appendix_f")
+    models, alphas, train_size, steps, rtol, seed = o.models, list(o.alphas), o.train_size, o.steps, o.rtol, o.seed
+    results = ResultDir(out, kind="appendix_f", identity=o.identity())
     cache = results.row_cache(lambda s: f"{s['model']}_alpha{s['alpha']:g}")
     dtype = str(jnp.dtype(jnp.result_type(float)))
     rows: list[dict[str, Any]] = []
@@ -311,10 +325,11 @@ def run(
             log(f"[appendix-f]   {row['status']}: max lr {row['max_lr']}, ratio {ratio} "
                 f"(quadratic prediction {row['predicted_ratio']:.3f}) [{row['seconds']:.1f}s, {row['evaluations']} runs]")
             rows.append(row)
-    if results.writes:
+    if results.writes:  # the numbers first, then the figure
         written = [results.write_csv("appendix_f.csv", rows, joins={"bracket": " ", "notes": "; "}),
-                   results.write_json("appendix_f.json", rows),
-                   plot.save(plot.ratio_vs_alpha(rows), results.file("appendix_f.png"))]
+                   results.write_json("appendix_f.json", rows)]
+        written += [f for f in [_options.figure_file(results.file("appendix_f.png"),
+                                                     lambda: plot.ratio_vs_alpha(rows), log)] if f]
         log(f"[appendix-f] wrote {', '.join(written)}")
         results.close()
     return rows
@@ -340,24 +355,9 @@ def render(rows: list[dict[str, Any]]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jaxcfl.experiments._cli_types import positive_float, positive_int
-
-    defaults = ", ".join(f"{m} {n}/{s}" for m, (n, s) in DEFAULT_WORKLOAD.items())
-    parser.add_argument("--models", nargs="+", choices=ARCHITECTURES, default=list(ARCHITECTURES),
-                        help="architectures (default: mlp cnn resnet20)")
-    parser.add_argument("--alphas", type=positive_float, nargs="+", default=list(DEFAULT_ALPHAS),
-                        help="weight decays alpha > 0 (default 1 10 100 1000)")
-    parser.add_argument("--train-size", type=positive_int, default=None,
-                        help=f"images in the full batch, all models (default per model, images/steps: {defaults})")
-    parser.add_argument("--steps", type=positive_int, default=None,
-                        help="gradient-descent steps per run, all models (default per model, see --train-size)")
-    parser.add_argument("--rtol", type=positive_float, default=DEFAULT_RTOL,
-                        help=f"relative precision of each max lr (default {DEFAULT_RTOL:g})")
-    parser.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
-    parser.add_argument("--out", default="jaxcfl-appendix-f",
-                        help="output directory (default ./jaxcfl-appendix-f); finished rows are reused")
+    Options.add_arguments(parser)
+    _options.add_out(parser, DEFAULT_OUT, f"output directory (default ./{DEFAULT_OUT}); finished rows are reused")
 
 
 def main(args: argparse.Namespace) -> list[dict[str, Any]]:
-    return run(models=tuple(args.models), alphas=tuple(args.alphas), train_size=args.train_size, steps=args.steps,
-               rtol=args.rtol, seed=args.seed, out=args.out)
+    return run.call(Options.from_args(args), out=args.out)

@@ -5,7 +5,7 @@ command reports:
 
 * whether the same lockstep run, repeated in separate processes, ends with the
   same bytes: once with the deterministic mode on and once with it off
-  (:mod:`jaxcfl._core.determinism`), to show what the mode buys on this machine;
+  (:mod:`jaxcfl.determinism`), to show what the mode buys on this machine;
 * whether ``k`` and ``k 2^n`` give bit-identical weights (Table 2), both as copies
   of one lockstep run and as separate runs;
 * that odd ``k`` differ from ``k = 1``;
@@ -21,6 +21,7 @@ check sets them per process.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,11 @@ import numpy as np
 
 from jaxcfl._core.results import ResultDir, stderr
 from jaxcfl._core.text import table
+from jaxcfl.experiments import _options
+from jaxcfl.experiments._options import COUNT, SEED, option
 
 POWERS = (1.0, 2.0, 4.0)
+DEFAULT_OUT = "jaxcfl-determinism"
 ODD = (3.0, 5.0)
 
 
@@ -45,7 +49,7 @@ def _config(model: str, epochs: int, train_size: int | None, batch_size: int):
 def lockstep_weights(model: str, epochs: int, train_size: int | None, batch_size: int, seed: int) -> Any:
     """Train the copies ``POWERS + ODD`` in lockstep; return their final weights and statistics.
 
-    Module level, so that :func:`jaxcfl._core.determinism.run_in_processes` can run it in a new process.
+    Module level, so that :func:`jaxcfl.run_in_processes` can run it in a new process.
     """
     from jaxcfl.nn._preset import train
 
@@ -53,22 +57,31 @@ def lockstep_weights(model: str, epochs: int, train_size: int | None, batch_size
     return res.state.params, res.state.batch_stats
 
 
-def run(
-    *,
-    model: str = "cnn",
-    epochs: int = 3,
-    train_size: int | None = None,
-    batch_size: int = 32,
-    seed: int = 1,
-    processes: int = 2,
-    out: str | Path | None = "jaxcfl-determinism",
-    log=stderr,
-) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Options(_options.Options):
+    """``jaxcfl determinism``'s options: a short lockstep run of the built-in digits."""
+
+    model: str = _options.network("cnn", "network (default: the small {default})")
+    epochs: int = option(3, "epochs (default {default}: lr 0.1, divided by 10 for the last epoch)", COUNT)
+    train_size: int | None = _options.split_size("training", "first N training images (default: all)")
+    batch_size: int = option(32, "default {default} (45 steps per epoch)", COUNT)
+    seed: int = option(1, "batch order (default {default})", SEED)
+    processes: int = option(2, "separate processes per mode, at least 2 to compare runs (default {default})",
+                            _options.at_least(2))
+
+    def validate(self) -> None:
+        _options.clamp_sizes(self, "builtin", (("train_size", "train"),))
+
+
+@_options.entry(Options)
+def run(o: Options, *, out: str | Path | None = DEFAULT_OUT, log=stderr) -> dict[str, Any]:
     """Run every check; returns the JSON payload."""
     from jaxcfl._core.determinism import deterministic_mode_enabled, run_in_processes
     from jaxcfl.nn._preset import train
 
-    results = ResultDir(out, kind="determinism")
+    model, epochs, train_size, batch_size, seed, processes = (o.model, o.epochs, o.train_size, o.batch_size, o.seed,
+                                                              o.processes)
+    results = ResultDir(out, kind="determinism", identity=o.identity())
     args = dict(model=model, epochs=epochs, train_size=train_size, batch_size=batch_size, seed=seed)
     repeats = {}
     for mode in (True, False):
@@ -87,6 +100,7 @@ def run(
     i3 = ks.index(3.0)
     curve = lock.step_divergence[:, i3]
     payload = {
+        "settings": o.settings(),
         "model": model, "epochs": epochs, "seed": seed, "steps": int(len(curve)),
         "test_accuracy": {f"{k:g}": float(a) for k, a in zip(ks, lock.test_accuracy[-1])},
         "deterministic_mode_in_this_process": deterministic_mode_enabled(),
@@ -151,21 +165,9 @@ def render(payload: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jaxcfl.experiments._cli_types import positive_int
-    from jaxcfl.nn.nets import NETWORKS
-
-    parser.add_argument("--model", choices=NETWORKS, default="cnn", help="network (default: the small cnn)")
-    parser.add_argument("--epochs", type=positive_int, default=3,
-                        help="epochs (default 3: lr 0.1, divided by 10 for the last epoch)")
-    parser.add_argument("--train-size", type=positive_int, default=None, help="first N training images (default: all)")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="default 32 (45 steps per epoch)")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--processes", type=positive_int, default=2, help="separate processes per mode (default 2)")
-    parser.add_argument("--out", default="jaxcfl-determinism", help="output directory (default ./jaxcfl-determinism)")
+    Options.add_arguments(parser)
+    _options.add_out(parser, DEFAULT_OUT, f"output directory (default ./{DEFAULT_OUT})")
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    if args.processes < 2:
-        raise ValueError(f"--processes must be >= 2 to compare runs, got {args.processes}")
-    return run(model=args.model, epochs=args.epochs, train_size=args.train_size, batch_size=args.batch_size,
-               seed=args.seed, processes=args.processes, out=args.out)
+    return run.call(Options.from_args(args), out=args.out)

@@ -12,7 +12,7 @@ lr, the less the perturbation is amplified per unit of scaled iteration, and at
 lr = 3.125e-6 (n = 32000) it is not amplified at all (the CFL condition holds;
 appendix, Section 4.2).
 
-Each n is one :func:`jaxcfl.nn._preset.train` run with ``ks = (1, k)`` for ``n * E``
+Each n is one :func:`jaxcfl.train.train` run with ``ks = (1, k)`` for ``n * E``
 epochs, written to ``OUT/n{n}`` (checkpoint after every epoch, a snapshot of
 copy 0 once per scaled epoch): a rerun resumes, and finished runs are not
 trained again. Beside the curves it reports each run's growth rate per scaled
@@ -34,7 +34,8 @@ condition starts to hold. ``--model resnet56 --dataset cifar10 --data-root DIR
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,8 @@ from jaxcfl import plot
 from jaxcfl._core.results import ResultDir, Stopwatch, read_json, stderr, write_json, write_npz
 from jaxcfl._core.text import table
 from jaxcfl.nn._preset import TrainConfig, TrainResult, init_lockstep, probe_mask, train
+from jaxcfl.experiments import _options
+from jaxcfl.experiments._options import BOOL, COUNT, COUNT0, NONNEGATIVE, PERTURBATION, POSITIVE, SEED, option
 
 PAPER_N = (2, 4, 8, 16, 32, 320, 3200, 32000)
 DEFAULT_N = (1, 4, 16, 64, 256)
@@ -57,6 +60,7 @@ BASE_LR = 0.3
 PAPER_BASE_LR = 0.1
 EPOCHS_PER_N = 4
 PAPER_BETA = 5.0
+DEFAULT_OUT = "jaxcfl-fig2"
 
 
 def probe_path(config: TrainConfig) -> str:
@@ -68,32 +72,55 @@ def probe_path(config: TrainConfig) -> str:
     return ", ".join(p for p, keep in zip(paths, probe_mask(params, config.probe)) if keep)
 
 
-def run(
-    *,
-    n: Sequence[int] = DEFAULT_N,
-    base_lr: float = BASE_LR,
-    epochs_per_n: int = EPOCHS_PER_N,
-    k: float = 3.0,
-    model: str = "cnn",
-    dataset: str = "builtin",
-    data_root: str | None = None,
-    train_size: int | None = None,
-    test_size: int | None = None,
-    batch_size: int = 16,
-    activation: str = "swish",
-    beta: float = PAPER_BETA,
-    weight_decay: float = 5e-4,
-    augment: bool = False,
-    probe: str | None = None,
-    seed: int = 1,
-    init_seed: int = 0,
-    window: int = 0,
-    copies_mode: str = "auto",
-    with_sharpness: bool = True,
-    out: str | Path | None = "jaxcfl-fig2",
-    progress: bool | None = None,
-    log: Callable[[str], None] = stderr,
-) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Options(_options.Options):
+    """``jaxcfl reproduce fig2``'s options (defaults: the small ``cnn`` on the built-in digits; the paper's
+    values in the help)."""
+
+    n: tuple[int, ...] = option(DEFAULT_N, "lr = base-lr / n, trained n * epochs-per-n epochs (default {default}; "
+                                "the paper's: " + " ".join(map(str, PAPER_N)) + ")", COUNT, nargs="+")
+    base_lr: float = option(BASE_LR, f"lr of n = 1 (default {{default}}; the paper's: {PAPER_BASE_LR:g})", POSITIVE)
+    epochs_per_n: int = option(EPOCHS_PER_N, "E: run n trains n * E epochs (default {default}; the paper's: 1)",
+                               COUNT)
+    k: float = option(3.0, "perturbation factor compared with k = 1 (default {default})", PERTURBATION)
+    model: str = _options.network("cnn", "network (default {default}; the paper's: resnet56)")
+    dataset: str = _options.dataset("dataset (default {default}; the paper's: cifar10)")
+    data_root: str | None = _options.data_root("folder of the dataset's files (see jaxcfl.data.load)", settings=False)
+    train_size: int | None = _options.split_size("training", "first N training images (default: all)")
+    test_size: int | None = _options.split_size("test", "first N test images (default all)")
+    batch_size: int = option(16, "batch (default {default}; the paper's: 128)", COUNT)
+    activation: str = _options.activation("swish", "default {default}, as the paper")
+    beta: float = option(PAPER_BETA, "Swish beta (default {default}, the paper's)", POSITIVE)
+    weight_decay: float = option(_options.train_default("weight_decay"), "default {default}", NONNEGATIVE)
+    augment: bool = option(False, "random crops (pad 4), and flips for CIFAR-10 / Fashion-MNIST (default off; the "
+                           "paper's: on)", BOOL, action=argparse.BooleanOptionalAction)
+    probe: str | None = option(None, "substring of the path of the conv weights whose divergence is plotted "
+                               "(default: the trainer's, its first conv kernel)")
+    seed: int = option(1, "batch order and augmentation (default {default})", SEED)
+    init_seed: int = option(0, "the shared initialisation (default {default})", SEED)
+    window: int = option(0, "moving average over this many scaled iterations (default 0: none)", COUNT0,
+                         identity=False)  # the curves' smoothing only
+    copies_mode: str = _options.copies_mode("trainer: vmap or unroll the two copies (default auto: unroll on CPU)")
+    with_sharpness: bool = option(True, "skip the sharpness along the runs and max_stable_lr", BOOL,
+                                  flag="--no-sharpness", action="store_false", identity=False)
+
+    def validate(self) -> None:
+        _options.refuse_unused_beta(self)
+        _options.clamp_sizes(self, self.dataset)
+        # the compared copy's step, at the largest lr: fl(lr k) and fl(d / k) must be normal numbers
+        _options.refuse_reference_k(self, "k")
+        v.check_perturbation(self.spelled("k"), self.k, lr=self.base_lr)
+
+    def configs(self) -> dict[int, TrainConfig]:
+        """Run n's :class:`jaxcfl.TrainConfig`: plain SGD at ``base_lr / n`` for ``n * epochs_per_n`` epochs."""
+        return {m: TrainConfig(**_options.train_config_kwargs(
+            self, epochs=m * self.epochs_per_n, lr=self.base_lr / m, momentum=0.0, nesterov=False, milestones=()))
+            for m in self.n}
+
+
+@_options.entry(Options)
+def run(o: Options, *, out: str | Path | None = DEFAULT_OUT, progress: bool | None = None,
+        log: Callable[[str], None] = stderr) -> dict[str, Any]:
     """Run Figure 2; returns ``{"rows": [...], "files": {...}, ...}`` (JSON-able).
 
     Args:
@@ -102,7 +129,7 @@ def run(
       epochs_per_n: E, the epochs of run n = 1 (the paper's 1).
       k: perturbation factor of the second copy (k = 1 is the first).
       model, dataset, data_root, train_size, test_size, batch_size: what is trained
-        on what (:class:`jaxcfl.nn._preset.TrainConfig`).
+        on what (:class:`jaxcfl.TrainConfig`).
       activation, beta: ``"swish"`` with beta 5 in the paper.
       weight_decay: 5e-4 in the paper. The optimiser is plain SGD (no momentum), constant lr.
       augment: random crop (pad 4), with flips for CIFAR-10 and Fashion-MNIST.
@@ -126,20 +153,12 @@ def run(
     trained by this call (0 when the run was already finished in ``out``) and seconds.
     """
     clock = Stopwatch()
-    ns = [int(x) for x in n]
-    if not ns or min(ns) < 1 or len(set(ns)) != len(ns):
-        raise ValueError(f"n must be distinct integers >= 1, got {list(n)}")
-    if window < 0:
-        raise ValueError(f"window must be >= 0, got {window}")
-    epochs_per_n = v.check_int("epochs_per_n", epochs_per_n)
-    configs = {m: TrainConfig(model=model, dataset=dataset, data_root=data_root, activation=activation, beta=beta,
-                              epochs=m * epochs_per_n, batch_size=batch_size, lr=base_lr / m, momentum=0.0, nesterov=False,
-                              weight_decay=weight_decay, milestones=(), augment=augment, init_seed=init_seed,
-                              train_size=train_size, test_size=test_size, probe=probe) for m in ns}
+    ns, k, base_lr, epochs_per_n = list(o.n), o.k, o.base_lr, o.epochs_per_n
+    configs = o.configs()
     probed = probe_path(configs[ns[0]])
-    results_dir = ResultDir(out, kind="fig2", clock=clock)
+    results_dir = ResultDir(out, kind="fig2", clock=clock, identity=o.identity())
     out = results_dir.path
-    log(f"[fig2] {activation} {model} on {dataset}, plain SGD (wd {weight_decay:g}), lr = {base_lr:g}/n for "
+    log(f"[fig2] {o.activation} {o.model} on {o.dataset}, plain SGD (wd {o.weight_decay:g}), lr = {base_lr:g}/n for "
         f"{epochs_per_n} n epochs, "
         f"n in {ns}, k = 1 vs {k:g}; probe {probed}")
     results: dict[int, TrainResult] = {}
@@ -154,8 +173,8 @@ def run(
             if run_dir is not None and epoch % m == 0:  # one snapshot per scaled epoch, for the sharpness
                 save_snapshot(run_dir / "snapshots" / f"epoch{epoch}.npz", partial.state)
 
-        result = train(configs[m], ks=(1.0, k), seed=seed, out=run_dir, progress=progress, on_epoch=on_epoch,
-                       copies_mode=copies_mode)
+        result = train(configs[m], ks=(1.0, k), seed=o.seed, out=run_dir, progress=progress, on_epoch=on_epoch,
+                       copies_mode=o.copies_mode)
         results[m] = result
         resumed = configs[m].epochs - len(trained)
         rows.append(_row(m, result, len(trained), run_clock.seconds()))
@@ -164,24 +183,20 @@ def run(
             + (f"; {resumed} of {configs[m].epochs} epochs resumed from {out / f'n{m}'}" if resumed else "")
             + f"; {len(trained)} epochs trained")
     steps_per_epoch = results[ns[0]].probe_divergence.shape[0] // configs[ns[0]].epochs
-    curves = _curves(results, window)
+    curves = _curves(results, o.window)
     threshold = amplification_threshold(rows)
-    sharp = sharpness_along(results, out, log=log) if with_sharpness else {}
+    sharp = sharpness_along(results, out, log=log) if o.with_sharpness else {}
     for row in rows:
         records = sharp.get(row["n"], [])
         row["sharpness_max"] = max((r["sharpness"] for r in records), default=None)
         row["two_over_sharpness"] = None if row["sharpness_max"] is None else 2.0 / row["sharpness_max"]
         row["cfl_holds"] = None if row["sharpness_max"] is None else bool(row["lr"] < row["two_over_sharpness"])
-    if with_sharpness:
+    if o.with_sharpness:
         log("[fig2] max_stable_lr of full-batch gradient descent from the initialisation ...")
-    stable = initial_max_stable_lr(configs[ns[0]]) if with_sharpness else None
+    stable = initial_max_stable_lr(configs[ns[0]]) if o.with_sharpness else None
     payload: dict[str, Any] = dict(
         experiment="fig2",
-        settings=dict(n=ns, base_lr=float(base_lr), k=float(k), model=model, dataset=dataset, train_size=train_size,
-                      test_size=test_size, batch_size=batch_size, activation=activation, beta=float(beta),
-                      weight_decay=float(weight_decay), momentum=0.0, nesterov=False, milestones=[], augment=augment,
-                      probe=probe, probe_path=probed, seed=seed, init_seed=init_seed, window=window,
-                      copies_mode=copies_mode, epochs_per_n=epochs_per_n),
+        settings=o.settings(momentum=0.0, nesterov=False, milestones=[], probe_path=probed),
         steps_per_epoch=steps_per_epoch,
         rows=rows,
         threshold=threshold,
@@ -189,9 +204,12 @@ def run(
         max_stable_lr=stable,
     )
     payload["answer"] = answer(payload)
-    files = {} if out is None else dict(
-        png=plot.save(figure(curves, payload), results_dir.file("fig2.png")), csv=results_dir.write_csv("fig2.csv", rows),
-        npz=results_dir.write_npz("fig2_curves.npz", _curve_arrays(curves, rows)), runs=str(out / "n{n}"))
+    files = {} if out is None else dict(  # the numbers first, then the figure
+        csv=results_dir.write_csv("fig2.csv", rows), npz=results_dir.write_npz("fig2_curves.npz", _curve_arrays(curves, rows)),
+        runs=str(out / "n{n}"))
+    if out is not None:
+        png = _options.figure_file(results_dir.file("fig2.png"), lambda: figure(curves, payload), log)
+        files.update({"png": png} if png else {})
     return results_dir.finish(payload, "fig2.json", files)
 
 
@@ -235,7 +253,7 @@ def divergence_at(curve: np.ndarray, n: int, scaled_epochs: int) -> dict[str, fl
 
 
 def amplification(curve: np.ndarray, n: int) -> dict[str, Any]:
-    """:func:`jaxcfl._core.statistics.amplification` of run n's divergence ``curve``, its slope per scaled
+    """:func:`jaxcfl.statistics.amplification` of run n's divergence ``curve``, its slope per scaled
     iteration (``iteration / n``); with :data:`SATURATION` and :data:`BEYOND_ACCUMULATION` it lives there."""
     return st.amplification(curve, scale=n)
 
@@ -267,7 +285,7 @@ def sharpness_along(results: dict[int, TrainResult], out: Path | None, *, batch:
     """Sharpness of the training loss (plus weight decay) at the initialisation and every scaled epoch of each run.
 
     The loss is the cross-entropy on the first ``batch`` training images, BatchNorm in
-    training mode (:func:`jaxcfl.nn._preset.network_loss`), plus ``weight_decay / 2 ||p||^2``;
+    training mode (:func:`jaxcfl.train.network_loss`), plus ``weight_decay / 2 ||p||^2``;
     its top Hessian eigenvalue comes from :func:`jaxcfl.sharpness` (Lanczos, ``iterations``
     steps). The weights are copy 0's snapshots (:func:`save_snapshot`, written by
     :func:`run` once per scaled epoch), so this needs ``out``; values are cached in
@@ -473,50 +491,10 @@ def render(payload: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jaxcfl.nn import nets as nets
-    from jaxcfl.experiments._cli_types import nonnegative_float, positive_float, positive_int
-    from jaxcfl.nn._preset import COPIES_MODES
-
-    parser.add_argument("--n", type=positive_int, nargs="+", default=list(DEFAULT_N),
-                        help="lr = base-lr / n, trained n * epochs-per-n epochs (default "
-                             + " ".join(map(str, DEFAULT_N)) + "; the paper's: " + " ".join(map(str, PAPER_N)) + ")")
-    parser.add_argument("--base-lr", type=positive_float, default=BASE_LR,
-                        help=f"lr of n = 1 (default {BASE_LR:g}; the paper's: {PAPER_BASE_LR:g})")
-    parser.add_argument("--epochs-per-n", type=positive_int, default=EPOCHS_PER_N,
-                        help=f"E: run n trains n * E epochs (default {EPOCHS_PER_N}; the paper's: 1)")
-    parser.add_argument("--k", type=positive_float, default=3.0, help="perturbation factor compared with k = 1 (default 3)")
-    parser.add_argument("--model", choices=nets.NETWORKS, default="cnn", help="network (default cnn; the paper's: resnet56)")
-    parser.add_argument("--dataset", choices=tuple(datasets.DATASETS), default="builtin",
-                        help="dataset (default builtin; the paper's: cifar10)")
-    parser.add_argument("--data-root", default=None, help="folder of the dataset's files (see jaxcfl.nn._data.load)")
-    parser.add_argument("--train-size", type=positive_int, default=None,
-                        help="first N training images (default: all)")
-    parser.add_argument("--test-size", type=positive_int, default=None, help="first N test images (default all)")
-    parser.add_argument("--batch-size", type=positive_int, default=16, help="batch (default 16; the paper's: 128)")
-    parser.add_argument("--activation", choices=("swish", "relu"), default="swish", help="default swish, as the paper")
-    parser.add_argument("--beta", type=positive_float, default=PAPER_BETA, help="Swish beta (default 5, the paper's)")
-    parser.add_argument("--weight-decay", type=nonnegative_float, default=5e-4, help="default 5e-4")
-    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
-                        help="random crops (pad 4), and flips for CIFAR-10 / Fashion-MNIST (default off; the paper's: on)")
-    parser.add_argument("--probe", default=None,
-                        help="substring of the path of the conv weights whose divergence is plotted "
-                             "(default: the trainer's, its first conv kernel)")
-    parser.add_argument("--seed", type=int, default=1, help="batch order and augmentation (default 1)")
-    parser.add_argument("--init-seed", type=int, default=0, help="the shared initialisation (default 0)")
-    parser.add_argument("--window", type=int, default=0,
-                        help="moving average over this many scaled iterations (default 0: none)")
-    parser.add_argument("--copies-mode", choices=COPIES_MODES, default="auto",
-                        help="trainer: vmap or unroll the two copies (default auto: unroll on CPU)")
-    parser.add_argument("--no-sharpness", dest="with_sharpness", action="store_false",
-                        help="skip the sharpness along the runs and max_stable_lr")
-    parser.add_argument("--out", default="jaxcfl-fig2",
-                        help="output directory (default ./jaxcfl-fig2); finished runs in OUT/n{n} are reused")
+    Options.add_arguments(parser)
+    _options.add_out(parser, DEFAULT_OUT, f"output directory (default ./{DEFAULT_OUT}); finished runs in OUT/n{{n}} "
+                     "are reused")
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    return run(n=tuple(args.n), base_lr=args.base_lr, epochs_per_n=args.epochs_per_n, k=args.k, model=args.model, dataset=args.dataset,
-               data_root=args.data_root, train_size=args.train_size, test_size=args.test_size,
-               batch_size=args.batch_size, activation=args.activation, beta=args.beta,
-               weight_decay=args.weight_decay, augment=args.augment, probe=args.probe, seed=args.seed,
-               init_seed=args.init_seed, window=args.window, copies_mode=args.copies_mode,
-               with_sharpness=args.with_sharpness, out=args.out)
+    return run.call(Options.from_args(args), out=args.out)

@@ -19,7 +19,8 @@ when the command is run again with the same settings.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,27 +34,48 @@ from jaxcfl._core.results import ResultDir, stderr, sweep_chunks_on_disk
 from jaxcfl._core.text import table
 from jaxcfl._core.images import checkerboard
 from jaxcfl.pde._sweeps import SweepResult, sweep
+from jaxcfl._core import validate as v
+from jaxcfl.experiments import _options
+from jaxcfl.experiments._options import COUNT, PERTURBATION, POSITIVE, SEED, option
 
 PAPER_LR = (0.01, 0.03, 0.05, 0.07, 0.09, 0.1, 0.11, 0.13)
 PAPER_ALPHA = 20.0
 WINDOW = 100  # the paper's moving-average window (Figure 4 right)
+DEFAULT_OUT = "jaxcfl-fig4"
 
 
-def run(
-    *,
-    lr: Sequence[float] = PAPER_LR,
-    alpha: float = PAPER_ALPHA,
-    size: int = 256,
-    kernel_size: int = 32,
-    steps: int = 1000,
-    k: float = 3.0,
-    window: int = WINDOW,
-    seed: int = 0,
-    chunk_size: int = 2,
-    out: str | Path | None = None,
-    progress: bool | None = None,
-    log: Callable[[str], None] = stderr,
-) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Options(_options.Options):
+    """``jaxcfl reproduce fig4``'s options (defaults: the paper's set-up)."""
+
+    lr: tuple[float, ...] = option(PAPER_LR, "learning rates (default: the paper's {default})", POSITIVE, nargs="+")
+    alpha: float = option(PAPER_ALPHA, "weight decay (default {default})", POSITIVE)
+    size: int = option(256, "checkerboard side (default {default})", COUNT)
+    kernel_size: int = option(32, "kernel side (default {default})", COUNT)
+    steps: int = option(1000, "gradient-descent iterations (default {default})", COUNT)
+    k: float = option(3.0, "perturbation factor compared with k = 1 (default {default})", PERTURBATION)
+    window: int = option(WINDOW, "moving-average window (default {default})", COUNT, identity=False)
+    seed: int = option(0, "seed of the N(0,1) initial kernel (default {default})", SEED)
+    chunk_size: int = option(2, "runs per compiled call, and per saved chunk (default {default})", COUNT,
+                             settings=False, identity=False)  # the sweep's own folder checks it
+
+    def validate(self) -> None:
+        check_problem(self)
+
+
+def check_problem(o: _options.Options) -> None:
+    """Figure 4's problem (and pde-guard's): the kernel fits the checkerboard, and the compared copy's step
+    ``fl(lr k)``, ``fl(d / k)`` is made of normal numbers at every lr."""
+    if o.kernel_size > o.size:
+        raise ValueError(f"{o.spelled('kernel_size')} {o.kernel_size} is larger than the checkerboard "
+                         f"({o.spelled('size')} {o.size})")
+    _options.refuse_reference_k(o, "k")
+    v.check_perturbation(o.spelled("k"), o.k, lr=np.asarray(o.lr))
+
+
+@_options.entry(Options)
+def run(o: Options, *, out: str | Path | None = None, progress: bool | None = None,
+        log: Callable[[str], None] = stderr) -> dict[str, Any]:
     """Run Figure 4 (left and right); returns ``{"rows": [...], "files": {...}, ...}`` (JSON-able).
 
     Args:
@@ -75,8 +97,9 @@ def run(
     the largest and the last value of the moving-average divergence curve (``None``
     once the run is non-finite).
     """
-    results = ResultDir(out, kind="fig4")
-    lr = [float(x) for x in np.atleast_1d(lr)]
+    results = ResultDir(out, kind="fig4", identity=o.identity())
+    lr, alpha, size, kernel_size, steps, k = list(o.lr), o.alpha, o.size, o.kernel_size, o.steps, o.k
+    chunk_size = o.chunk_size
     image = np.asarray(checkerboard(size), np.float64)
     sweep_dir = results.file("sweep") if results.writes else None
     n_chunks = -(-len(lr) // chunk_size)
@@ -85,10 +108,10 @@ def run(
         f"k = 1 vs {k:g}, {len(lr)} learning rates in {n_chunks} chunk(s)"
         + (f", {on_disk} found in {sweep_dir}" if on_disk else "") + " ...")
     result = sweep(image, kernel_size, lr, alpha, scheme="gd", model="nonlinear", pool="mean", beta=1.0, label=1.0,
-                   compare_k=k, steps=steps, key=jax.random.key(seed), record_points=steps, chunk_size=chunk_size,
+                   compare_k=k, steps=steps, key=jax.random.key(o.seed), record_points=steps, chunk_size=chunk_size,
                    out=sweep_dir, progress=progress)
     sweep_seconds = results.seconds()
-    curves = curves_of(result, window)
+    curves = curves_of(result, o.window)
     rows = result.rows()
     for row, smooth in zip(rows, curves["divergence_ma"]):
         finite = smooth[np.isfinite(smooth)]
@@ -98,9 +121,8 @@ def run(
         log(f"[fig4]   lr {row['lr']:<6g} {row['status']}")
     payload: dict[str, Any] = dict(
         experiment="fig4",
-        settings=dict(lr=lr, alpha=float(alpha), size=size, kernel_size=kernel_size, steps=steps, k=float(k),
-                      window=int(curves["window"]), seed=seed, scheme="gd", model="nonlinear", pool="mean", beta=1.0,
-                      label=1.0, dtype=result.spec.dtype),
+        settings=o.settings(window=int(curves["window"]), scheme="gd", model="nonlinear", pool="mean", beta=1.0,
+                            label=1.0, dtype=result.spec.dtype),
         rule=result.rule.to_dict(),
         lr_bound=theory.multilayer_lr_bound(alpha),
         counts=result.counts(),
@@ -110,12 +132,13 @@ def run(
         sweep_seconds=sweep_seconds,
     )
     files: dict[str, str] = {}
-    if results.writes:
-        files["png"] = plot.save(figure(result, curves), results.file("fig4.png"))
+    if results.writes:  # the numbers first, then the figure
         files["csv"] = results.write_csv("fig4.csv", rows)
         arrays = {name: np.asarray(value) for name, value in curves.items()}
         files["npz"] = results.write_npz("fig4_curves.npz", dict(lr=result.lr, status=result.status[:, 0], **arrays))
         files["sweep"] = str(sweep_dir)
+        png = _options.figure_file(results.file("fig4.png"), lambda: figure(result, curves), log)
+        files.update({"png": png} if png else {})
     return results.finish(payload, "fig4.json", files)
 
 
@@ -185,7 +208,7 @@ def render(payload: dict[str, Any]) -> str:
         f"classes: {', '.join(f'{n} {c}' for c, n in payload['counts'].items())}.  "
         f"Bound of eq 51 (large alpha): lr < 2/alpha = {payload['lr_bound']:g}.",
         "div = 2 mean(|w1-w2|/(|w1|+|w2|)) between the k = 1 and k copies; MA = moving average of "
-        f"{s['window']} iterations. Rule: jaxcfl._core.classify.Rule{tuple(payload['rule'].values())}.",
+        f"{s['window']} iterations. Rule: jaxcfl.Rule{tuple(payload['rule'].values())}.",
     ]
     if payload.get("files"):
         lines.append("files: " + ", ".join(payload["files"].values()))
@@ -195,23 +218,10 @@ def render(payload: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jaxcfl.experiments._cli_types import positive_float, positive_int
-
-    parser.add_argument("--lr", type=positive_float, nargs="+", default=list(PAPER_LR),
-                        help="learning rates (default: the paper's 0.01 0.03 0.05 0.07 0.09 0.1 0.11 0.13)")
-    parser.add_argument("--alpha", type=positive_float, default=PAPER_ALPHA, help="weight decay (default 20)")
-    parser.add_argument("--size", type=positive_int, default=256, help="checkerboard side (default 256)")
-    parser.add_argument("--kernel-size", type=positive_int, default=32, help="kernel side (default 32)")
-    parser.add_argument("--steps", type=positive_int, default=1000, help="gradient-descent iterations (default 1000)")
-    parser.add_argument("--k", type=positive_float, default=3.0, help="perturbation factor compared with k = 1 (default 3)")
-    parser.add_argument("--window", type=positive_int, default=WINDOW, help="moving-average window (default 100)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the N(0,1) initial kernel (default 0)")
-    parser.add_argument("--chunk-size", type=positive_int, default=2,
-                        help="runs per compiled call, and per saved chunk (default 2)")
-    parser.add_argument("--out", default="jaxcfl-fig4",
-                        help="output directory (default ./jaxcfl-fig4); finished sweep chunks are reused")
+    Options.add_arguments(parser)
+    _options.add_out(parser, DEFAULT_OUT, f"output directory (default ./{DEFAULT_OUT}); finished sweep chunks are "
+                     "reused")
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    return run(lr=tuple(args.lr), alpha=args.alpha, size=args.size, kernel_size=args.kernel_size, steps=args.steps,
-               k=args.k, window=args.window, seed=args.seed, chunk_size=args.chunk_size, out=args.out)
+    return run.call(Options.from_args(args), out=args.out)

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,45 +26,71 @@ import numpy as np
 from jaxcfl._core.results import ResultDir, stderr
 from jaxcfl.experiments import user_image as ui
 from jaxcfl.experiments.table5 import bounds_row, bounds_table
+from jaxcfl._core.classify import MIN_STEPS
+from jaxcfl.experiments import _cli_types as types
+from jaxcfl.experiments import _options
+from jaxcfl.experiments._options import COUNT, POSITIVE, option
+
+SEARCH_GROUP = "the learning rates and the search"
 
 
-def run(
-    image: np.ndarray,
-    lr: np.ndarray,
-    *,
-    kernel_sizes: tuple[int, ...] = (16,),
-    steps: int = 1000,
-    rtol: float = 1e-3,
-    alpha_range: tuple[float, float] = (1e-3, 1e12),
-    seed: int = 0,
-    out: str | Path | None = None,
-    progress: bool | None = None,
-    log: Callable[[str], None] = stderr,
-    image_info: dict[str, Any] | None = None,
-    **setup: Any,
-) -> dict[str, Any]:
+def _empirical_bounds():
+    from jaxcfl.pde import empirical_bounds
+
+    return empirical_bounds
+
+
+def _alpha_range(name: str, value: Any) -> tuple[float, float]:
+    lo, hi = (_options.POSITIVE.check(name, float(x)) for x in value)
+    if not lo < hi:
+        raise ValueError(f"{name} must be LO < HI, got {lo:g}:{hi:g}")
+    return lo, hi
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)  # the learning rates have no default
+class Options(ui.ProblemOptions):
+    """``jaxcfl bounds``'s options: the kernels, the learning rates, the search and the set-up
+    (:class:`~jaxcfl.experiments.user_image.ProblemOptions`)."""
+
+    lr: tuple[float, ...] = option(help="learning rates (dt), a row each: e.g. 1e-4, or 1e-5:1e-3:3; see below",
+                                   kind=_options.Kind(types.positive_grid, _options.POSITIVE.check), nargs="+",
+                                   grid=True, required=True, group=SEARCH_GROUP)
+    kernel_sizes: tuple[int, ...] = option((16,), "kernel side w (one or more) (default {default})", COUNT, nargs="+",
+                                           flag="--kernel-size", group=ui.IMAGE_GROUP)
+    steps: int = option(_options.default_of(_empirical_bounds(), "steps"), "iterations per run (default {default}; "
+                        f"at least {MIN_STEPS})", _options.at_least(MIN_STEPS), group=SEARCH_GROUP)
+    rtol: float = option(_options.default_of(_empirical_bounds(), "rtol"), "relative precision of each bound "
+                         "(default {default})", POSITIVE, group=SEARCH_GROUP)
+    alpha_range: tuple[float, float] = option(_options.default_of(_empirical_bounds(), "alpha_range"),
+                                              "where to look for the bounds (default {default})",
+                                              _options.Kind(types.positive_range, _alpha_range), metavar="LO:HI",
+                                              group=SEARCH_GROUP)
+
+
+@_options.entry(Options)
+def run(o: Options, image: np.ndarray, *, out: str | Path | None = None, progress: bool | None = None,
+        log: Callable[[str], None] = stderr, image_info: dict[str, Any] | None = None) -> dict[str, Any]:
     """The bounds of every ``(kernel size, lr)`` pair; returns the payload of ``jaxcfl bounds --json``.
 
     ``lr`` (each > 0) and ``kernel_sizes`` make the rows; ``steps``, ``rtol`` and ``alpha_range`` are
-    :func:`jaxcfl.empirical_bounds`'s; ``out`` (``None``: nothing is written or reused) is the folder of the
-    module docstring. ``image``, ``seed``, ``progress``, ``log`` and ``image_info`` are as in
-    :func:`jaxcfl.experiments.image_sweep.run`, and ``setup`` holds the keyword arguments of
-    :func:`jaxcfl.empirical_bounds` named in :data:`~jaxcfl.experiments.user_image.SETUP_DEFAULTS`.
+    :func:`jaxcfl.empirical_bounds`'s, and so are the set-up options (``scheme``, ``model``, ...:
+    :data:`~jaxcfl.experiments.user_image.SETUP_DEFAULTS`); ``out`` (``None``: nothing is written or reused)
+    is the folder of the module docstring. ``image``, ``seed``, ``progress``, ``log`` and ``image_info`` are
+    as in :func:`jaxcfl.experiments.image_sweep.run`.
     """
-    unknown = sorted(set(setup) - set(ui.SETUP_DEFAULTS))
-    if unknown:
-        raise TypeError(f"run() got unexpected keyword arguments {', '.join(unknown)}")
-    setup = {**ui.SETUP_DEFAULTS, **setup}
+    setup = o.setup()
+    kernel_sizes, steps, rtol, alpha_range, seed = o.kernel_sizes, o.steps, o.rtol, o.alpha_range, o.seed
     info = ui.image_info(image) if image_info is None else image_info
-    lrs = [float(x) for x in np.atleast_1d(lr)]
+    lrs = [float(x) for x in o.lr]
 
     def body(results: ResultDir) -> tuple[dict[str, Any], dict[str, str]]:
         rows = _rows(results, image, info, lrs, kernel_sizes, steps=steps, rtol=rtol, alpha_range=alpha_range, seed=seed,
                      progress=progress, log=log, setup=setup)
         files = {"csv": results.write_csv("bounds.csv", rows, joins={"notes": "; "}, last=("notes",))} if results.writes else {}
-        return {"command": "bounds", "image": info, "setup": setup, "rows": rows}, files
+        return {"command": "bounds", "image": info, "setup": setup, "settings": o.settings(), "rows": rows}, files
 
-    return ui.in_result_dir(out, "jaxcfl-bounds", "bounds.json", body)
+    return ui.in_result_dir(out, "jaxcfl-bounds", "bounds.json", body,
+                            identity={**o.identity(), "image": info["fingerprint"], "image_shape": info["shape"]})
 
 
 def _rows(results: ResultDir, image: np.ndarray, image_info: dict[str, Any], lrs: list[float], kernel_sizes, *,
@@ -133,38 +160,23 @@ def render(payload: dict[str, Any]) -> str:
     for r in rows:
         lines.extend(f"note (kernel {r['kernel_size']}, lr {r['lr']:g}): {n}" for n in [*(r["notes"] or []), *_hint(r)])
     rtol = sorted({r["rtol"] for r in rows})
-    lines.append(f"emp = found by running the scheme (jaxcfl.empirical_bounds, rtol {', '.join(f'{x:g}' for x in rtol)}); "
-                 f"win = exact windowed theory;")
+    achieved = [r.get("achieved_rtol") for r in rows]
+    reached = ("; achieved " + ", ".join("unverified" if a is None else f"{a:.2g}" for a in achieved)
+               + (" (too few --steps: raise them)" if any(r.get("limited_by_steps") for r in rows) else ""))
+    lines.append(f"emp = found by running the scheme (jaxcfl.empirical_bounds, rtol {', '.join(f'{x:g}' for x in rtol)}"
+                 f"{reached}); win = exact windowed theory;")
     lines.append("paper = the paper's non-windowed formulas (eqs 26-27, 46-47; linear model only). "
                  "Stable iff a_min < alpha < a_max.")
     return "\n".join(lines + ui.footer(payload))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jaxcfl.experiments._cli_types import (
-        int_at_least,
-        positive_float,
-        positive_grid,
-        positive_range,
-    )
-    from jaxcfl._core.classify import MIN_STEPS
-
-    ui.add_problem_arguments(parser, kernel_sizes=True)
-    search = parser.add_argument_group("the learning rates and the search")
-    search.add_argument("--lr", type=positive_grid, nargs="+", required=True, metavar="GRID",
-                        help="learning rates (dt), a row each: e.g. 1e-4, or 1e-5:1e-3:3; see below")
-    search.add_argument("--steps", type=int_at_least(MIN_STEPS), default=1000,
-                        help=f"iterations per run (default 1000; at least {MIN_STEPS})")
-    search.add_argument("--rtol", type=positive_float, default=1e-3, help="relative precision of each bound (default 1e-3)")
-    search.add_argument("--alpha-range", type=positive_range, default=(1e-3, 1e12), metavar="LO:HI",
-                        help="where to look for the bounds (default 1e-3:1e12)")
+    ui.add_image_arguments(parser)
+    Options.add_arguments(parser)
     ui.add_output_arguments(parser, None, "finished rows")
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    from jaxcfl.experiments._cli_types import merge_grid
-
-    image, info = ui.image_of(args)
-    return run(image, merge_grid(args.lr), kernel_sizes=tuple(args.kernel_size), steps=args.steps, rtol=args.rtol,
-               alpha_range=args.alpha_range, seed=args.seed, out=args.out, progress=ui.progress_of(args), image_info=info,
-               **ui.setup_kwargs(args))
+    options = Options.from_args(args)
+    image, info = ui.image_of(args, options.kernel_sizes)
+    return run.call(options, image, out=args.out, progress=ui.progress_of(args), image_info=info)

@@ -30,66 +30,115 @@ import numpy as np
 from jaxcfl._core.results import ResultDir, stderr, sweep_chunks_on_disk
 from jaxcfl._core.text import table
 from jaxcfl.experiments import user_image as ui
+from jaxcfl._core import validate as v
+from jaxcfl.experiments import _cli_types as types
+from jaxcfl.experiments import _options
+from jaxcfl.experiments._options import BOOL, COUNT, COUNT0, PERTURBATION, SAFETY, option
 
 MAP_LETTERS = {"stable": "S", "restrained": "R", "divergent": "D"}
 
 
-def run(
-    image: np.ndarray,
-    lr: np.ndarray,
-    alpha: np.ndarray,
-    *,
-    kernel_size: int = 16,
-    steps: int = 1000,
-    compare_k: float | None = None,
-    record_points: int = 100,
-    chunk_size: int = 256,
-    seed: int = 0,
-    theory: bool = True,
-    out: str | Path | None = None,
-    progress: bool | None = None,
-    log: Callable[[str], None] = stderr,
-    image_info: dict[str, Any] | None = None,
-    **setup: Any,
-) -> dict[str, Any]:
+GRID_GROUP = "the grid and the runs"
+GUARD_GROUP = "the CFL guard (--scheme guarded_gd)"
+
+
+def _guard_default(name: str) -> int:
+    from jaxcfl.pde import GuardSchedule
+
+    return getattr(GuardSchedule, name)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)  # the grid has no default
+class Options(ui.ProblemOptions):
+    """``jaxcfl sweep``'s options: the grid, the runs, the set-up (:class:`~jaxcfl.experiments.user_image.ProblemOptions`)
+    and the guard's (defaults: :func:`jaxcfl.sweep`'s and :class:`jaxcfl.GuardSchedule`'s)."""
+
+    lr: tuple[float, ...] = option(help="learning rates (dt), e.g. 1e-5:1e-3:32 (32 log-spaced values) or 1e-4,2e-4; "
+                                   "see below", kind=_options.Kind(types.positive_grid, _options.POSITIVE.check),
+                                   nargs="+", grid=True, required=True, group=GRID_GROUP)
+    alpha: tuple[float, ...] = option(help="weight decays, e.g. 1e-2:1e4:32 or 0,1,10,100; see below",
+                                      kind=_options.Kind(types.nonnegative_grid, _options.NONNEGATIVE.check),
+                                      nargs="+", grid=True, required=True, group=GRID_GROUP)
+    kernel_size: int = option(16, "kernel side w (default {default})", COUNT, group=ui.IMAGE_GROUP)
+    steps: int = option(ui._sweep_default("steps"), "iterations per run (default {default})", COUNT, group=GRID_GROUP)
+    compare_k: float | None = option(None, "also run each configuration with its update perturbed by K (e.g. 3), and "
+                                     "report the divergence of the two (default: no comparison)", PERTURBATION,
+                                     metavar="K", group=GRID_GROUP)
+    record_points: int = option(ui._sweep_default("record_points"), "samples of each run's curves (default "
+                                "{default}; at least 3)", _options.at_least(3), group=GRID_GROUP)
+    chunk_size: int = option(ui._sweep_default("chunk_size"), "runs per compiled call, and per saved chunk (default "
+                             "{default})", COUNT, group=GRID_GROUP)
+    theory: bool = option(True, "skip the CFL theory (its columns and curves)", BOOL, flag="--no-theory",
+                          action="store_false", group=GRID_GROUP, identity=False)  # computed on every run
+    safety: float = option(ui._sweep_default("safety"), "the margin in (0, 1]: dt_n lambda_n <= 2 safety (default "
+                           "{default})", SAFETY, group=GUARD_GROUP)
+    every: int = option(_guard_default("every"), "refresh lambda every EVERY iterations (default {default})", COUNT,
+                        group=GUARD_GROUP)
+    warmup: int = option(_guard_default("warmup"), "and before each of the first WARMUP iterations (default "
+                         "{default})", COUNT0, group=GUARD_GROUP)
+
+    def validate(self) -> None:
+        from jaxcfl.pde import get_scheme
+
+        super().validate()
+        if not get_scheme(self.scheme).guarded:
+            self.refuse_unused(["safety", "every", "warmup"], f"for the guard of a guarded scheme, guarded_gd; "
+                                                              f"{self.spelled('scheme')} is {self.scheme}")
+        if self.compare_k is not None:  # the compared copy's step, fl(lr k) and fl(d / k), at every lr
+            _options.refuse_reference_k(self, "compare_k")
+            v.check_perturbation(self.spelled("compare_k"), self.compare_k, lr=np.asarray(self.lr))
+
+    def sweep_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`jaxcfl.sweep` beyond the grid, the key and the folder."""
+        from jaxcfl.pde import GuardSchedule, get_scheme
+
+        guard = {}
+        if get_scheme(self.scheme).guarded:
+            guard = dict(safety=self.safety, guard=GuardSchedule(every=self.every, warmup=self.warmup))
+        return dict(self.setup(), steps=self.steps, compare_k=self.compare_k, record_points=self.record_points,
+                    chunk_size=self.chunk_size, **guard)
+
+
+@_options.entry(Options)
+def run(o: Options, image: np.ndarray, *, out: str | Path | None = None, progress: bool | None = None,
+        log: Callable[[str], None] = stderr, image_info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Sweep ``lr x alpha`` on ``image``; returns the JSON-able payload of ``jaxcfl sweep --json``.
 
     Args:
       image: a 2-D array (:func:`jaxcfl.load_image`).
-      lr, alpha: the grid axes (1-D, ``lr > 0``, ``alpha >= 0``).
+      lr, alpha: the grid axes (``lr > 0``, ``alpha >= 0``), then the declared :class:`Options`:
       kernel_size, steps, compare_k, record_points, chunk_size: as in :func:`jaxcfl.sweep`.
       seed: PRNG seed of the N(0, 1) initial kernel.
       theory: compute the windowed (and, linear model, the paper's) bounds per ``lr``.
+      scheme, model, pool, momentum, a, beta, label, bias, operator: the set-up of :func:`jaxcfl.sweep`;
+        ``safety``, ``every`` and ``warmup``: its guard (``guarded_gd`` only).
       out: the output folder (module docstring); ``None``: nothing is written.
       progress: the sweep's progress bar (``None``: on a terminal).
       log: where progress lines go (default stderr).
       image_info: the image's description (:func:`~jaxcfl.experiments.user_image.image_of`).
-      setup: ``scheme``, ``model``, ``pool``, ``momentum``, ``a``, ``beta``, ``label``, ``bias``,
-        ``operator`` (and ``safety``, ``guard`` for ``guarded_gd``): keyword arguments of :func:`jaxcfl.sweep`.
     """
-    lr, alpha = np.asarray(lr, np.float64), np.asarray(alpha, np.float64)
+    lr, alpha = np.asarray(o.lr, np.float64), np.asarray(o.alpha, np.float64)
     info = ui.image_info(image) if image_info is None else image_info
     return ui.in_result_dir(out, "jaxcfl-sweep", "sweep.json", lambda results: _run(
-        results, image, info, lr, alpha, kernel_size=kernel_size, steps=steps, compare_k=compare_k,
-        record_points=record_points, chunk_size=chunk_size, seed=seed, theory=theory, progress=progress, log=log,
-        setup=setup))
+        results, image, info, lr, alpha, o, progress=progress, log=log),
+        identity={**o.identity(), "image": info["fingerprint"], "image_shape": info["shape"]})
 
 
-def _run(results: ResultDir, image: np.ndarray, image_info: dict[str, Any], lr: np.ndarray, alpha: np.ndarray, *, kernel_size: int, steps: int,
-         compare_k: float | None, record_points: int, chunk_size: int, seed: int, theory: bool, progress: bool | None,
-         log: Callable[[str], None], setup: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+def _run(results: ResultDir, image: np.ndarray, image_info: dict[str, Any], lr: np.ndarray, alpha: np.ndarray,
+         o: Options, *, progress: bool | None, log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, str]]:
     """:func:`run` in the open ``results``: the sweep, the theory, the payload and the files."""
     import jax
 
     from jaxcfl.pde._sweeps import sweep
 
     sweep_dir = results.file("sweep") if results.writes else None
+    steps, chunk_size, seed = o.steps, o.chunk_size, o.seed
     n_chunks = -(-(lr.size * alpha.size) // chunk_size)
     on_disk = sweep_chunks_on_disk(sweep_dir, n_chunks)
     log(f"[sweep] {lr.size} lr x {alpha.size} alpha = {lr.size * alpha.size} runs of {steps} steps in {n_chunks} "
         f"chunk(s)" + (f", {on_disk} found in {sweep_dir}" if on_disk else "") + " ...")
-    result = sweep(image, kernel_size, lr, alpha, steps=steps, compare_k=compare_k, record_points=record_points,
-                   chunk_size=chunk_size, key=jax.random.key(seed), out=sweep_dir, progress=progress, **setup)
+    result = sweep(image, o.kernel_size, lr, alpha, key=jax.random.key(seed), out=sweep_dir, progress=progress,
+                   **o.sweep_kwargs())
     sweep_seconds = results.seconds()
     log(f"[sweep] {', '.join(f'{n} {s}' for s, n in result.counts().items())}  [{sweep_seconds:.1f}s]")
     notes: list[str] = []
@@ -98,13 +147,15 @@ def _run(results: ResultDir, image: np.ndarray, image_info: dict[str, Any], lr: 
         "image": image_info,
         "spec": result.spec.to_dict(),
         "seed": seed,
+        "settings": o.settings(),
         "rule": result.rule.to_dict(),
         "counts": result.counts(),
         "status": result.status.tolist(),
-        "theory": _theory(result, notes) if theory else None,
+        "theory": _theory(result, notes) if o.theory else None,
         "runs": result.rows(),
         "chunks": n_chunks,
         "chunks_on_disk": on_disk,
+        "chunks_reused": result.chunks_reused,
         "sweep_seconds": sweep_seconds,
         "notes": notes,
     }
@@ -208,52 +259,17 @@ def render(payload: dict[str, Any]) -> str:
         lines.append(f"the windowed theory (exact CFL bounds of the linearised scheme) agrees with {theory['agree']} "
                      f"of {runs} runs" + ("; paper = the non-windowed formulas (eqs 26-27, 46-47)" if "paper" in theory else ""))
     lines.extend(f"note: {n}" for n in payload["notes"])
-    reused = f", {payload['chunks_on_disk']} of {payload['chunks']} chunk(s) reused" if payload["chunks_on_disk"] else ""
+    reused = f", {payload['chunks_reused']} of {payload['chunks']} chunk(s) reused" if payload["chunks_reused"] else ""
     return "\n".join(lines + ui.footer(payload, reused))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jaxcfl.experiments._cli_types import (
-        int_at_least,
-        nonnegative_grid,
-        positive_float,
-        positive_grid,
-        positive_int,
-    )
-
-    ui.add_problem_arguments(parser)
-    grid = parser.add_argument_group("the grid and the runs")
-    grid.add_argument("--lr", type=positive_grid, nargs="+", required=True, metavar="GRID",
-                      help="learning rates (dt), e.g. 1e-5:1e-3:32 (32 log-spaced values) or 1e-4,2e-4; see below")
-    grid.add_argument("--alpha", type=nonnegative_grid, nargs="+", required=True, metavar="GRID",
-                      help="weight decays, e.g. 1e-2:1e4:32 or 0,1,10,100; see below")
-    grid.add_argument("--steps", type=positive_int, default=1000, help="iterations per run (default 1000)")
-    grid.add_argument("--compare-k", type=positive_float, default=None, metavar="K",
-                      help="also run each configuration with its update perturbed by K (e.g. 3), and report the "
-                           "divergence of the two (default: no comparison)")
-    grid.add_argument("--record-points", type=int_at_least(3), default=100,
-                      help="samples of each run's curves (default 100; at least 3)")
-    grid.add_argument("--chunk-size", type=positive_int, default=256,
-                      help="runs per compiled call, and per saved chunk (default 256)")
-    grid.add_argument("--no-theory", action="store_true", help="skip the CFL theory (its columns and curves)")
-    guard = parser.add_argument_group("the CFL guard (--scheme guarded_gd)")
-    guard.add_argument("--safety", type=positive_float, default=0.9,
-                       help="the margin in (0, 1]: dt_n lambda_n <= 2 safety (default 0.9)")
-    guard.add_argument("--every", type=positive_int, default=10, help="refresh lambda every EVERY iterations (default 10)")
-    guard.add_argument("--warmup", type=int_at_least(0), default=20,
-                       help="and before each of the first WARMUP iterations (default 20)")
+    ui.add_image_arguments(parser)
+    Options.add_arguments(parser)
     ui.add_output_arguments(parser, "jaxcfl-sweep", "finished chunks of runs")
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    from jaxcfl.experiments._cli_types import merge_grid
-
-    from jaxcfl.pde._schemes import GuardSchedule, get_scheme
-
-    image, info = ui.image_of(args)
-    guard = {}
-    if get_scheme(args.scheme).guarded:
-        guard = dict(safety=args.safety, guard=GuardSchedule(every=args.every, warmup=args.warmup))
-    return run(image, merge_grid(args.lr), merge_grid(args.alpha), kernel_size=args.kernel_size, steps=args.steps,
-               compare_k=args.compare_k, record_points=args.record_points, chunk_size=args.chunk_size, seed=args.seed,
-               theory=not args.no_theory, out=args.out, progress=ui.progress_of(args), image_info=info, **ui.setup_kwargs(args), **guard)
+    options = Options.from_args(args)
+    image, info = ui.image_of(args, options.kernel_size)
+    return run.call(options, image, out=args.out, progress=ui.progress_of(args), image_info=info)

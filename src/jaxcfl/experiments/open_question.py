@@ -1,4 +1,4 @@
-"""Issue 13, the open question of appendix A: does keeping every step inside its local
+"""The open question of appendix A (Sun et al., JMLR 2024): does keeping every step inside its local
 stability limit remove the amplification of a last-bit perturbation, and its share of the
 test-accuracy variance?
 
@@ -29,6 +29,7 @@ Each arm trains in its own resumable ``jaxcfl variance`` folder (``OUT/baseline`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,8 @@ import numpy as np
 
 from jaxcfl._core.results import ResultDir, stderr
 from jaxcfl._core.text import table
-from jaxcfl.experiments import variance
+from jaxcfl.experiments import _options, variance
+from jaxcfl.experiments._options import COUNT, PERTURBATION, POSITIVE, SAFETY, SEED, option
 from jaxcfl.nn._guard import DEFAULTS as GUARD_DEFAULTS
 
 ARMS = ("baseline", "guarded", "constant")
@@ -45,49 +47,57 @@ ARMS = ("baseline", "guarded", "constant")
 LEVEL = 1e-2
 """The divergence level whose first crossing is compared."""
 DEFAULT_OUT = "jaxcfl-open-question"
-DEFAULT_GUARD = GUARD_DEFAULTS._asdict()
-"""The guard's defaults (:data:`jaxcfl.nn._guard.DEFAULTS`, 24% overhead: ``docs/cfl_guard.md``)."""
 
 _CONSTANT_METHOD = ("minimum over all steps, seeds and copies of the guarded arm of min(lr, safety * S(mu) / "
                     "lambda_max), lambda_max being the guard's sharpness estimate in force at that step and S(mu) "
-                    "the scheme's stability limit (jaxcfl.pde._schemes.momentum_limit): the largest constant lr that "
+                    "the scheme's stability limit (jaxcfl.limits.momentum_limit): the largest constant lr that "
                     "every guarded step allowed. It equals the minimum of the guarded arm's effective lr with the "
                     "lr schedule's decay left out (that minimum itself, min_effective_lr, is at most the last, "
                     "decayed lr of the schedule).")
 
 
-def run(
-    *,
-    model: str = variance.DEFAULTS["model"],
-    dataset: str = "builtin",
-    data_root: str | None = None,
-    activation: str = "relu",
-    beta: float = 1.0,
-    epochs: int = variance.DEFAULTS["epochs"],
-    ks: tuple[float, ...] = variance.DEFAULT_KS,
-    seeds: tuple[int, ...] = variance.DEFAULT_SEEDS,
-    lr: float = 0.1,
-    batch_size: int = variance.DEFAULTS["batch_size"],
-    weight_decay: float = 5e-4,
-    train_size: int | None = None,
-    test_size: int | None = None,
-    safety: float = DEFAULT_GUARD["safety"],
-    every: int = DEFAULT_GUARD["every"],
-    iterations: int = DEFAULT_GUARD["iterations"],
-    first_iterations: int = DEFAULT_GUARD["first_iterations"],
-    copies_mode: str = "auto",
-    last_epochs: int | None = None,
-    trace_params: int = variance.TRACE_PARAMS,
-    resamples: int = 2000,
-    out: str | Path | None = DEFAULT_OUT,
-    progress: bool | None = None,
-    log=stderr,
-) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Options(variance.Options):
+    """The options of ``jaxcfl reproduce open-question``: those of ``jaxcfl variance``
+    (:class:`jaxcfl.experiments.variance.Options`), with at least two k and two seeds, and the guard's."""
+
+    epochs: int = option(variance.DEFAULTS["epochs"], "epochs of every arm (default {default})", COUNT)
+    ks: tuple[float, ...] = option(variance.DEFAULT_KS, "perturbation factors, at least two (default {default}); "
+                                   "the first two are followed step by step", PERTURBATION, flag="--k", nargs="+")
+    seeds: tuple[int, ...] = option(variance.DEFAULT_SEEDS, "batch-order seeds, at least two (default {default})",
+                                    SEED, nargs="+")
+    lr: float = option(_options.train_default("lr"), "base lr of the baseline and guarded arms (default {default})",
+                       POSITIVE)
+    safety: float = option(GUARD_DEFAULTS.safety, "the guard's margin in (0, 1]: lr_eff lambda_max <= safety S "
+                           "(default {default})", SAFETY)
+    every: int = option(GUARD_DEFAULTS.every, "steps between the guard's sharpness estimates (default {default})",
+                        COUNT)
+    iterations: int = option(GUARD_DEFAULTS.iterations, "Lanczos iterations per estimate (default {default})", COUNT)
+    first_iterations: int = option(GUARD_DEFAULTS.first_iterations, "Lanczos iterations of the first estimate, "
+                                   "from a random vector (default {default})", COUNT)
+
+    def validate(self) -> None:
+        super().validate()
+        if len(self.ks) < 2 or len(self.seeds) < 2:
+            raise ValueError(f"{self.spelled('ks')} and {self.spelled('seeds')} must each hold at least two values (the "
+                             f"spreads over k and over seeds, and the k[0] vs k[1] divergence), got k={list(self.ks)} "
+                             f"seeds={list(self.seeds)}")
+
+    def guard(self) -> dict[str, Any]:
+        """The guarded arm's :class:`jaxcfl.TrainConfig` fields."""
+        return dict(guard=True, guard_safety=self.safety, guard_every=self.every, guard_iterations=self.iterations,
+                    guard_first_iterations=self.first_iterations)
+
+
+@_options.entry(Options)
+def run(o: Options, *, out: str | Path | None = DEFAULT_OUT, progress: bool | None = None,
+        log=stderr) -> dict[str, Any]:
     """Run the three arms; returns the JSON payload.
 
     Args:
       model, dataset, data_root, activation, beta, epochs, lr, batch_size, weight_decay, train_size, test_size:
-        the training set-up of every arm (:class:`jaxcfl.nn._preset.TrainConfig`; the ``constant``
+        (the declared :class:`Options`, as every keyword below but ``out``, ``progress`` and ``log``)
+        the training set-up of every arm (:class:`jaxcfl.TrainConfig`; the ``constant``
         arm replaces ``lr`` and has no decay).
       ks, seeds: the k x seed grid of each arm (at least two of each; the first two k are the
         pair whose divergence is followed).
@@ -103,20 +113,14 @@ def run(
     """
     from jaxcfl.nn._preset import TrainConfig
 
-    ks, seeds = _check(ks, seeds, safety=safety, every=every, iterations=iterations,
-                       first_iterations=first_iterations, resamples=resamples, trace_params=trace_params,
-                       last_epochs=last_epochs)
-    common = dict(model=model, dataset=dataset, data_root=data_root, epochs=epochs, lr=lr, batch_size=batch_size,
-                  weight_decay=weight_decay, train_size=train_size, test_size=test_size)
-    if (activation, beta) != ("relu", 1.0):  # the default network keeps the identity its folders were made with
-        common.update(activation=activation, beta=beta)
-    guard = dict(guard=True, guard_safety=safety, guard_every=every, guard_iterations=iterations,
-                 guard_first_iterations=first_iterations)
+    ks, seeds, lr, resamples = o.ks, o.seeds, o.lr, o.resamples
+    common = _options.train_config_kwargs(o)
+    guard = o.guard()
     TrainConfig(**common, **guard)  # every number checked before anything trains
-    results = ResultDir(out, kind="open-question")
+    results = ResultDir(out, kind="open-question", identity=o.identity())
     cache = results.row_cache(lambda s: s["arm"], folder="arms")
-    shared = dict(ks=ks, seeds=seeds, copies_mode=copies_mode, last_epochs=last_epochs, trace_params=trace_params,
-                  resamples=resamples, progress=progress, log=log)
+    shared = dict(ks=ks, seeds=seeds, copies_mode=o.copies_mode, last_epochs=o.last_epochs,
+                  trace_params=o.trace_params, resamples=resamples, progress=progress, log=log)
     arms, curves = {}, {}
     arms["baseline"], curves["baseline"] = _arm("baseline", common, {}, results, cache, **shared)
     arms["guarded"], curves["guarded"] = _arm("guarded", common, guard, results, cache, **shared)
@@ -130,10 +134,7 @@ def run(
                                                 cache, **shared)
     payload: dict[str, Any] = dict(
         experiment="open-question",
-        settings=dict(**common, ks=list(ks), seeds=list(seeds), safety=float(safety), every=int(every),
-                      iterations=int(iterations), first_iterations=int(first_iterations), copies_mode=copies_mode,
-                      last_epochs=last_epochs, trace_params=int(trace_params), resamples=int(resamples),
-                      level=LEVEL),
+        settings=o.settings(level=LEVEL),
         constant_lr=constant,
         arms=arms,
         comparisons={name: compare(arms[name], arms["baseline"], seeds, resamples=resamples)
@@ -151,31 +152,6 @@ def run(
         files["png"] = _plot(results.file("open_question.png"), payload, curves)
         files.update({arm: str(results.path / arm) for arm in ARMS})
     return results.finish(payload, "open_question.json", files)
-
-
-def _check(ks, seeds, *, safety, every, iterations, first_iterations, resamples, trace_params, last_epochs):
-    """The grid and the guard's numbers, with errors that name the option."""
-    ks, seeds = tuple(ks), tuple(seeds)
-    if len(ks) < 2 or len(seeds) < 2:
-        raise ValueError(f"--k and --seeds must each hold at least two values (the spreads over k and over seeds, "
-                         f"and the k[0] vs k[1] divergence), got k={list(ks)} seeds={list(seeds)}")
-    if len(set(ks)) != len(ks) or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--k and --seeds must not repeat values, got k={list(ks)} seeds={list(seeds)}")
-    if not all(isinstance(k, (int, float)) and not isinstance(k, bool) and np.isfinite(k) and k > 0 for k in ks):
-        raise ValueError(f"--k must hold finite numbers > 0, got {list(ks)}")
-    if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 0 for s in seeds):
-        raise ValueError(f"--seeds must hold integers >= 0, got {list(seeds)}")
-    if not (isinstance(safety, (int, float)) and 0 < safety <= 1):
-        raise ValueError(f"--safety must lie in (0, 1] (the margin inside the stability limit), got {safety!r}")
-    for name, value, least in (("every", every, 1), ("iterations", iterations, 1),
-                               ("first-iterations", first_iterations, 1), ("resamples", resamples, 1),
-                               ("trace-params", trace_params, 0)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
-            raise ValueError(f"--{name} must be an integer >= {least}, got {value!r}")
-    if last_epochs is not None and (isinstance(last_epochs, bool) or not isinstance(last_epochs, (int, np.integer))
-                                    or last_epochs < 1):
-        raise ValueError(f"--last-epochs must be an integer >= 1, got {last_epochs!r}")
-    return tuple(float(k) for k in ks), tuple(int(s) for s in seeds)
 
 
 def _arm(name, common, options, results: ResultDir, cache, *, ks, seeds, copies_mode, last_epochs, trace_params,
@@ -550,7 +526,7 @@ def render(payload: dict[str, Any]) -> str:
                f"{arm['seconds']:.1f}" + ("" if arm.get("compile_seconds") is None else f" ({arm['compile_seconds']:.1f})")]
               for name, arm in arms.items()]
     c = payload["constant_lr"]
-    text = [f"Open question (issue 13): {s['model']} on {s['dataset']}, {s['epochs']} epoch(s), batch {s['batch_size']}, "
+    text = [f"Open question (appendix A): {s['model']} on {s['dataset']}, {s['epochs']} epoch(s), batch {s['batch_size']}, "
             f"k = {[f'{k:g}' for k in s['ks']]}, seeds {s['seeds']}; 95% bootstrap intervals in brackets",
             table(spreads, ["arm", "lr", "mean acc. (%)", "acc. std over k", "acc. std over seeds",
                             "loss std over k", "loss std over seeds"]),
@@ -572,54 +548,10 @@ def render(payload: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jaxcfl.experiments._cli_types import nonnegative_float, nonnegative_int, positive_float, positive_int
-    from jaxcfl.nn._data import DATASETS
-    from jaxcfl.nn.nets import NETWORKS
-
-    parser.add_argument("--model", choices=NETWORKS, default=variance.DEFAULTS["model"],
-                        help="network (default cnn, that of jaxcfl variance)")
-    parser.add_argument("--dataset", choices=tuple(DATASETS), default="builtin",
-                        help="dataset (default: the built-in digits, no files needed)")
-    parser.add_argument("--data-root", default=None, help="folder with the dataset's files (default $JAXCFL_DATA or ./data)")
-    parser.add_argument("--activation", choices=("relu", "swish"), default="relu")
-    parser.add_argument("--beta", type=positive_float, default=1.0, help="Swish beta (the paper: 5)")
-    parser.add_argument("--epochs", type=positive_int, default=variance.DEFAULTS["epochs"],
-                        help=f"epochs of every arm (default {variance.DEFAULTS['epochs']})")
-    parser.add_argument("--k", type=positive_float, nargs="+", default=list(variance.DEFAULT_KS),
-                        help="perturbation factors, at least two (default 1 3 5 7 9 11); the first two are followed "
-                             "step by step")
-    parser.add_argument("--seeds", type=nonnegative_int, nargs="+", default=list(variance.DEFAULT_SEEDS),
-                        help="batch-order seeds, at least two (default 1 2 3 4 5)")
-    parser.add_argument("--lr", type=positive_float, default=0.1, help="base lr of the baseline and guarded arms")
-    parser.add_argument("--batch-size", type=positive_int, default=variance.DEFAULTS["batch_size"],
-                        help=f"default {variance.DEFAULTS['batch_size']}")
-    parser.add_argument("--weight-decay", type=nonnegative_float, default=5e-4)
-    parser.add_argument("--train-size", type=positive_int, default=None, help="use the first N training images")
-    parser.add_argument("--test-size", type=positive_int, default=None, help="use the first N test images")
-    parser.add_argument("--safety", type=positive_float, default=DEFAULT_GUARD["safety"],
-                        help=f"the guard's margin in (0, 1]: lr_eff lambda_max <= safety S (default {DEFAULT_GUARD['safety']})")
-    parser.add_argument("--every", type=positive_int, default=DEFAULT_GUARD["every"],
-                        help=f"steps between the guard's sharpness estimates (default {DEFAULT_GUARD['every']})")
-    parser.add_argument("--iterations", type=positive_int, default=DEFAULT_GUARD["iterations"],
-                        help=f"Lanczos iterations per estimate (default {DEFAULT_GUARD['iterations']})")
-    parser.add_argument("--first-iterations", type=positive_int, default=DEFAULT_GUARD["first_iterations"],
-                        help=f"Lanczos iterations of the first estimate, from a random vector (default {DEFAULT_GUARD['first_iterations']})")
-    parser.add_argument("--last-epochs", type=positive_int, default=None,
-                        help="epochs averaged into the final accuracy and loss (default 5%% of them, >= 1)")
-    parser.add_argument("--trace-params", type=nonnegative_int, default=variance.TRACE_PARAMS,
-                        help=f"weights recorded every step to follow the seeds' divergence (default "
-                             f"{variance.TRACE_PARAMS}; 0: off)")
-    parser.add_argument("--resamples", type=positive_int, default=2000, help="bootstrap resamples (default 2000)")
-    parser.add_argument("--copies-mode", choices=("auto", "vmap", "unroll"), default="auto",
-                        help="how the k copies share one compiled step (auto: vmap on GPU, unroll on CPU)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default ./{DEFAULT_OUT}); each arm "
-                        "trains in its own sub-folder, and finished epochs and arms are reused")
+    Options.add_arguments(parser)
+    _options.add_out(parser, DEFAULT_OUT, f"output directory (default ./{DEFAULT_OUT}); each arm trains in its own "
+                     "sub-folder, and finished epochs and arms are reused")
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    return run(model=args.model, dataset=args.dataset, data_root=args.data_root, activation=args.activation,
-               beta=args.beta, epochs=args.epochs, ks=tuple(args.k),
-               seeds=tuple(args.seeds), lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
-               train_size=args.train_size, test_size=args.test_size, safety=args.safety, every=args.every,
-               iterations=args.iterations, first_iterations=args.first_iterations, copies_mode=args.copies_mode,
-               last_epochs=args.last_epochs, trace_params=args.trace_params, resamples=args.resamples, out=args.out)
+    return run.call(Options.from_args(args), out=args.out)

@@ -1,15 +1,15 @@
-"""Issue 13, item 2: the CFL guard on the PDE, on Figure 4's set-up.
+"""The CFL guard on the PDE (appendix A's question, Section 5's problem), on Figure 4's set-up.
 
 The nonlinear one-layer CNN of Figure 4 (256 x 256 checkerboard, 32 x 32 kernel drawn
 N(0, 1), Swish beta = 1, label 1, mean pooling, 1000 full-batch iterations, k = 1 against
 k = 3), stepped by forward Euler (``gd``, eq 21) and by the guarded scheme ``guarded_gd``:
 the same step with ``dt_n = min(lr, safety 2 / lambda_n)``, ``lambda_n`` the top eigenvalue
-of the Jacobian of the gradient at the current kernel (:func:`jaxcfl.pde._schemes.guarded_euler_step`).
+of the Jacobian of the gradient at the current kernel (:func:`jaxcfl.pde.guarded_euler_step`).
 
 Two parts, each one :func:`jaxcfl.sweep` per scheme (resumable under ``OUT``):
 
 * **Figure 4's column** (alpha = 20, the paper's eight learning rates): the classes
-  without and with the guard, and the three claims of the issue, checked on the run:
+  without and with the guard, and three claims on the guard, checked on the run:
   every configuration restrained without the guard is stable with it; its k = 1 vs k = 3
   divergence stays at rounding level; it ends at the loss of the configurations that were
   stable without the guard.
@@ -21,8 +21,9 @@ Two parts, each one :func:`jaxcfl.sweep` per scheme (resumable under ``OUT``):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from jaxcfl.pde import _theory as theory
 from jaxcfl._core.results import ResultDir, stderr
 from jaxcfl._core.text import table
 from jaxcfl._core.classify import Rule
-from jaxcfl.experiments.fig4 import PAPER_ALPHA, PAPER_LR, WINDOW, curves_of
+from jaxcfl.experiments.fig4 import PAPER_ALPHA, PAPER_LR, WINDOW, check_problem, curves_of
 from jaxcfl._core.images import checkerboard
 from jaxcfl.pde._integration import integrate
 from jaxcfl.pde._rhs import loss
@@ -43,48 +44,75 @@ from jaxcfl.pde._problem import make_hyper
 from jaxcfl.pde._setup import make_problem
 from jaxcfl.pde._schemes import GuardSchedule, get_scheme
 from jaxcfl.pde._sweeps import SweepResult, sweep
+from jaxcfl._core import validate as v
+from jaxcfl.experiments import _options
+from jaxcfl.experiments._options import COUNT, COUNT0, PERTURBATION, POSITIVE, SAFETY, SEED, option
 
 SCHEMES = ("gd", "guarded_gd")
 MAP_LR = tuple(float(x) for x in np.geomspace(0.005, 0.4, 14))
 MAP_ALPHA = tuple(float(x) for x in np.geomspace(2.0, 200.0, 11))
 ROUNDING = 64.0
+DEFAULT_OUT = "jaxcfl-pde-guard"
 """Divergence "at rounding level": at most ``ROUNDING * eps`` of the dtype (the classification
 rule's ``rounding`` factor, :class:`jaxcfl.Rule`)."""
 
 
-def run(
-    *,
-    lr: Sequence[float] = PAPER_LR,
-    alpha: float = PAPER_ALPHA,
-    map_lr: Sequence[float] = MAP_LR,
-    map_alpha: Sequence[float] = MAP_ALPHA,
-    size: int = 256,
-    kernel_size: int = 32,
-    steps: int = 1000,
-    k: float = 3.0,
-    safety: float = 0.9,
-    guard: GuardSchedule = GuardSchedule(),
-    seed: int = 0,
-    chunk_size: int = 16,
-    out: str | Path | None = None,
-    progress: bool | None = None,
-    log: Callable[[str], None] = stderr,
-) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Options(_options.Options):
+    """``jaxcfl reproduce pde-guard``'s options: Figure 4's (:class:`jaxcfl.experiments.fig4.Options`), the
+    stability map's axes and the guard's (defaults: :func:`jaxcfl.sweep`'s and :class:`jaxcfl.GuardSchedule`'s)."""
+
+    lr: tuple[float, ...] = option(PAPER_LR, "Figure 4's learning rates (default: the paper's eight)", POSITIVE,
+                                   nargs="+")
+    alpha: float = option(PAPER_ALPHA, "Figure 4's weight decay (default {default})", POSITIVE)
+    map_lr: tuple[float, ...] = option(MAP_LR, "the map's learning rates (default: 14 from 0.005 to 0.4; none: no "
+                                       "map)", POSITIVE, nargs="*")
+    map_alpha: tuple[float, ...] = option(MAP_ALPHA, "the map's weight decays (default: 11 from 2 to 200)", POSITIVE,
+                                          nargs="+")
+    size: int = option(256, "checkerboard side (default {default})", COUNT)
+    kernel_size: int = option(32, "kernel side (default {default})", COUNT)
+    steps: int = option(1000, "iterations per run (default {default})", COUNT)
+    k: float = option(3.0, "perturbation factor compared with k = 1 (default {default})", PERTURBATION)
+    safety: float = option(_options.pde_default("safety"), "the guard's margin in (0, 1] (default {default})",
+                           SAFETY)
+    every: int = option(GuardSchedule.every, "refresh lambda every EVERY iterations (default {default})", COUNT,
+                        settings=False)
+    warmup: int = option(GuardSchedule.warmup, "and at each of the first WARMUP iterations (default {default})",
+                         COUNT0, settings=False)
+    seed: int = option(0, "seed of the N(0,1) initial kernel (default {default})", SEED)
+    chunk_size: int = option(16, "runs per compiled call, and per saved chunk (default {default})", COUNT,
+                             settings=False, identity=False)  # the sweeps' own folders check it
+
+    def validate(self) -> None:
+        check_problem(self)
+        if self.map_lr:
+            v.check_perturbation(self.spelled("k"), self.k, lr=np.asarray(self.map_lr))
+
+    def guard(self) -> GuardSchedule:
+        return GuardSchedule(every=self.every, warmup=self.warmup)
+
+
+@_options.entry(Options)
+def run(o: Options, *, out: str | Path | None = None, progress: bool | None = None,
+        log: Callable[[str], None] = stderr) -> dict[str, Any]:
     """Run both parts; returns a JSON-able payload (``column``, ``map``, ``claims``, ``files``).
 
     Args:
       lr, alpha: Figure 4's learning rates and weight decay (default: the paper's).
       map_lr, map_alpha: the axes of the stability map (``map_lr=()`` skips the map).
       size, kernel_size, steps, k, seed: as ``jaxcfl reproduce fig4``.
-      safety, guard: the guard's margin and :class:`~jaxcfl.pde._schemes.GuardSchedule`.
+      safety, every, warmup: the guard's margin and its :class:`~jaxcfl.GuardSchedule`.
       chunk_size: configurations per compiled call and per saved chunk.
       out: output directory (``pde_guard.png``, ``.csv``, ``.json``, ``pde_guard_curves.npz``
         and the four resumable sweeps); ``None`` writes nothing.
     """
-    results = ResultDir(out, kind="pde-guard")
-    image = np.asarray(checkerboard(size), np.float64)
+    lr, alpha, map_lr, map_alpha, kernel_size, steps, k = list(o.lr), o.alpha, o.map_lr, o.map_alpha, o.kernel_size, \
+        o.steps, o.k
+    guard, safety, seed = o.guard(), o.safety, o.seed
+    results = ResultDir(out, kind="pde-guard", identity=o.identity())
+    image = np.asarray(checkerboard(o.size), np.float64)
     common = dict(model="nonlinear", pool="mean", beta=1.0, label=1.0, compare_k=k, steps=steps, safety=safety,
-                  guard=guard, key=jax.random.key(seed), chunk_size=chunk_size, progress=progress)
+                  guard=guard, key=jax.random.key(seed), chunk_size=o.chunk_size, progress=progress)
 
     seconds: dict[str, float] = {}
 
@@ -98,7 +126,6 @@ def run(
             f"({seconds[f'{name}_{scheme}']:.0f}s, compile included; chunks on disk are not recomputed)")
         return res
 
-    lr = [float(x) for x in np.atleast_1d(lr)]
     column = {s: run_sweep("fig4", s, lr, [float(alpha)], steps) for s in SCHEMES}
     maps = {}
     if len(map_lr):
@@ -116,10 +143,8 @@ def run(
                                                         safety=safety, guard=guard, seed=seed)})
     payload: dict[str, Any] = dict(
         experiment="pde-guard",
-        settings=dict(lr=lr, alpha=float(alpha), map_lr=[float(x) for x in map_lr],
-                      map_alpha=[float(x) for x in map_alpha], size=size, kernel_size=kernel_size, steps=steps,
-                      k=float(k), safety=float(safety), guard=dict(vars(guard)), seed=seed, model="nonlinear",
-                      pool="mean", beta=1.0, label=1.0, dtype=dtype),
+        settings=o.settings(guard=dict(vars(guard)), model="nonlinear", pool="mean", beta=1.0, label=1.0,
+                            dtype=dtype),
         lr_bound=theory.multilayer_lr_bound(alpha),
         rows=rows,
         claims=claims,
@@ -128,12 +153,13 @@ def run(
         sweep_seconds=seconds,
     )
     files: dict[str, str] = {}
-    if results.writes:
-        files["png"] = plot.save(figure(column, maps), results.file("pde_guard.png"))
+    if results.writes:  # the numbers first, then the figure
         files["csv"] = results.write_csv("pde_guard.csv", rows)
-        arrays = {f"{s}_{name}": np.asarray(v) for s in SCHEMES
-                  for name, v in curves_of(column[s], WINDOW).items() if name != "window"}
+        arrays = {f"{s}_{name}": np.asarray(c) for s in SCHEMES
+                  for name, c in curves_of(column[s], WINDOW).items() if name != "window"}
         files["npz"] = results.write_npz("pde_guard_curves.npz", dict(lr=np.asarray(lr), **arrays))
+        png = _options.figure_file(results.file("pde_guard.png"), lambda: figure(column, maps), log)
+        files.update({"png": png} if png else {})
     return results.finish(payload, "pde_guard.json", files)
 
 
@@ -160,7 +186,7 @@ def _number(x: Any) -> float | None:
 
 
 def _claims(rows: list[dict[str, Any]], eps: float) -> dict[str, Any]:
-    """The issue's three claims on Figure 4's column, each with the numbers that decide it."""
+    """The three claims on Figure 4's column, each with the numbers that decide it."""
     restrained = [r for r in rows if r["status"] == "restrained"]
     stable_losses = [r["final_loss"] for r in rows if r["status"] == "stable" and r["final_loss"] is not None]
     reference = float(np.mean(stable_losses)) if stable_losses else None
@@ -191,7 +217,7 @@ its last two kernels are examined (:func:`_cycle_spectra`)."""
 def _cycle_spectra(image: np.ndarray, kernel_size: int, lr: float, alpha: float, *, steps: int, safety: float,
                    guard: GuardSchedule, seed: int) -> dict[str, Any]:
     """Rerun one guarded configuration and give the extreme eigenvalues of the Jacobian of the
-    gradient at its last two kernels (:func:`jaxcfl.pde._theory.local_spectrum`): a run that cycles
+    gradient at its last two kernels (:func:`jaxcfl.theory.local_spectrum`): a run that cycles
     with ``dt lambda_max < 2`` at both ends passes through negative curvature, a mode that grows
     for every step size."""
     problem = make_problem(image, kernel_size, pool="mean", model="nonlinear")
@@ -334,33 +360,10 @@ def render(payload: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jaxcfl.experiments._cli_types import positive_float, positive_int
-
-    parser.add_argument("--lr", type=positive_float, nargs="+", default=list(PAPER_LR),
-                        help="Figure 4's learning rates (default: the paper's eight)")
-    parser.add_argument("--alpha", type=positive_float, default=PAPER_ALPHA, help="Figure 4's weight decay (default 20)")
-    parser.add_argument("--map-lr", type=positive_float, nargs="*", default=list(MAP_LR),
-                        help="the map's learning rates (default: 14 from 0.005 to 0.4; none: no map)")
-    parser.add_argument("--map-alpha", type=positive_float, nargs="+", default=list(MAP_ALPHA),
-                        help="the map's weight decays (default: 11 from 2 to 200)")
-    parser.add_argument("--size", type=positive_int, default=256, help="checkerboard side (default 256)")
-    parser.add_argument("--kernel-size", type=positive_int, default=32, help="kernel side (default 32)")
-    parser.add_argument("--steps", type=positive_int, default=1000, help="iterations per run (default 1000)")
-    parser.add_argument("--k", type=positive_float, default=3.0, help="perturbation factor compared with k = 1 (default 3)")
-    parser.add_argument("--safety", type=positive_float, default=0.9, help="the guard's margin in (0, 1] (default 0.9)")
-    parser.add_argument("--every", type=positive_int, default=GuardSchedule.every,
-                        help=f"refresh lambda every EVERY iterations (default {GuardSchedule.every})")
-    parser.add_argument("--warmup", type=int, default=GuardSchedule.warmup,
-                        help=f"and at each of the first WARMUP iterations (default {GuardSchedule.warmup})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the N(0,1) initial kernel (default 0)")
-    parser.add_argument("--chunk-size", type=positive_int, default=16,
-                        help="runs per compiled call, and per saved chunk (default 16)")
-    parser.add_argument("--out", default="jaxcfl-pde-guard",
-                        help="output directory (default ./jaxcfl-pde-guard); finished sweep chunks are reused")
+    Options.add_arguments(parser)
+    _options.add_out(parser, DEFAULT_OUT, f"output directory (default ./{DEFAULT_OUT}); finished sweep chunks are "
+                     "reused")
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    guard = GuardSchedule(every=args.every, warmup=args.warmup)
-    return run(lr=tuple(args.lr), alpha=args.alpha, map_lr=tuple(args.map_lr), map_alpha=tuple(args.map_alpha),
-               size=args.size, kernel_size=args.kernel_size, steps=args.steps, k=args.k, safety=args.safety, guard=guard,
-               seed=args.seed, chunk_size=args.chunk_size, out=args.out)
+    return run.call(Options.from_args(args), out=args.out)

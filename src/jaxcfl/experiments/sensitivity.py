@@ -2,7 +2,7 @@
 
 SPEC is ``PATH.py:FUNCTION`` or ``module:FUNCTION``; ``FUNCTION()`` returns a dict with the keys
 ``model``, ``optimizer``, ``data`` and ``test`` (optionally ``loss``, ``metric``, ``augment``,
-``batch_size``, and ``stability``: the optimiser's threshold from ``jaxcfl.nn._limits``), or a
+``batch_size``, and ``stability``: the optimiser's threshold from ``jaxcfl.limits``), or a
 dataclass with those fields (see ``jaxcfl/examples/digits.py``). Without
 SPEC the built-in example runs: an NNX network with BatchNorm and Dropout trained with AdamW on
 the built-in digits.
@@ -20,52 +20,70 @@ second run resumes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 from jaxcfl._core.results import stderr
+from jaxcfl.experiments import _options
+from jaxcfl.experiments._options import BOOL, COUNT, SEED, option
 
 DEFAULT_SPEC = "jaxcfl.examples.digits:training"
+DEFAULT_OUT = "jaxcfl-sensitivity"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jaxcfl.experiments._cli_types import positive_int
+def _sources() -> tuple[str, ...]:
     from jaxcfl.nn._protocol import SOURCES
 
-    parser.add_argument("spec", nargs="?", default=DEFAULT_SPEC,
-                        help=f"PATH.py:FUNCTION or module:FUNCTION returning the training (default {DEFAULT_SPEC})")
-    parser.add_argument("--sources", nargs="+", choices=SOURCES, default=None,
-                        help="sources to vary, one at a time (default: every source the training has)")
-    parser.add_argument("--runs", type=positive_int, default=8, help="runs per source, >= 2 (default 8)")
-    parser.add_argument("--epochs", type=positive_int, default=8, help="epochs per run (default 8)")
-    parser.add_argument("--batch-size", type=positive_int, default=None,
-                        help="batch size for array data (default: the spec's batch_size, else 128)")
-    parser.add_argument("--seed", type=int, default=0, help="the baseline's seed (default 0)")
-    parser.add_argument("--no-determinism", action="store_true", help="skip the determinism checks")
-    parser.add_argument("--copies-mode", choices=("auto", "vmap", "unroll"), default="auto",
-                        help="how the copies share one compiled step (default auto: unroll on CPU)")
-    parser.add_argument("--resamples", type=positive_int, default=2000, help="bootstrap resamples (default 2000)")
-    parser.add_argument("--progress", action="store_true", help="progress bars even when stderr is not a terminal")
-    parser.add_argument("--out", default="jaxcfl-sensitivity", help="output directory (default ./jaxcfl-sensitivity)")
+    return SOURCES
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Options(_options.Options):
+    """``jaxcfl sensitivity``'s options: the training (``spec``) and :func:`jaxcfl.sensitivity`'s own."""
+
+    spec: str = option(DEFAULT_SPEC, "PATH.py:FUNCTION or module:FUNCTION returning the training (default {default})",
+                       flag="spec", nargs="?")
+    sources: tuple[str, ...] | None = option(None, "sources to vary, one at a time (default: every source the "
+                                             "training has)", nargs="+", choices=_sources)
+    runs: int = option(8, "runs per source, >= 2 (default {default})", _options.at_least(2))
+    epochs: int = option(8, "epochs per run (default {default})", COUNT)
+    batch_size: int | None = option(None, "batch size for array data (default: the spec's batch_size, else 128)",
+                                    COUNT)
+    seed: int = option(0, "the baseline's seed (default {default})", SEED)
+    determinism: bool = option(True, "skip the determinism checks", BOOL, flag="--no-determinism",
+                               action="store_false")
+    copies_mode: str = _options.copies_mode("how the copies share one compiled step (default auto: unroll on CPU)")
+    resamples: int = option(2000, "bootstrap resamples (default {default})", COUNT)
+    progress: bool = option(False, "progress bars even when stderr is not a terminal", BOOL, action="store_true",
+                            settings=False, identity=False)
+
+
+@_options.entry(Options)
+def run(o: Options, *, out: str | None = DEFAULT_OUT, log=stderr) -> dict[str, Any]:
+    """:func:`jaxcfl.sensitivity` of the training that ``spec`` returns; the report as a JSON-able dict."""
     from jaxcfl.nn._protocol import load_training, sensitivity
 
-    if args.runs < 2:
-        raise ValueError(f"--runs must be >= 2 to compare runs, got {args.runs}")
     try:
-        training = load_training(args.spec)
-        report = sensitivity(training.model, training.optimizer, training.data, test=_test(training, args.spec),
-                             sources=args.sources, runs=args.runs, epochs=args.epochs,
-                             batch_size=args.batch_size or training.batch_size or 128, loss=training.loss,
+        training = load_training(o.spec)
+        report = sensitivity(training.model, training.optimizer, training.data, test=_test(training, o.spec),
+                             sources=None if o.sources is None else list(o.sources), runs=o.runs, epochs=o.epochs,
+                             batch_size=o.batch_size or training.batch_size or 128, loss=training.loss,
                              metric=training.metric, augment=training.augment, stability=training.stability,
-                             seed=args.seed,
-                             determinism=not args.no_determinism, spec=args.spec, out=args.out,
-                             copies_mode=args.copies_mode, resamples=args.resamples,
-                             progress=True if args.progress else None, log=stderr)
+                             seed=o.seed, determinism=o.determinism, spec=o.spec, out=out,
+                             copies_mode=o.copies_mode, resamples=o.resamples,
+                             progress=True if o.progress else None, log=log)
     except TypeError as err:  # a spec that returns the wrong kind of object: bad input, one line
         raise ValueError(str(err)) from None
     return report.to_dict()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    Options.add_arguments(parser)
+    _options.add_out(parser, DEFAULT_OUT, f"output directory (default ./{DEFAULT_OUT})")
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    return run.call(Options.from_args(args), out=args.out)
 
 
 def _test(training, spec: str):

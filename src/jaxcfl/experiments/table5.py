@@ -8,13 +8,14 @@ bisection) and printed next to the exact windowed theory and the paper's
 non-windowed formulas. Finished rows are written as they complete and reused
 when the command is run again with the same settings.
 
-Started as N processes (:mod:`jaxcfl._core.distributed`), every bisection and the stability
+Started as N processes (:mod:`jaxcfl.distributed`), every bisection and the stability
 map run over the devices of all processes; process 0 writes the rows, tables and figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -28,33 +29,58 @@ from jaxcfl.pde import _theory as theory
 from jaxcfl._core.results import ResultDir, jsonable, stderr
 from jaxcfl._core.text import table
 from jaxcfl._core.images import checkerboard
+from jaxcfl.experiments import _options
+from jaxcfl.experiments._options import BOOL, COUNT, MOMENTUM, POSITIVE, option
 
 # Table 5's empirical (alpha_min, alpha_max) by kernel size, for the one (scheme, checkerboard size) the paper ran.
 PAPER_EMPIRICAL = {("nesterov", 256): {16: (3.9e6, 1.42e8), 32: (1.3e7, 1.42e8), 64: (3.9e7, 1.42e8)}}
 SETTINGS = {"nesterov": 1e-4, "gd": 1e-8}
+DEFAULT_OUT = "jaxcfl-table5"
 
 
-def run(
-    *,
-    kernel_sizes: tuple[int, ...] = (16, 32, 64),
-    schemes: tuple[str, ...] = ("nesterov", "gd"),
-    size: int = 256,
-    steps: int = 1000,
-    rtol: float = 1e-3,
-    momentum: float = 0.9,
-    operator: str = "auto",
-    out: str | Path | None = None,
-    stability_map: bool = True,
-    progress: bool | None = None,
-    log=stderr,
-) -> dict[str, Any]:
-    """Run the reproduction; returns ``{"rows": [...], "files": {...}, "seconds": ...}``.
+def _operators() -> tuple[str, ...]:
+    from jaxcfl.pde._operators import OPERATORS
+
+    return OPERATORS
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Options(_options.Options):
+    """``jaxcfl reproduce table5``'s options (defaults: appendix E's table)."""
+
+    kernel_sizes: tuple[int, ...] = option((16, 32, 64), "kernel sizes (default {default})", COUNT, nargs="+",
+                                           flag="--kernel-size")
+    schemes: tuple[str, ...] = option(tuple(SETTINGS), "schemes, each at its paper's lr", cli=False,
+                                      choices=tuple(SETTINGS), nargs="+")
+    size: int = option(256, "checkerboard side (default {default})", COUNT)
+    steps: int = option(1000, "iterations per run (default {default})", COUNT)
+    rtol: float = option(1e-3, "relative precision of each bound (default {default})", POSITIVE)
+    momentum: float = option(0.9, "Nesterov's mu (the paper's)", MOMENTUM, cli=False)
+    operator: str = option("auto", "how the scheme applies W C^T C W (default auto: separable products for the "
+                           "rank-1 checkerboard; dense and fft are the slower paths)", choices=_operators,
+                           identity=False)  # each row records its operator: the folder holds rows of several
+    stability_map: bool = option(True, "skip the stability-map sweep and PNG", BOOL, flag="--no-map",
+                                 action="store_false", identity=False)
+
+    def validate(self) -> None:
+        too_big = [w for w in self.kernel_sizes if w > self.size]
+        if too_big:
+            raise ValueError(f"{self.spelled('kernel_sizes')} {too_big[0]} is larger than the checkerboard "
+                             f"({self.spelled('size')} {self.size})")
+
+
+@_options.entry(Options)
+def run(o: Options, *, out: str | Path | None = None, progress: bool | None = None, log=stderr) -> dict[str, Any]:
+    """Run the reproduction; returns ``{"settings": ..., "rows": [...], "files": {...}, "seconds": ...}``.
 
     ``operator`` is passed to :func:`jaxcfl.empirical_bounds` and the stability-map sweep
     (``"auto"``: separable products on the rank-1 checkerboard; ``"dense"`` or ``"fft"``
     reproduce the slower paths, with the same bounds to within ``rtol``).
     """
-    results = ResultDir(out, kind="table5")
+    kernel_sizes, schemes, size, steps, rtol, momentum, operator = (o.kernel_sizes, o.schemes, o.size, o.steps,
+                                                                    o.rtol, o.momentum, o.operator)
+    results = ResultDir(out, kind="table5", identity=o.identity())
     cache = results.row_cache(lambda s: f"{s['scheme']}_w{s['kernel_size']}")
     image = np.asarray(checkerboard(size), np.float64)
     rows = []
@@ -85,10 +111,10 @@ def run(
     if results.writes:
         files["csv"] = results.write_csv("table5.csv", rows, joins={"notes": "; "}, last=("notes",))
         files["json"] = results.write_json("table5.json", dict(rows=rows))
-        if stability_map:
+        if o.stability_map:
             files["stability_map"] = _stability_map(image, results, steps, momentum, operator, progress, log)
         results.close()
-    return dict(rows=rows, files=files, seconds=results.seconds())
+    return dict(settings=o.settings(), rows=rows, files=files, seconds=results.seconds())
 
 
 def _stability_map(image, out: ResultDir, steps: int, momentum: float, operator: str, progress, log) -> str:
@@ -104,11 +130,18 @@ def _stability_map(image, out: ResultDir, steps: int, momentum: float, operator:
                           out.file("stability_map.png")))
 
 
+def _gap(found: float, exact: float) -> float | None:
+    """``(found - exact) / |exact|``; ``None`` where the exact bound is 0 or not finite (no relative gap)."""
+    if exact is None or found is None or not np.isfinite(exact) or exact == 0:
+        return None
+    return (found - exact) / abs(exact)
+
+
 def bounds_row(settings: dict[str, Any], found, windowed, paper, paper_empirical: tuple[float, float] | None = None
                ) -> dict[str, Any]:
     """One row of the bounds table (JSON-able): ``settings``, then each bound as found by running the scheme
     (``found``, a :class:`jaxcfl.EmpiricalBounds`), from the exact windowed theory (``windowed``) and from the
-    paper's formulas (``paper``, ``None`` where they do not apply), both :class:`jaxcfl.pde._theory.AlphaBounds`,
+    paper's formulas (``paper``, ``None`` where they do not apply), both :class:`jaxcfl.theory.AlphaBounds`,
     with the paper's own empirical values where known and the relative gaps to the windowed theory."""
     row = dict(
         settings,
@@ -120,8 +153,10 @@ def bounds_row(settings: dict[str, Any], found, windowed, paper, paper_empirical
         windowed_alpha_max=windowed.alpha_max,
         paper_alpha_max=None if paper is None else paper.alpha_max,
         paper_empirical_alpha_max=None if paper_empirical is None else paper_empirical[1],
-        gap_windowed_min=(found.alpha_min - windowed.alpha_min) / abs(windowed.alpha_min),
-        gap_windowed_max=(found.alpha_max - windowed.alpha_max) / abs(windowed.alpha_max),
+        gap_windowed_min=_gap(found.alpha_min, windowed.alpha_min),
+        gap_windowed_max=_gap(found.alpha_max, windowed.alpha_max),
+        achieved_rtol=getattr(found, "achieved_rtol", None),
+        limited_by_steps=getattr(found, "limited_by_steps", None),
         evaluations=found.evaluations,
         rounds=found.rounds,
         seconds=found.seconds,
@@ -157,22 +192,9 @@ def render(payload: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jaxcfl.experiments._cli_types import positive_float, positive_int
-
-    parser.add_argument("--kernel-size", type=positive_int, nargs="+", default=[16, 32, 64],
-                        help="kernel sizes (default 16 32 64)")
-    parser.add_argument("--size", type=positive_int, default=256, help="checkerboard side (default 256)")
-    parser.add_argument("--steps", type=positive_int, default=1000, help="iterations per run (default 1000)")
-    parser.add_argument("--rtol", type=positive_float, default=1e-3,
-                        help="relative precision of each bound (default 1e-3)")
-    parser.add_argument("--out", default="jaxcfl-table5",
-                        help="output directory (default ./jaxcfl-table5); finished rows are reused")
-    parser.add_argument("--no-map", action="store_true", help="skip the stability-map sweep and PNG")
-    parser.add_argument("--operator", choices=("auto", "separable", "dense", "fft"), default="auto",
-                        help="how the scheme applies W C^T C W (default auto: separable products for the "
-                             "rank-1 checkerboard; dense and fft are the slower paths)")
+    Options.add_arguments(parser)
+    _options.add_out(parser, DEFAULT_OUT, f"output directory (default ./{DEFAULT_OUT}); finished rows are reused")
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    return run(kernel_sizes=tuple(args.kernel_size), steps=args.steps, rtol=args.rtol, out=args.out,
-               stability_map=not args.no_map, size=args.size, operator=args.operator)
+    return run.call(Options.from_args(args), out=args.out)

@@ -9,6 +9,7 @@ options once and turns them into the image, its description and the keyword argu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,8 @@ from jaxcfl.experiments._cli_types import (
     read_image,
 )
 from jaxcfl._core.results import ResultDir
+from jaxcfl.experiments import _options
+from jaxcfl.experiments._options import MOMENTUM, REAL, SEED, option
 
 IMAGE_NOTES = f"""\
 --image: 'checkerboard' (the paper's, --size x --size, values +-1), a 2-D .npy array
@@ -33,39 +36,72 @@ array is not rescaled, so any other normalisation is one numpy.save away.
 {GRID_SYNTAX}"""
 """The part of both commands' ``--help`` that explains ``--image`` and the grid syntax."""
 
-SETUP_DEFAULTS: dict[str, Any] = {"scheme": "gd", "model": "linear", "pool": "sum", "momentum": 0.9, "a": -0.5, "beta": 1.0,
-                                  "label": 1.0, "bias": 0.0, "operator": "auto"}
+IMAGE_GROUP = "image and kernel"
+MODEL_GROUP = "model and scheme (as in the Python API)"
+
+
+def _choices(module: str, name: str):
+    def values() -> tuple[str, ...]:
+        import importlib
+
+        return tuple(getattr(importlib.import_module(module), name))
+
+    return values
+
+
+_sweep_default = _options.pde_default
+
+
+@dataclasses.dataclass(frozen=True)
+class ProblemOptions(_options.Options):
+    """The options ``jaxcfl sweep`` and ``jaxcfl bounds`` share: the initial kernel's seed and the set-up of
+    :func:`jaxcfl.sweep` / :func:`jaxcfl.empirical_bounds`, with their defaults. (``--image`` and ``--size``
+    say where the image comes from: :func:`add_image_arguments`.)"""
+
+    seed: int = option(0, "seed of the N(0, 1) initial kernel (default {default})", SEED, group=IMAGE_GROUP)
+    scheme: str = option(_sweep_default("scheme"), "time stepping (default {default})",
+                         choices=_choices("jaxcfl.pde", "SCHEMES"), group=MODEL_GROUP)
+    model: str = option(_sweep_default("model"), "right-hand side (default {default})",
+                        choices=_choices("jaxcfl.pde", "MODELS"), group=MODEL_GROUP)
+    pool: str = option(_sweep_default("pool"), "pooling (default {default})",
+                       choices=_choices("jaxcfl.pde", "POOLS"), group=MODEL_GROUP)
+    momentum: float = option(_sweep_default("momentum"), "Nesterov's mu in [0, 1) (default {default})", MOMENTUM,
+                             group=MODEL_GROUP)
+    a: float = option(_sweep_default("a"), "the constant yhat - y of eq 20 (default {default})", REAL,
+                      group=MODEL_GROUP)
+    beta: float = option(_sweep_default("beta"), "Swish beta (default {default})", REAL, group=MODEL_GROUP)
+    label: float = option(_sweep_default("label"), "the label y (nonlinear models; default {default})", REAL,
+                          group=MODEL_GROUP)
+    bias: float = option(_sweep_default("bias"), "the bias b (nonlinear models; default {default})", REAL,
+                         group=MODEL_GROUP)
+    operator: str = option(_sweep_default("operator"), "how the correlations are applied (default {default}; see "
+                           "jaxcfl.sweep)", choices=_choices("jaxcfl.pde._operators", "OPERATORS"), group=MODEL_GROUP)
+
+    def validate(self) -> None:
+        from jaxcfl.pde import get_model, get_scheme
+
+        if not get_scheme(self.scheme).uses_momentum:
+            self.refuse_unused(["momentum"], f"for the schemes with momentum; {self.spelled('scheme')} is "
+                                             f"{self.scheme}")
+        if get_model(self.model).constant_residual:
+            self.refuse_unused(["label", "bias"], f"for the nonlinear models; {self.spelled('model')} is "
+                                                  f"{self.model}")
+
+    def setup(self) -> dict[str, Any]:
+        """The set-up keyword arguments shared by :func:`jaxcfl.sweep` and :func:`jaxcfl.empirical_bounds`."""
+        return {name: getattr(self, name) for name in SETUP_DEFAULTS}
+
+
+SETUP_DEFAULTS: dict[str, Any] = {f.name: f.default for f in _options.fields_of(ProblemOptions) if f.name != "seed"}
 """The set-up options and their defaults (those of :func:`jaxcfl.sweep` and :func:`jaxcfl.empirical_bounds`)."""
 
 
-def add_problem_arguments(parser: argparse.ArgumentParser, *, kernel_sizes: bool = False) -> None:
-    """The image and the model: ``--image``, ``--size``, ``--kernel-size`` (several if ``kernel_sizes``),
-    ``--scheme`` (the choices of :data:`jaxcfl.pde._schemes.SCHEMES`), ``--model``, ``--pool``, ``--momentum``,
-    ``--a``, ``--beta``, ``--label``, ``--bias``, ``--operator`` and ``--seed``, in two groups."""
-    from jaxcfl.pde._rhs import MODELS
-    from jaxcfl.pde._operators import OPERATORS
-    from jaxcfl.pde._problem import POOLS
-    from jaxcfl.pde._schemes import SCHEMES
-
-    image = parser.add_argument_group("image and kernel")
+def add_image_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--image`` and ``--size`` (where the image comes from), first in the group :data:`IMAGE_GROUP`."""
+    image = parser.add_argument_group(IMAGE_GROUP)
     image.add_argument("--image", default="checkerboard", help="the input image (default: checkerboard; see below)")
     image.add_argument("--size", type=positive_int, default=None,
                        help="side of --image checkerboard (default 256); not for image files")
-    image.add_argument("--kernel-size", type=positive_int, default=[16] if kernel_sizes else 16,
-                       nargs="+" if kernel_sizes else None,
-                       help="kernel side w" + (" (one or more)" if kernel_sizes else "") + " (default 16)")
-    image.add_argument("--seed", type=int, default=0, help="seed of the N(0, 1) initial kernel (default 0)")
-    model = parser.add_argument_group("model and scheme (as in the Python API)")
-    model.add_argument("--scheme", choices=SCHEMES, default="gd", help="time stepping (default gd)")
-    model.add_argument("--model", choices=MODELS, default="linear", help="right-hand side (default linear)")
-    model.add_argument("--pool", choices=POOLS, default="sum", help="pooling (default sum)")
-    model.add_argument("--momentum", type=float, default=0.9, help="Nesterov's mu in [0, 1) (default 0.9)")
-    model.add_argument("--a", type=float, default=-0.5, help="the constant yhat - y of eq 20 (default -0.5)")
-    model.add_argument("--beta", type=float, default=1.0, help="Swish beta (default 1)")
-    model.add_argument("--label", type=float, default=1.0, help="the label y (nonlinear models; default 1)")
-    model.add_argument("--bias", type=float, default=0.0, help="the bias b (nonlinear models; default 0)")
-    model.add_argument("--operator", choices=OPERATORS, default="auto",
-                       help="how the correlations are applied (default auto; see jaxcfl.sweep)")
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, out: str | None, what: str) -> None:
@@ -80,10 +116,11 @@ def add_output_arguments(parser: argparse.ArgumentParser, out: str | None, what:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
-def image_of(args: argparse.Namespace) -> tuple[np.ndarray, dict[str, Any]]:
-    """The image of ``--image`` / ``--size``, checked against ``--kernel-size``, and its :func:`image_info`."""
+def image_of(args: argparse.Namespace, kernel_sizes: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """The image of ``--image`` / ``--size``, checked against ``--kernel-size`` (``kernel_sizes``, one or
+    several), and its :func:`image_info`."""
     image = read_image(args.image, args.size)
-    check_kernel_sizes(image, args.kernel_size if isinstance(args.kernel_size, list) else [args.kernel_size])
+    check_kernel_sizes(image, list(np.atleast_1d(kernel_sizes)))
     return image, image_info(image, f"checkerboard {image.shape[0]}" if args.image == "checkerboard" else args.image)
 
 
@@ -98,14 +135,15 @@ def image_info(image: np.ndarray, source: str = "array") -> dict[str, Any]:
 
 
 def in_result_dir(out: str | os.PathLike | None, kind: str, name: str,
-                  body: Callable[[ResultDir], tuple[dict[str, Any], dict[str, str]]]) -> dict[str, Any]:
+                  body: Callable[[ResultDir], tuple[dict[str, Any], dict[str, str]]],
+                  identity: dict[str, Any] | None = None) -> dict[str, Any]:
     """``body(results)`` in the :class:`~jaxcfl._core.results.ResultDir` ``out`` of ``kind``, then its payload
     finished as the JSON ``name``. The folder is released if ``body`` raises; a folder that holds other
-    results is a ``ValueError`` naming ``--out``."""
+    results (another ``identity``: what defines the run) is a ``ValueError`` naming ``--out``."""
     from jaxcfl._core.folder import FolderMismatch
 
     try:
-        results = ResultDir(out, kind=kind)
+        results = ResultDir(out, kind=kind, identity=identity)
     except FolderMismatch as err:
         raise ValueError(f"--out: {err}") from None
     try:
@@ -117,11 +155,6 @@ def in_result_dir(out: str | os.PathLike | None, kind: str, name: str,
         results.close()
         raise
     return results.finish(payload, name, files)
-
-
-def setup_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword arguments of the set-up shared by :func:`jaxcfl.sweep` and :func:`jaxcfl.empirical_bounds`."""
-    return {name: getattr(args, name) for name in SETUP_DEFAULTS}
 
 
 def progress_of(args: argparse.Namespace) -> bool | None:

@@ -3,7 +3,7 @@ the spread from the batch order.
 
 For every seed (the batch order and augmentation), the perturbed copies
 ``k = 1, 3, 5, ...`` train in lockstep from one initialisation on the same
-batches (:func:`jaxcfl.nn._preset.train`). A run's final accuracy is its mean test
+batches (:func:`jaxcfl.train.train`). A run's final accuracy is its mean test
 accuracy over the last 5% of the epochs (the paper's 10 of 200;
 :func:`jaxcfl.nn._preset.final_epochs`). The table holds one row per ``k`` and one
 column per seed; "std over k" is the population standard deviation down each
@@ -13,7 +13,7 @@ finds the two of the same size: a last-bit change of the update is amplified as
 much as a different batch order. Accuracies are in percent.
 
 Beside the table the command reports what a small test set can carry
-(:mod:`jaxcfl._core.statistics`): both stds with bootstrap 95% intervals, for the
+(:mod:`jaxcfl.statistics`): both stds with bootstrap 95% intervals, for the
 accuracy and for the final test loss; the churn (fraction of test images whose
 predicted class differs) between pairs of k and pairs of seeds; and how fast the
 perturbation grows: the divergence of all weights between the first two copies
@@ -30,7 +30,7 @@ epochs), k in {1, 3, ..., 11} crossed with seeds 1..5.
 Each seed's run checkpoints under ``OUT/seed<seed>`` after every epoch; a killed
 command resumes where it stopped.
 
-Started as N processes (:mod:`jaxcfl._core.distributed`), the seeds are dealt round-robin
+Started as N processes (:mod:`jaxcfl.distributed`), the seeds are dealt round-robin
 (process ``p`` trains ``seeds[p::N]``, each in its own ``OUT/seed<seed>``); the finished
 runs are gathered on every process and process 0 writes the table and the figures.
 """
@@ -49,7 +49,10 @@ from jaxcfl._core import distributed as distributed
 from jaxcfl._core import statistics as st
 from jaxcfl._core.results import ResultDir, stderr
 from jaxcfl._core.text import table
+from jaxcfl.experiments import _options
+from jaxcfl.experiments._options import COUNT, COUNT0, NONNEGATIVE, PERTURBATION, POSITIVE, SEED, option
 
+DEFAULT_OUT = "jaxcfl-variance"
 DEFAULT_KS = (1.0, 3.0, 5.0, 7.0, 9.0, 11.0)
 DEFAULT_SEEDS = (1, 2, 3, 4, 5)
 DEFAULTS = dict(model="cnn", epochs=15, batch_size=32)
@@ -59,45 +62,66 @@ LEVELS = (1e-3, 1e-2, 1e-1)
 TRACE_PARAMS = 4096
 
 
-def run(
-    *,
-    model: str = DEFAULTS["model"],
-    dataset: str = "builtin",
-    data_root: str | None = None,
-    epochs: int = DEFAULTS["epochs"],
-    ks: tuple[float, ...] = DEFAULT_KS,
-    seeds: tuple[int, ...] = DEFAULT_SEEDS,
-    out: str | Path | None = "jaxcfl-variance",
-    progress: bool | None = None,
-    copies_mode: str = "auto",
-    last_epochs: int | None = None,
-    trace_params: int = TRACE_PARAMS,
-    resamples: int = 2000,
-    log=stderr,
-    **train_options: Any,
-) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Options(_options.Options):
+    """``jaxcfl variance``'s options: the network, the data, the optimiser (:class:`jaxcfl.TrainConfig`'s
+    fields, the paper's by default) and the k x seed grid."""
+
+    model: str = _options.network(DEFAULTS["model"], "network (default {default}: three conv-BN-ReLU blocks; "
+                                  "the paper: resnet56)")
+    dataset: str = _options.dataset()
+    data_root: str | None = _options.data_root()
+    epochs: int = option(DEFAULTS["epochs"], "epochs (default {default}; the paper: 200)", COUNT)
+    ks: tuple[float, ...] = option(DEFAULT_KS, "perturbation factors (default {default}, the paper's); the first "
+                                   "two are followed step by step", PERTURBATION, flag="--k", nargs="+")
+    seeds: tuple[int, ...] = option(DEFAULT_SEEDS, "batch-order seeds (default {default}; the paper: 1..6)", SEED,
+                                    nargs="+")
+    activation: str = _options.activation()
+    beta: float = option(_options.train_default("beta"), "Swish beta (the paper: 5)", POSITIVE)
+    lr: float = option(_options.train_default("lr"), "base lr, divided by 10 at 20/40/60/80%% of the epochs "
+                       "(default {default})", POSITIVE)
+    batch_size: int = option(DEFAULTS["batch_size"], "default {default} (the paper: 128, on 50000 images)", COUNT)
+    weight_decay: float = option(_options.train_default("weight_decay"), "default {default}", NONNEGATIVE)
+    train_size: int | None = _options.split_size("training")
+    test_size: int | None = _options.split_size("test")
+    last_epochs: int | None = option(None, "epochs averaged into the final accuracy and loss (default 5%% of them, "
+                                     ">= 1; the paper: 10 of 200)", COUNT)
+    trace_params: int = option(TRACE_PARAMS, "weights recorded every step to follow the seeds' divergence "
+                               "(default {default}; 0: off)", COUNT0)
+    resamples: int = option(2000, "bootstrap resamples (default {default})", COUNT, identity=False)
+    copies_mode: str = _options.copies_mode()
+
+    def validate(self) -> None:
+        _options.refuse_unused_beta(self)
+        _options.clamp_sizes(self, self.dataset)
+
+
+@_options.entry(Options)
+def run(o: Options, *, out: str | Path | None = DEFAULT_OUT, progress: bool | None = None, log=stderr,
+        **train_options: Any) -> dict[str, Any]:
     """Run the k x seed grid; returns the JSON payload.
 
     Args:
-      model, dataset, data_root, epochs: see :class:`jaxcfl.nn._preset.TrainConfig`.
+      model, dataset, data_root, epochs, activation, beta, lr, batch_size, weight_decay, train_size,
+        test_size: what is trained (:class:`jaxcfl.TrainConfig`); the declared :class:`Options`.
       ks: perturbation factors (one lockstep copy each). The first two are the
         pair whose divergence is followed step by step.
       seeds: batch-order seeds (one lockstep run each).
-      out: output directory (``None``: keep nothing on disk).
-      progress: tqdm bars.
       copies_mode: see :func:`jaxcfl.nn._preset.resolve_copies_mode`.
       last_epochs: epochs averaged into the final accuracy and loss (``None``:
         :func:`jaxcfl.nn._preset.final_epochs`, 5% of them).
       trace_params: weights of the first copy recorded after every step, to follow
         the divergence between seeds (0: not followed).
       resamples: bootstrap resamples of each interval.
+      out: output directory (``None``: keep nothing on disk).
+      progress: tqdm bars.
       log: progress messages (stderr by default).
-      **train_options: other :class:`~jaxcfl.nn._preset.TrainConfig` fields (``lr``,
-        ``batch_size``, ``activation``, ``beta``, ``train_size``, ...).
+      **train_options: other :class:`~jaxcfl.TrainConfig` fields (``momentum``, ``milestones``,
+        ``guard``, ...).
 
     Returns:
-      ``runs`` (k, seed, final accuracy and loss), ``std_over_k`` / ``std_over_seeds``
-      (per seed / per k), ``spread`` (the mean stds with intervals and the verdict,
+      ``settings`` (the options), ``runs`` (k, seed, final accuracy and loss), ``std_over_k`` /
+      ``std_over_seeds`` (per seed / per k), ``spread`` (the mean stds with intervals and the verdict,
       for accuracy and loss), ``churn``, ``divergence`` (first crossings), ``not_measured``
       (:func:`not_measured`: what one k or one seed leaves out, whose values are ``None``),
       ``answer``, ``fingerprints``, ``files`` and ``seconds``; with ``guard=True`` also ``guard``
@@ -105,26 +129,26 @@ def run(
     """
     from jaxcfl.nn._preset import TrainConfig, train
 
-    if not ks or not seeds:
-        raise ValueError("ks and seeds must each hold at least one value")
-    if len(set(seeds)) != len(seeds) or len(set(ks)) != len(ks):
-        raise ValueError(f"ks and seeds must not repeat values, got ks={list(ks)} seeds={list(seeds)}")
-    train_options = {"batch_size": DEFAULTS["batch_size"], **train_options}
-    config = TrainConfig(model=model, dataset=dataset, data_root=data_root, epochs=epochs, **train_options)
-    folder = ResultDir(out, kind="variance")
+    model, dataset, epochs, ks, seeds = o.model, o.dataset, o.epochs, o.ks, o.seeds
+    config = TrainConfig(**_options.train_config_kwargs(o, **train_options))
+    folder = ResultDir(out, kind="variance", identity={**o.identity(), **train_options}, grows=("seeds",))
+    if folder.writes and tuple(folder.identity["seeds"]) != tuple(seeds):  # a rerun adds seeds to the folder's grid
+        seeds = tuple(folder.identity["seeds"])
+        log(f"[variance] {out} holds other seeds too: the summary covers seeds {list(seeds)}")
     results = {}
     for seed in distributed.local_share(seeds):
         log(f"[variance] {model} on {dataset}, seed {seed}: {len(ks)} copies k={[f'{k:g}' for k in ks]}, "
             f"{epochs} epoch(s) ...")
         with distributed.process_local():  # a seed's checkpoints belong to the process that trains it
             res = train(config, ks, seed=seed, out=folder.file(f"seed{seed}") if folder.writes else None,
-                        progress=progress, copies_mode=copies_mode, trace_params=trace_params)
+                        progress=progress, copies_mode=o.copies_mode, trace_params=o.trace_params)
         results[seed] = res
-        log(f"[variance]   final accuracy {np.array2string(100 * res.final_accuracy(last_epochs), precision=2)}"
+        log(f"[variance]   final accuracy {np.array2string(100 * res.final_accuracy(o.last_epochs), precision=2)}"
             f"  [{res.seconds:.1f}s]")
     results = _gather_runs(seeds, results)
     curves = divergence_curves(ks, seeds, results)
-    payload = summarise(config, ks, seeds, results, curves, last_epochs=last_epochs, resamples=resamples)
+    payload = {"settings": o.settings(seeds=list(seeds)),
+               **summarise(config, ks, seeds, results, curves, last_epochs=o.last_epochs, resamples=o.resamples)}
     payload["seconds"] = folder.seconds()
     payload["compile_seconds"] = float(sum(r.compile_seconds for r in results.values()))  # of the seconds above
     payload["files"] = {}
@@ -146,7 +170,7 @@ def _gather_runs(seeds, results: dict[int, Any]) -> dict[int, Any]:
 
 def summarise(config, ks, seeds, results, curves: dict[str, np.ndarray], *, last_epochs: int | None = None,
               resamples: int = 2000) -> dict[str, Any]:
-    """The JSON payload of finished runs (``results[seed]``: a :class:`~jaxcfl.nn._preset.TrainResult` of all ``ks``;
+    """The JSON payload of finished runs (``results[seed]``: a :class:`~jaxcfl.TrainResult` of all ``ks``;
     ``curves``: their :func:`divergence_curves`)."""
     from jaxcfl.nn._preset import final_epochs
 
@@ -208,7 +232,7 @@ def guard_curves(seeds, results) -> dict[str, np.ndarray]:
 def guard_limit_lr(config, guard_lambda: np.ndarray) -> np.ndarray:
     """``min(lr, safety S(mu) / lambda_max)`` at every entry of ``guard_lambda``: the largest lr the
     guard allows at each step, at the *base* lr (the schedule's decay left out); ``lr`` where
-    ``lambda_max`` is not a finite positive number (as :func:`jaxcfl.nn._guard.guarded_lr`)."""
+    ``lambda_max`` is not a finite positive number (as :func:`jaxcfl.nn.guarded_lr`)."""
     from jaxcfl._core.stability import momentum_limit
 
     lam = np.asarray(guard_lambda, np.float64)
@@ -478,44 +502,9 @@ def render(payload: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jaxcfl.experiments._cli_types import nonnegative_float, nonnegative_int, positive_float, positive_int
-    from jaxcfl.nn._data import DATASETS
-    from jaxcfl.nn.nets import NETWORKS
-
-    parser.add_argument("--model", choices=NETWORKS, default=DEFAULTS["model"],
-                        help="network (default cnn: three conv-BN-ReLU blocks; the paper: resnet56)")
-    parser.add_argument("--dataset", choices=tuple(DATASETS), default="builtin",
-                        help="dataset (default: the built-in digits, no files needed)")
-    parser.add_argument("--data-root", default=None, help="folder with the dataset's files (default $JAXCFL_DATA or ./data)")
-    parser.add_argument("--epochs", type=positive_int, default=DEFAULTS["epochs"],
-                        help=f"epochs (default {DEFAULTS['epochs']}; the paper: 200)")
-    parser.add_argument("--k", type=positive_float, nargs="+", default=list(DEFAULT_KS),
-                        help="perturbation factors (default 1 3 5 7 9 11, the paper's); the first two are "
-                             "followed step by step")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
-                        help="batch-order seeds (default 1 2 3 4 5; the paper: 1..6)")
-    parser.add_argument("--activation", choices=("relu", "swish"), default="relu")
-    parser.add_argument("--beta", type=positive_float, default=1.0, help="Swish beta (the paper: 5)")
-    parser.add_argument("--lr", type=positive_float, default=0.1)
-    parser.add_argument("--batch-size", type=positive_int, default=DEFAULTS["batch_size"],
-                        help=f"default {DEFAULTS['batch_size']} (the paper: 128, on 50000 images)")
-    parser.add_argument("--weight-decay", type=nonnegative_float, default=5e-4)
-    parser.add_argument("--train-size", type=positive_int, default=None, help="use the first N training images")
-    parser.add_argument("--test-size", type=positive_int, default=None, help="use the first N test images")
-    parser.add_argument("--last-epochs", type=positive_int, default=None,
-                        help="epochs averaged into the final accuracy and loss (default 5%% of them, >= 1; the paper: 10 of 200)")
-    parser.add_argument("--trace-params", type=nonnegative_int, default=TRACE_PARAMS,
-                        help=f"weights recorded every step to follow the seeds' divergence (default {TRACE_PARAMS}; 0: off)")
-    parser.add_argument("--resamples", type=positive_int, default=2000, help="bootstrap resamples (default 2000)")
-    parser.add_argument("--copies-mode", choices=("auto", "vmap", "unroll"), default="auto",
-                        help="how the k copies share one compiled step (auto: vmap on GPU, unroll on CPU)")
-    parser.add_argument("--out", default="jaxcfl-variance", help="output directory (default ./jaxcfl-variance); "
-                        "finished epochs are reused")
+    Options.add_arguments(parser)
+    _options.add_out(parser, DEFAULT_OUT, f"output directory (default ./{DEFAULT_OUT}); finished epochs are reused")
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    return run(model=args.model, dataset=args.dataset, data_root=args.data_root, epochs=args.epochs,
-               ks=tuple(args.k), seeds=tuple(args.seeds), out=args.out, activation=args.activation, beta=args.beta,
-               lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay, train_size=args.train_size,
-               test_size=args.test_size, copies_mode=args.copies_mode, last_epochs=args.last_epochs,
-               trace_params=args.trace_params, resamples=args.resamples)
+    return run.call(Options.from_args(args), out=args.out)
