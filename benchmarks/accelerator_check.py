@@ -27,7 +27,7 @@ device JAX runs on (a GPU when there is one):
 ``determinism``
     a few training steps of the same network (``copies_mode="auto"``; the K copies on an
     accelerator, one copy on a CPU) repeated in 2 separate processes
-    (:func:`jaxcfl._core.determinism.run_in_processes`, with a timeout), once in the deterministic
+    (:func:`jaxcfl.run_in_processes`, with a timeout), once in the deterministic
     mode of ``jaxcfl --deterministic`` (its XLA flags and matmul precision) and once without
     it: are the fingerprints of the weights, batch statistics and optimiser state bit-identical?
 
@@ -302,7 +302,7 @@ def train_step_section(ctx: Context) -> dict[str, Any]:
 def train_state(model: str, batch: int, ks: list[float], steps: int, mode: str = "auto") -> Any:
     """The lockstep state after ``steps`` steps of ``train_step.JaxSteps`` on its random batch.
 
-    Module level, so that :func:`jaxcfl._core.determinism.run_in_processes` can run it in a new process.
+    Module level, so that :func:`jaxcfl.run_in_processes` can run it in a new process.
     """
     from train_step import JaxSteps, random_batch
 

@@ -18,7 +18,7 @@ The guard refreshes where the host says (``update(..., refresh=refresh_due(step,
 one compiled program each way: on XLA's CPU backend a convolution inside a ``lax.cond``
 branch runs about 10x slower than outside one.
 
-The overhead is ``guarded / plain - 1`` (issue 13's target: under 30% at the defaults).
+The overhead is ``guarded / plain - 1`` (the target: under 30% at the defaults).
 Times are means over about ``--steps`` calls per variant, in 5 interleaved rounds, after a warm-up
 (a median would skip the refreshes); compile time (the first call
 minus the median) is reported apart. Run ``python benchmarks/cfl_guard.py --help``;

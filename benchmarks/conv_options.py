@@ -44,7 +44,7 @@ library, e.g. ``ynn`` for a YNNPACK fusion), which says where the time goes. Thu
 summed over XLA's threads; work a library hands to threads of its own may be missing from them.
 
 The ``bits`` column says whether the option's parameters and batch statistics after the first
-step are bit-identical to ``xla-default``'s (``jaxcfl._core.determinism.fingerprint``). An option
+step are bit-identical to ``xla-default``'s (``jaxcfl.fingerprint``). An option
 that changes them need not be less deterministic, but every trained network's exact numbers
 (and fingerprints recorded by earlier runs) change with it.
 

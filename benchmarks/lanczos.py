@@ -3,7 +3,7 @@
 Operators (float32, as ``jaxcfl.sharpness`` runs them):
 
 ``diagonal``
-    ``v -> d * v`` with ``d = linspace(-1, 3, n)``, ``n = 55,210`` (issue 12's case):
+    ``v -> d * v`` with ``d = linspace(-1, 3, n)``, ``n = 55,210`` (the size the original version was timed at):
     the mat-vec is trivial, so the time is the solver's own work, the
     re-orthogonalisation against the stored basis.
 ``dense``
@@ -32,15 +32,15 @@ For each iteration count (``--iterations``, default 20 64 128 256) it times, in 
     printed. ``eigsh / jaxcfl > 1``: jaxcfl is faster.
 
 ``--before FILE`` (optional)
-    ``lanczos_extremes`` of an older copy of ``jaxcfl/spectral.py`` (for example
-    ``git show REV:src/jaxcfl/spectral.py > old.py``), timed alternately with the current
+    ``lanczos_extremes`` of an older copy of ``jaxcfl/_core/spectral.py`` (for example
+    ``git show REV:src/jaxcfl/_core/spectral.py > old.py``; ``src/jaxcfl/spectral.py`` before fb1e471), timed alternately with the current
     one, call by call, so that both see the same load: ``before / jaxcfl > 1`` means the
     current version is faster.
 
 ``--hvp`` (a separate run)
     Hessian-vector products of a mean loss over ``N`` examples (a one-hidden-layer tanh
     network, logistic loss, float32), in one call and accumulated over chunks of ``b``
-    examples (``physical_batch_size``, ``jaxcfl._core.curvature``): the steady time per product,
+    examples (the ``physical_batch_size`` of ``jaxcfl.sharpness``): the steady time per product,
     XLA's temporary memory of the compiled product, the relative difference to the
     one-call product, and the steady time of ``jaxcfl.sharpness`` (``--hvp-iterations``
     Lanczos steps) with the same chunks.
@@ -116,7 +116,7 @@ def operators(rng: np.random.Generator, quick: bool):
 
 
 def numpy_lanczos(matvec, start: np.ndarray, iterations: int, seed: int = 0):
-    """The same Lanczos as ``jaxcfl._core.spectral`` in a NumPy loop: ``(ritz, residuals)``."""
+    """The same Lanczos as ``jaxcfl.lanczos_extremes`` in a NumPy loop: ``(ritz, residuals)``."""
     n, dtype = start.size, start.dtype
     eps = np.finfo(dtype).eps
     rng = np.random.default_rng(seed)
@@ -143,7 +143,7 @@ def numpy_lanczos(matvec, start: np.ndarray, iterations: int, seed: int = 0):
 
 
 def load_before(path: str):
-    """The module of an older copy of ``jaxcfl/spectral.py`` (it imports only JAX)."""
+    """The module of an older copy of ``jaxcfl/_core/spectral.py`` (it imports only JAX and jaxcfl)."""
     spec = importlib.util.spec_from_file_location("spectral_before", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up
@@ -234,7 +234,7 @@ def main(argv=None) -> None:
                    help="timed calls (jaxcfl: after the first) of jaxcfl and numpy; the best is kept")
     p.add_argument("--quick", action="store_true", help="small operators, 20 and 64 iterations, one repeat")
     p.add_argument("--no-eigsh", action="store_true", help="skip the SciPy baseline")
-    p.add_argument("--before", metavar="FILE", help="an older jaxcfl/spectral.py to time alongside (before/after)")
+    p.add_argument("--before", metavar="FILE", help="an older jaxcfl/_core/spectral.py to time alongside (before/after)")
     p.add_argument("--json", action="store_true", help="print JSON on stdout (the table goes to stderr)")
     p.add_argument("--hvp", action="store_true", help="only: chunked against one-call Hessian-vector products")
     p.add_argument("--hvp-examples", type=int, default=16_384, help="--hvp: examples N (default 16384)")

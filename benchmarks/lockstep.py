@@ -4,7 +4,7 @@ For each model and n, the same engine (:class:`jaxcfl.Lockstep`) runs (a) one st
 (``Copies(k=(1, 3, 5, ...))``, one compiled program) and (b) n calls of its one-copy step, on the
 same batch; both are timed after compiling (compile time reported apart), best of ``--repeats``
 rounds of ``--steps`` steps. The ratio (b)/(a) is the lockstep speed-up. Models: the built-in
-``cnn`` with the paper's perturbed SGD (the preset of ``jaxcfl.nn._preset``), and the example NNX MLP
+``cnn`` with the paper's perturbed SGD (the preset ``jaxcfl.train``), and the example NNX MLP
 with AdamW (``jaxcfl.examples.digits``).
 
     python benchmarks/lockstep.py --copies 2 4 8 --json

@@ -55,7 +55,7 @@ except ImportError:  # pragma: no cover
     torch = None
     F = None
 
-TARGET_BATCHED = 1.5  # jaxcfl / torch-fft-batched at B >= 16 (from the issue)
+TARGET_BATCHED = 1.5  # jaxcfl / torch-fft-batched at B >= 16 (the target)
 TARGET_SINGLE = 1.0  # ... and at B = 1
 
 
@@ -692,7 +692,7 @@ def main(argv=None):
         + ", ".join(f"{k} {v:.1e}" for k, v in gc["vs_float64"].items()))
     # Residual at K0: explains why the trajectories barely see the data term.
     prob = impls[0].prob
-    lg = float(jaxcfl.pde._rhs.logit(prob, jnp.asarray(K0), jaxcfl.make_hyper(1e-5, 20.0)))
+    lg = float(jaxcfl.pde.logit(prob, jnp.asarray(K0), jaxcfl.make_hyper(1e-5, 20.0)))
     log(f"note        : at K0 the logit is {lg:.4g}, so yhat - y = {float(jax.nn.sigmoid(lg) - 1.0):.3g} in float32: "
         "the timed trajectories are dominated by weight decay (all the correlation work is still done)")
 

@@ -1,4 +1,4 @@
-"""The built-in cnn's training step through ``jaxcfl.nn._preset.train``, per step, from a given source tree.
+"""The built-in cnn's training step through ``jaxcfl.train.train``, per step, from a given source tree.
 
 Run it on two trees to compare two versions of the trainer on one machine, e.g. the engine
 against the trainer it replaced (docs/sensitivity.md, "Speed"):
@@ -13,7 +13,7 @@ The fingerprint of the k = 3 copy shows whether the two trees computed the same 
 import sys, json
 sys.path.insert(0, sys.argv[1])
 import jaxcfl
-from jaxcfl.nn._preset import TrainConfig, train
+TrainConfig, train = jaxcfl.train.TrainConfig, jaxcfl.train.train  # the preset's public name, in every version
 cfg = TrainConfig(model="cnn", epochs=2, batch_size=128, augment=False)
 train(cfg, ks=(1.0, 3.0), seed=1, progress=False)  # warm: compile
 times = []

@@ -13,8 +13,9 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 # 1000 steps); restrained_eos_appendix_f <- test_fig4.py's SMALL and test_appendix_f.py's TINY_ARGS.
 
 
-@pytest.mark.parametrize("name", ["table5_figure3.ipynb", "restrained_eos_appendix_f.ipynb", "cfl_guard.ipynb",
-                                  "sensitivity.ipynb"])
+# Three notebooks run with -m slow; their APIs are tested in test_sensitivity.py, test_curvature.py and test_guard.py.
+@pytest.mark.parametrize("name", ["table5_figure3.ipynb", pytest.param("restrained_eos_appendix_f.ipynb", marks=pytest.mark.slow),
+                                  pytest.param("cfl_guard.ipynb", marks=pytest.mark.slow), pytest.param("sensitivity.ipynb", marks=pytest.mark.slow)])
 def test_notebook_runs_at_small_size(name, monkeypatch, tmp_path):
     matplotlib.use("Agg")
     monkeypatch.setenv("JAXCFL_NOTEBOOK_SMALL", "1")

@@ -46,7 +46,7 @@ def theory_curves(result, lr: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndar
     from jaxcfl.pde import _theory as theory
     from jaxcfl.pde._rhs import get_model
 
-    spec = result.spec  # a jaxcfl.pde._sweeps.SweepSpec
+    spec = result.spec  # a jaxcfl.SweepSpec
     if result.image is None:
         raise ValueError("result carries no image; theory curves need the sweep's image")
     curves = {}
@@ -98,7 +98,7 @@ def stability_map(result, *, ax=None, theory: bool = True, title: str | None = N
     ax.set_ylim(cell_edges(result.alpha)[0], cell_edges(result.alpha)[-1])
     ax.set_xlabel("learning rate (dt)")
     ax.set_ylabel("weight decay alpha")
-    spec = result.spec  # a jaxcfl.pde._sweeps.SweepSpec
+    spec = result.spec  # a jaxcfl.SweepSpec
     ax.set_title(title or f"{spec.setup.scheme}, {spec.setup.model} model, kernel {spec.kernel_size}, {spec.steps} steps")
     ax.legend(handles=handles, fontsize=7, loc="best")
     fig.tight_layout()

@@ -50,7 +50,7 @@ def random_shift(x: jax.Array, key: jax.Array, most: int = 2) -> jax.Array:
 
 def training() -> dict:
     """The NNX network with BatchNorm and Dropout, ``optax.adamw(1e-3, weight_decay=1e-4)``, batch 64;
-    its preconditioned sharpness is held against Adam's threshold ``38 / lr`` (:class:`jaxcfl.nn._limits.Adam`)."""
+    its preconditioned sharpness is held against Adam's threshold ``38 / lr`` (:class:`jaxcfl.limits.Adam`)."""
     from jaxcfl.nn._limits import Adam
 
     train, test = digits()
