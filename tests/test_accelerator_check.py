@@ -50,6 +50,7 @@ def quick_pde(tmp_path_factory):
                 timeout=600)
 
 
+@pytest.mark.slow
 def test_quick_pde_sections(quick_pde):
     doc, proc, wall = quick_pde
     assert doc["status"] == "complete" and set(doc["sections"]) == {"machine", *PDE_SECTIONS}

@@ -366,8 +366,8 @@ def test_a_run_whose_guard_refused_steps_says_so():
 
     from _legacy_run import DATA, TEST, factory
 
-    engine = Lockstep(factory, optax.chain(optax.sgd(0.05), cfl_guard(lambda count: -0.05, every=2, iterations=3)),
-                      copies_mode="vmap")
+    guard = cfl_guard(lambda count: -0.05, every=2, iterations=2, first_iterations=2)
+    engine = Lockstep(factory, optax.chain(optax.sgd(0.05), guard), copies_mode="vmap")
     with pytest.warns(RuntimeWarning, match="cfl_guard"):
         result = engine.fit(DATA, Copies(k=(1.0,)), epochs=1, batch_size=16, test=TEST, progress=False)
     assert np.all(result.guard_lr == 0)

@@ -143,6 +143,7 @@ def test_the_refresh_stays_a_branch_under_vmap(linear):
     assert "cond[" in text
 
 
+@pytest.mark.slow
 def test_the_sweep_command_records_the_guard_and_resumes(tmp_path, linear):
     _, a, spectrum = linear
     alpha = [1.0, 3.0]

@@ -36,6 +36,7 @@ def test_powers_of_two_identical_odd_k_differs(lockstep):
     assert lockstep.probe_divergence.shape == lockstep.step_divergence.shape == (2 * 3, 4)
 
 
+@pytest.mark.slow
 def test_history_shapes_and_schedule(lockstep):
     r = lockstep
     assert r.epochs_done == 2
@@ -78,6 +79,7 @@ def test_optimizer_lr_agrees_with_lr_at_every_step(epochs, milestones, lr, gamma
     assert [cfg.lr_at(e) for e in range(epochs)] == [lr * gamma**d for d in decays]
 
 
+@pytest.mark.slow
 def test_test_loss_and_predictions(lockstep):
     """Predictions of the last epoch reproduce its accuracy; the loss is a finite cross-entropy."""
     from jaxcfl.nn import _data as datasets
@@ -117,6 +119,7 @@ def test_param_trace_records_copy_0_after_every_step(tmp_path):
     np.testing.assert_array_equal(again.test_predictions, r.test_predictions)
 
 
+@pytest.mark.slow
 def test_lockstep_copy_equals_separate_run(lockstep, alone):
     """A copy trained in lockstep is bit-identical to the same k trained alone (same compiled step per copy)."""
     assert alone.fingerprints[0] == lockstep.fingerprints[3]
@@ -145,6 +148,7 @@ def test_no_recompilation_for_new_numbers(alone, caplog):
     assert not [m for m in compiles if "step" in m or "lambda" in m or "one" in m], compiles
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_gives_the_same_bytes(tmp_path, lockstep):
     class Killed(Exception):
         pass
@@ -194,6 +198,7 @@ def test_a_second_training_run_on_the_same_folder_is_refused(tmp_path):
     assert train(TrainConfig(**dict(SMALL, epochs=1)), ks=(1.0,), seed=1, out=tmp_path, progress=False).epochs_done == 1
 
 
+@pytest.mark.slow
 def test_a_kill_between_checkpoint_writes_resumes_correctly(tmp_path, lockstep, monkeypatch):
     """Killed inside the checkpoint's commit (the manifest records epoch 2, the file is not yet renamed): the
     resume keeps epoch 1's checkpoint, loses nothing else, and ends with the same bytes. Kills at every other
@@ -223,6 +228,7 @@ def test_a_kill_between_checkpoint_writes_resumes_correctly(tmp_path, lockstep, 
     np.testing.assert_array_equal(resumed.step_divergence, lockstep.step_divergence)
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_is_retrained_not_used(tmp_path, lockstep):
     ks = (1.0, 2.0, 4.0, 3.0)
     train(TrainConfig(**SMALL), ks=ks, seed=1, out=tmp_path, progress=False)
