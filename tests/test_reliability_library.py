@@ -352,3 +352,52 @@ def test_a_missing_peer_times_out_with_one_line(process_id):
     assert "JAXCFL_STARTUP_TIMEOUT" in waiting
     assert error.startswith("jaxcfl: error: ") and "within 2 s" in error and "JAXCFL_STARTUP_TIMEOUT" in error
     assert "JAX_COORDINATOR_ADDRESS" in error
+
+
+# --- failing closed: a refused step is zero, a bad estimate keeps the last good one -----------------
+
+@pytest.mark.parametrize("case", ["nan lr", "nan estimate"])
+def test_a_refused_step_is_exactly_zero_even_when_the_update_is_nan(case):
+    """The update before the guard is already scaled by the (bad) lr, or holds a NaN gradient:
+    refusing it must give zeros, not NaN * 0."""
+    import optax
+
+    nan_lr = lambda count: jnp.asarray(jnp.nan)
+    lr = nan_lr if case == "nan lr" else 0.1
+    tx = optax.chain(optax.sgd(lr), cfl_guard(lr, every=1, iterations=2, first_iterations=2))
+    params = jnp.ones(3)
+    value_fn = (lambda p: jnp.sum(p ** 2)) if case == "nan lr" else (lambda p: jnp.nan * jnp.sum(p ** 2))
+    grads = jnp.full(3, 2.0) if case == "nan lr" else jnp.full(3, jnp.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        updates, state = tx.update(grads, tx.init(params), params, value_fn=value_fn)
+    np.testing.assert_array_equal(updates, np.zeros(3))
+    assert guard_problems(state[1])
+
+
+def test_a_first_manifest_write_killed_midway_leaves_a_usable_folder(tmp_path):
+    from jaxcfl._core.folder import LOCK, ResultFolder
+
+    (tmp_path / LOCK).write_text("123\n")
+    (tmp_path / ".manifest.json.abc123.partial").write_text("{")
+    with ResultFolder(tmp_path, kind="test", settings={"a": 1}) as folder:
+        folder.commit("x", b"1")
+    assert not list(tmp_path.glob("*.partial"))
+    with ResultFolder(tmp_path, kind="test", settings={"a": 1}) as folder:
+        assert folder.read("x") == (b"1", "ok")
+
+
+def test_the_pde_guard_keeps_its_last_finite_estimate():
+    """A refresh at a kernel where the gradient is NaN keeps lambda and its direction, so the step
+    stays capped (forward Euler's 2 safety / lambda), not the nominal dt."""
+    from jaxcfl.pde._controllers import estimate_curvature
+    from jaxcfl.pde._state import init
+
+    state = init(jnp.ones((2, 2)))
+    state = state.__class__(**{**state.__dict__, "curvature": jnp.asarray(4.0), "direction": jnp.ones(4) / 2})
+    hyper = jaxcfl.make_hyper(0.1, 1.0)
+    kept = estimate_curvature(state, lambda k, h: jnp.nan * k, hyper, iterations=3)
+    assert float(kept.curvature) == 4.0
+    np.testing.assert_array_equal(kept.direction, state.direction)
+    fresh = estimate_curvature(state, lambda k, h: 3.0 * k, hyper, iterations=3)
+    assert float(fresh.curvature) == pytest.approx(3.0, rel=1e-4)

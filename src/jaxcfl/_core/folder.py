@@ -104,6 +104,11 @@ def _plain_json(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+def _is_partial_write(name: str) -> bool:
+    """Whether ``name`` is the temporary file of a write that never finished (``.NAME.*.partial``)."""
+    return name.startswith(".") and name.endswith(TEMP_SUFFIX)
+
+
 class ResultFolder:
     """An output folder, locked while open, whose every result file is checksummed in its manifest.
 
@@ -231,7 +236,9 @@ class ResultFolder:
     def _start_or_resume(self) -> None:
         manifest = self.path / MANIFEST
         if not manifest.exists():
-            others = [p.name for p in self.path.iterdir() if p.name != LOCK]
+            others = [p.name for p in self.path.iterdir() if p.name != LOCK and not _is_partial_write(p.name)]
+            if not others:  # a kill during the first manifest write leaves only its temporary file
+                self._remove_partial_writes()
             if others:
                 raise FolderMismatch(f"{self.label}={str(self.path)!r} is not empty and holds no jaxcfl manifest "
                                      f"({', '.join(sorted(others)[:3])}{', ...' if len(others) > 3 else ''}); "
@@ -309,7 +316,7 @@ class ResultFolder:
                 dirs[:] = []  # another folder, with a writer of its own
                 continue
             for name in names:
-                if name.startswith(".") and name.endswith(TEMP_SUFFIX):
+                if _is_partial_write(name):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(root, name))
 

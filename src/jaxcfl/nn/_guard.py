@@ -277,8 +277,10 @@ def cfl_guard(
         lr_eff = jnp.where(lr_ok & known, guarded_lr(jnp.where(lr_ok, lr, 0), lam, safety=safety, momentum=momentum,
                                                      nesterov=nesterov), 0)
         scale = jnp.where(lr_ok & known, jnp.where(lr > 0, lr_eff / jnp.where(lr > 0, lr, 1), 1), 0)
-        updates = jax.tree.map(lambda u: None if u is None else (u * scale.astype(u.dtype)), updates,
-                               is_leaf=lambda x: x is None)
+        passes = lr_ok & known  # a refused step is exactly zero, even where the incoming update is NaN
+        updates = jax.tree.map(lambda u: None if u is None else jnp.where(passes, u * scale.astype(u.dtype),
+                                                                           jnp.zeros_like(u)),
+                               updates, is_leaf=lambda x: x is None)
         if v.is_concrete((failed, lr_ok, known)):  # run op by op, not traced: say so at once
             _warn_now(bool(failed), bool(lr_ok), bool(known), lr)
         one = jnp.ones((), jnp.int32)

@@ -111,8 +111,15 @@ def estimate_curvature(state: State, grad_fn: GradFn, hyper: Hyper, *, iteration
 
     key = jax.random.fold_in(jax.random.key(0), state.iteration)
     pairs = lanczos_eigh(matvec, state.direction, key, iterations=min(iterations, kernel.size), k=1)
-    return dataclasses.replace(state, curvature=(pairs.values[0] + pairs.residuals[0]).astype(kernel.dtype),
-                               direction=pairs.vectors[0].astype(kernel.dtype))
+    curvature = (pairs.values[0] + pairs.residuals[0]).astype(kernel.dtype)
+    direction = pairs.vectors[0].astype(kernel.dtype)
+    # Fail closed: an estimate that is not finite (a diverged kernel) keeps the last finite one and its
+    # direction in force, so the step stays capped and the next refresh starts from a usable vector.
+    finite = jnp.isfinite(curvature) & jnp.all(jnp.isfinite(direction))
+    if state.curvature is not None and state.direction is not None:
+        curvature = jnp.where(finite, curvature, state.curvature)
+        direction = jnp.where(finite, direction, state.direction)
+    return dataclasses.replace(state, curvature=curvature, direction=direction)
 
 
 def start_guard(state: State, grad_fn: GradFn, hyper: Hyper, schedule: GuardSchedule) -> State:

@@ -559,19 +559,17 @@ def sweep(
             chunk_size=chunk_size, mesh=mesh, folder=folder, progress=progress,
             on_chunk=lambda done, total, was_reused: reused.append(was_reused),
         )
-    except BaseException:
+        shape = (lr_grid.size, alpha_grid.size)
+        metrics = {k: flat[k].reshape(shape) for k in (*SUMMARY_FIELDS, *GUARD_FIELDS) if k in flat}
+        curves = {c: flat[f"curve_{c}"].reshape(*shape, -1) for c in CURVE_FIELDS}
+        result = SweepResult(lr_grid, alpha_grid, classify_metrics(metrics, rule, spec), metrics, curves, iterations,
+                             spec, rule, image=np.asarray(problem.image), chunks_reused=sum(reused))
         if folder is not None:
-            folder.close()
-        raise
-    shape = (lr_grid.size, alpha_grid.size)
-    metrics = {k: flat[k].reshape(shape) for k in (*SUMMARY_FIELDS, *GUARD_FIELDS) if k in flat}
-    curves = {c: flat[f"curve_{c}"].reshape(*shape, -1) for c in CURVE_FIELDS}
-    result = SweepResult(lr_grid, alpha_grid, classify_metrics(metrics, rule, spec), metrics, curves, iterations, spec, rule,
-                         image=np.asarray(problem.image), chunks_reused=sum(reused))
-    if folder is not None:
-        with folder:
             folder.commit("result.json", json_text(result.to_dict()).encode())
             folder.commit("result.csv", csv_text(result.rows()).encode())
+    finally:  # on success and on any failure: the folder's lock is released
+        if folder is not None:
+            folder.close()
     return result
 
 
