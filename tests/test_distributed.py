@@ -331,7 +331,7 @@ def test_reproduce_table5_in_two_processes(tmp_path):
                 assert row[name] == pytest.approx(ref[name], rel=1e-2)
     leader, follower = (r["tasks"]["table5"]["writes"] for r in results)
     assert not [w for w in follower if w.startswith(out)]
-    for name in ("table5.json", "table5.csv", "stability_map.png", "rows/gd_w4.json", "map_sweep_auto/result.json"):
+    for name in ("table5.json", "table5.csv", "stability_map.png", "rows/gd_w4.json", "map_sweep_auto_24x24/result.json"):
         assert leader.count(os.path.join(out, name)) == 1
 
 
