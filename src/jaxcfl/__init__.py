@@ -13,8 +13,6 @@ This module exports the entry points and the types users hold; the primitives li
 :mod:`jaxcfl.pde` and :mod:`jaxcfl.nn`.
 """
 
-import importlib
-
 from jaxcfl import pde
 from jaxcfl._core import determinism, distributed, spectral, statistics
 from jaxcfl._core.classify import Rule, classify
@@ -28,6 +26,7 @@ from jaxcfl._core.curvature import (
 )
 from jaxcfl._core.determinism import divergence, enable_deterministic_mode, fingerprint, run_in_processes
 from jaxcfl._core.images import checkerboard, load_image
+from jaxcfl._core.lazy import lazy_getattr
 from jaxcfl._core.rounding import scaled_update
 from jaxcfl._core.search import log_bisect
 from jaxcfl._core.spectral import Eigenpairs, lanczos_extremes, top_eigenpairs
@@ -79,14 +78,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'jaxcfl' has no attribute {name!r}")
-    module_name, attr = _LAZY[name]
-    module = importlib.import_module(module_name)
-    value = module if attr is None else getattr(module, attr)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr("jaxcfl", globals(), _LAZY)
 
 
 __all__ = [

@@ -12,8 +12,7 @@ The parts that need Flax (the engine, the networks, the preset, the protocol) lo
 first use, so that ``import jaxcfl`` stays fast.
 """
 
-import importlib
-
+from jaxcfl._core.lazy import lazy_getattr
 from jaxcfl.nn import _data as data
 from jaxcfl.nn import _limits as limits
 from jaxcfl.nn import _perturb as perturb
@@ -38,14 +37,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'jaxcfl.nn' has no attribute {name!r}")
-    module_name, attr = _LAZY[name]
-    module = importlib.import_module(module_name)
-    value = module if attr is None else getattr(module, attr)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr("jaxcfl.nn", globals(), _LAZY)
 
 
 __all__ = [
