@@ -95,7 +95,7 @@ def test_networks_tuple():
 
 
 @pytest.mark.parametrize("name", ["resnet20", "vgg11"])
-@pytest.mark.parametrize("hw, channels", [(32, 3), (28, 1)])
+@pytest.mark.parametrize("hw, channels", [pytest.param(32, 3, marks=pytest.mark.slow), (28, 1)])
 def test_forward_eval_shape_and_finite(name, hw, channels):
     model = nnx.clone(_built(name, in_channels=channels))
     model.eval()

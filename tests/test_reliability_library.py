@@ -294,6 +294,7 @@ def test_the_achieved_precision_against_the_exact_bound(lo, hi, exact, rtol, ach
         assert "raise steps" in notes[0] and "50 steps" in notes[0]
 
 
+@pytest.mark.slow
 def test_too_few_steps_are_reported_not_hidden():
     """The issue's case in small: 50 steps miss a small alpha_min by far more than rtol."""
     n = 16
@@ -340,7 +341,8 @@ def test_a_malformed_address_fails_at_once():
     assert done.stdout == ""
 
 
-@pytest.mark.parametrize("process_id", [0, 1], ids=["process 0 without its peer", "process 1 without a coordinator"])
+@pytest.mark.parametrize("process_id", [0, pytest.param(1, marks=pytest.mark.slow)],
+                         ids=["process 0 without its peer", "process 1 without a coordinator"])
 def test_a_missing_peer_times_out_with_one_line(process_id):
     address = f"127.0.0.1:{_free_port()}"
     done, seconds = _launch(process_id, address, timeout="2")

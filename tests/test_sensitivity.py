@@ -83,6 +83,7 @@ def test_determinism_checks_and_strict_json_report(report):
     assert "Curvature:" in r.answer()
 
 
+@pytest.mark.slow
 def test_a_second_run_reads_the_finished_runs(report):
     out, first = report
     again = sensitivity(factory, optax.adamw(1e-2, weight_decay=1e-4), DATA, augment=jitter, out=out,

@@ -126,6 +126,7 @@ def test_lockstep_copy_equals_separate_run(lockstep, alone):
     np.testing.assert_array_equal(alone.test_accuracy[:, 0], lockstep.test_accuracy[:, 3])
 
 
+@pytest.mark.slow
 def test_seed_changes_batch_order_not_initialisation(alone):
     other = train(TrainConfig(**SMALL), ks=(3.0,), seed=2, progress=False)
     assert other.fingerprints != alone.fingerprints
@@ -136,6 +137,7 @@ def test_seed_changes_batch_order_not_initialisation(alone):
     assert fingerprint(s1.params) == fingerprint(s2.params)
 
 
+@pytest.mark.slow
 def test_no_recompilation_for_new_numbers(alone, caplog):
     """New lr, momentum, weight decay, k, seed and init seed reuse every compiled program."""
     import jax
