@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxcfl._core.validate import check_choice, check_int, check_positive
+from jaxcfl.nn.nets._conv import conv_general_dilated
 
 __all__ = ["ACTIVATIONS", "BN_MOMENTUM", "BN_EPSILON", "check_common", "as_rngs", "check_input", "Activation",
     "MaxPool", "conv", "batch_norm", "linear"]
@@ -101,7 +102,8 @@ class MaxPool(nnx.Module):
 
 
 def conv(in_ch: int, out_ch: int, kernel: int, stride: int, *, rngs: nnx.Rngs) -> nnx.Conv:
-    """Bias-free conv with PyTorch-style symmetric padding ``kernel // 2``."""
+    """Bias-free conv with PyTorch-style symmetric padding ``kernel // 2``, through
+    :func:`jaxcfl.nn.nets.conv_general_dilated` (gradients fast inside loops on CPU)."""
     return nnx.Conv(
         in_ch,
         out_ch,
@@ -110,6 +112,7 @@ def conv(in_ch: int, out_ch: int, kernel: int, stride: int, *, rngs: nnx.Rngs) -
         padding=kernel // 2,
         use_bias=False,
         kernel_init=conv_init,
+        conv_general_dilated=conv_general_dilated,
         rngs=rngs,
     )
 

@@ -1,0 +1,150 @@
+"""jaxcfl.nn.nets.conv_general_dilated: the same numbers as lax's, canonical convolutions in loops."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from jaxcfl.nn.nets import conv_general_dilated as conv
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+# (spatial size, kernel, stride, padding): ResNet's 3x3/1, 3x3/2 and 1x1/2 layers, an odd size
+# whose last window is cropped, a 5x5 kernel, string paddings.
+CASES = [
+    (8, 3, 1, ((1, 1), (1, 1))),
+    (8, 3, 2, ((1, 1), (1, 1))),
+    (8, 1, 2, ((0, 0), (0, 0))),
+    (7, 3, 2, ((1, 1), (1, 1))),
+    (9, 5, 1, ((2, 2), (2, 2))),
+    (6, 3, 1, ((0, 2), (1, 0))),
+    (7, 3, 2, "SAME"),
+    (8, 3, 1, "VALID"),
+]
+
+
+def _operands(size, k, cin=3, cout=4, batch=2, dtype=jnp.float32, seed=0):
+    kx, kw, kv, ku = jax.random.split(jax.random.key(seed), 4)
+    x = jax.random.normal(kx, (batch, size, size, cin), dtype)
+    w = jax.random.normal(kw, (k, k, cin, cout), dtype)
+    return x, w, jax.random.normal(kv, x.shape, dtype), jax.random.normal(ku, w.shape, dtype)
+
+
+def _objective(fn, stride, padding):
+    return lambda x, w: jnp.sum(jnp.tanh(fn(jnp.tanh(x), w, (stride, stride), padding, dimension_numbers=NHWC)) ** 2)
+
+
+def _max_err(a, b):
+    return max(float(jnp.max(jnp.abs(u - v))) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("size,k,stride,padding", CASES)
+def test_values_gradients_and_second_derivatives_match_lax(size, k, stride, padding):
+    with jax.enable_x64(True):
+        x, w, vx, vw = _operands(size, k, dtype=jnp.float64)
+        ours, ref = _objective(conv, stride, padding), _objective(lax.conv_general_dilated, stride, padding)
+        assert _max_err(ours(x, w), ref(x, w)) == 0.0
+        grad_ours, grad_ref = jax.grad(ours, (0, 1)), jax.grad(ref, (0, 1))
+        assert _max_err(grad_ours(x, w), grad_ref(x, w)) < 1e-12
+        # forward-over-reverse (what the Hessian tools use) and reverse-over-reverse
+        hvp_ours = jax.jvp(grad_ours, (x, w), (vx, vw))[1]
+        hvp_ref = jax.jvp(grad_ref, (x, w), (vx, vw))[1]
+        assert _max_err(hvp_ours, hvp_ref) < 1e-11
+
+        def rr(g):
+            return jax.grad(lambda x, w: sum(jnp.vdot(a, b) for a, b in zip(g(x, w), (vx, vw))), (0, 1))(x, w)
+
+        assert _max_err(rr(grad_ours), rr(grad_ref)) < 1e-11
+        # forward mode alone
+        assert _max_err(jax.jvp(ours, (x, w), (vx, vw))[1], jax.jvp(ref, (x, w), (vx, vw))[1]) < 1e-11
+
+
+def test_gradients_are_bit_identical_to_lax_in_float32():
+    """Outside loops XLA canonicalises lax's gradient convolutions itself; ours are that program."""
+    for size, k, stride, padding in CASES[:4]:
+        x, w, _, _ = _operands(size, k, cin=8, cout=16, batch=4)
+        ours = jax.jit(jax.grad(_objective(conv, stride, padding), (0, 1)))(x, w)
+        ref = jax.jit(jax.grad(_objective(lax.conv_general_dilated, stride, padding), (0, 1)))(x, w)
+        for a, b in zip(ours, ref):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_vmap_over_kernels_matches_lax():
+    x, w, _, _ = _operands(8, 3)
+    ws = jnp.stack([w, 2.0 * w, -w])
+    f_ours = jax.vmap(jax.grad(_objective(conv, 2, "SAME"), 1), (None, 0))
+    f_ref = jax.vmap(jax.grad(_objective(lax.conv_general_dilated, 2, "SAME"), 1), (None, 0))
+    assert _max_err(f_ours(x, ws), f_ref(x, ws)) < 1e-5
+
+
+@pytest.mark.parametrize("spatial", [1, 3])
+def test_one_and_three_spatial_dimensions(spatial):
+    dn = {1: ("NWC", "WIO", "NWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}[spatial]
+    kx, kw = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(kx, (2,) + (6,) * spatial + (3,))
+    w = jax.random.normal(kw, (3,) * spatial + (3, 5))
+
+    def objective(fn):
+        return lambda x, w: jnp.sum(fn(x, w, (2,) * spatial, "SAME", dimension_numbers=dn) ** 2)
+
+    assert _max_err(jax.grad(objective(conv), (0, 1))(x, w),
+                    jax.grad(objective(lax.conv_general_dilated), (0, 1))(x, w)) < 1e-4
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"rhs_dilation": (2, 2)},
+    {"lhs_dilation": (2, 2)},
+    {"feature_group_count": 3},
+    {"dimension_numbers": ("NCHW", "OIHW", "NCHW")},
+])
+def test_other_convolutions_are_forwarded_to_lax(kwargs):
+    kx, kw = jax.random.split(jax.random.key(2))
+    x = jax.random.normal(kx, (2, 6, 6, 6))
+    groups = kwargs.get("feature_group_count", 1)
+    kwargs = dict(kwargs)
+    dn = kwargs.pop("dimension_numbers", NHWC)
+    w = jax.random.normal(kw, (6, 6, 3, 3) if dn != NHWC else (3, 3, 6 // groups, 6))
+    pad = ((1, 1), (1, 1))
+    f_ours = lambda x, w: jnp.sum(conv(x, w, (1, 1), pad, dimension_numbers=dn, **kwargs) ** 2)
+    f_ref = lambda x, w: jnp.sum(lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=dn, **kwargs) ** 2)
+    assert _max_err(f_ours(x, w), f_ref(x, w)) == 0.0
+    assert _max_err(jax.grad(f_ours, (0, 1))(x, w), jax.grad(f_ref, (0, 1))(x, w)) == 0.0
+
+
+def _scanned_sgd_hlo(fn) -> str:
+    kx, k1, k2 = jax.random.split(jax.random.key(3), 3)
+    params = (jax.random.normal(k1, (3, 3, 3, 8)) * 0.1, jax.random.normal(k2, (3, 3, 8, 8)) * 0.1)
+    xs = jax.random.normal(kx, (2, 4, 8, 8, 3))
+
+    def loss(p, x):
+        h = jax.nn.relu(fn(x, p[0], (1, 1), "SAME", dimension_numbers=NHWC))
+        return jnp.sum(fn(h, p[1], (2, 2), "SAME", dimension_numbers=NHWC) ** 2)
+
+    def step(p, x):
+        g = jax.grad(loss)(p, x)
+        return jax.tree.map(lambda a, b: a - 0.01 * b, p, g), None
+
+    return jax.jit(lambda p: lax.scan(step, p, xs)[0]).lower(params).compile().as_text()
+
+
+def test_every_convolution_in_a_scanned_training_step_is_canonical():
+    """XLA's CPU fast kernels need b01f_01io->b01f; lax's own gradients inside a while body are not."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the layouts checked here are XLA:CPU's")
+    labels = re.findall(r"convolution\(.*?dim_labels=([^,\s]+)", _scanned_sgd_hlo(conv))
+    assert labels, "no convolution found in the compiled program"
+    assert set(labels) == {"b01f_01io->b01f"}, labels
+
+
+def test_lax_gradients_in_a_scan_are_not_canonical_on_this_jaxlib():
+    """The upstream behaviour this module works around (jax-ml/jax#12868). If this fails, XLA has
+    fixed it: the benchmark benchmarks/scan_step.py will show lax's scanned step as fast too."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("XLA:CPU only")
+    labels = re.findall(r"convolution\(.*?dim_labels=([^,\s]+)", _scanned_sgd_hlo(lax.conv_general_dilated))
+    assert set(labels) - {"b01f_01io->b01f"}, labels
