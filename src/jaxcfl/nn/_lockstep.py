@@ -858,6 +858,15 @@ class Lockstep:
       refresh_every: with :func:`jaxcfl.cfl_guard` in the optimiser, its ``every``: the host
         chooses when the guard refreshes its estimate (one compiled step each way, no
         branch in either); ``None``: the guard's own in-program schedule.
+      steps_per_call: :meth:`fit` runs up to this many consecutive steps of an epoch in one
+        compiled loop (``lax.fori_loop`` over a stacked chunk of batches), which saves the
+        per-call dispatch and lets XLA reuse buffers; ``1``: one call per step. The steps and
+        their bits are the same either way (``tests/test_lockstep_chunks.py``); a chunk never
+        crosses an epoch or a guard refresh chosen by the host (``refresh_every``), which runs
+        as a step of its own. Convolutions inside the loop need
+        :func:`jaxcfl.nn.nets.conv_general_dilated` to keep XLA:CPU's fast kernels (the
+        built-in nets use it; a model built on ``lax.conv_general_dilated`` is much slower
+        in a loop, so pass ``1`` for it).
     """
 
     model: Any
@@ -872,6 +881,7 @@ class Lockstep:
     checksums: bool = False
     keep_outputs: bool = False
     refresh_every: int | None = None
+    steps_per_call: int = 8
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", as_model(self.model))
@@ -887,6 +897,7 @@ class Lockstep:
         object.__setattr__(self, "trace_params", v.check_int("trace_params", self.trace_params, minimum=0))
         if self.refresh_every is not None:
             v.check_int("refresh_every", self.refresh_every)
+        object.__setattr__(self, "steps_per_call", v.check_int("steps_per_call", self.steps_per_call))
         object.__setattr__(self, "_cache", {})
 
     # -- building the state --
@@ -1003,7 +1014,6 @@ class Lockstep:
         aug_axis = 0 if augment is not None else None
         batched = over_copies(one, (0, 0, 0, 0, data_axis, data_axis, aug_axis, None), self._mode())
 
-        @jax.jit
         def step(state: LockstepState, hp_copy, hp_shared, x, y, aug_keys):
             params, mstate, opt_state, loss = batched(state.params, state.model_state, state.opt_state, hp_copy,
                                                       x, y, aug_keys, hp_shared)
@@ -1021,8 +1031,23 @@ class Lockstep:
                                                  axis=-1)
             return LockstepState(params, mstate, opt_state), metrics
 
-        self._cache[key] = step
-        return step
+        def steps(state: LockstepState, hp_copy, hp_shared, xs, ys, aug_keys, count):
+            """``count`` (traced, <= the chunk length) steps over the stacked chunk ``xs, ys``;
+            the metrics of step ``i`` in row ``i`` (rows from ``count`` on are zeros)."""
+            take = lambda a, i: jax.lax.dynamic_index_in_dim(a, i, keepdims=False)
+            keys_at = (lambda i: None) if aug_keys is None else (lambda i: take(aug_keys, i))
+            shapes = jax.eval_shape(step, state, hp_copy, hp_shared, xs[0], ys[0], keys_at(0))[1]
+            rows = jax.tree.map(lambda s: jnp.zeros((xs.shape[0],) + s.shape, s.dtype), shapes)
+
+            def body(i, carry):
+                st, rows = carry
+                st, metrics = step(st, hp_copy, hp_shared, take(xs, i), take(ys, i), keys_at(i))
+                return st, jax.tree.map(lambda r, m: jax.lax.dynamic_update_index_in_dim(r, m, i, 0), rows, metrics)
+
+            return jax.lax.fori_loop(0, count, body, (state, rows))
+
+        self._cache[key] = jax.jit(step), jax.jit(steps)
+        return self._cache[key]
 
     def step_function(self, copies: Copies, state: LockstepState, *, per_copy_data: bool | None = None
                       ) -> Callable[..., tuple[LockstepState, dict[str, Array]]]:
@@ -1047,12 +1072,45 @@ class Lockstep:
             refresh = (refresh_due(step, self.refresh_every) if guarded and self.refresh_every is not None
                        else False)
             fn = self._step_fn(per_copy_data=per_copy_data, per_copy_names=tuple(per_copy),
-                               shared_names=tuple(shared), mask=mask, guarded=guarded, refresh=refresh)
-            keys = (jnp.stack([jax.random.fold_in(jax.random.key(copies.augment_seed_of(i)), step)
-                               for i in range(n)]) if self.augment is not None else None)
-            return fn, (state, per_copy, shared, jnp.asarray(x), jnp.asarray(y), keys)
+                               shared_names=tuple(shared), mask=mask, guarded=guarded, refresh=refresh)[0]
+            return fn, (state, per_copy, shared, jnp.asarray(x), jnp.asarray(y), self._augment_keys(copies, step))
 
         return StepFunction(arguments)
+
+    def _augment_keys(self, copies: Copies, step: int) -> Array | None:
+        """Each copy's augmentation key of ``step`` (``None``: no augmentation)."""
+        if self.augment is None:
+            return None
+        return jnp.stack([jax.random.fold_in(jax.random.key(copies.augment_seed_of(i)), step)
+                          for i in range(copies.count)])
+
+    def _chunk_function(self, copies: Copies, state: LockstepState, *, per_copy_data: bool
+                        ) -> Callable[[LockstepState, Sequence[tuple[Any, Any]], int], tuple[LockstepState, dict]]:
+        """``(state, batches, first_step) -> (state, metrics)``: ``len(batches)`` consecutive steps
+        (none of them a host-chosen guard refresh) in one call of a compiled loop over a chunk of
+        ``steps_per_call`` stacked batches (a shorter chunk is padded and runs fewer iterations,
+        so one program serves every length); ``metrics`` hold one row per step."""
+        per_copy, shared = self._hyper_arrays(copies)
+        mask = probe_mask(state.copy(0).params, self.probe)
+        guarded = guard_state(state.opt_state) is not None
+        fn = self._step_fn(per_copy_data=per_copy_data, per_copy_names=tuple(per_copy), shared_names=tuple(shared),
+                           mask=mask, guarded=guarded, refresh=False)[1]
+        size = self.steps_per_call
+
+        def run(state: LockstepState, batches: Sequence[tuple[Any, Any]], first_step: int):
+            count = len(batches)
+            if not 1 <= count <= size:
+                raise ValueError(f"a chunk holds 1 to {size} batches, got {count}")
+            padded = list(batches) + [batches[-1]] * (size - count)
+            xs = jnp.asarray(np.stack([np.asarray(b[0]) for b in padded]))
+            ys = jnp.asarray(np.stack([np.asarray(b[1]) for b in padded]))
+            keys = None
+            if self.augment is not None:
+                keys = jnp.stack([self._augment_keys(copies, first_step + min(j, count - 1)) for j in range(size)])
+            state, rows = fn(state, per_copy, shared, xs, ys, keys, jnp.asarray(count, jnp.int32))
+            return state, jax.tree.map(lambda r: r[:count], rows)
+
+        return run
 
     def _mode(self) -> str:
         """The copies mode in force (:func:`resolve_copies_mode` of the model's parameter shapes)."""
@@ -1216,6 +1274,9 @@ class Lockstep:
         per_copy_data = copies.varies("data_seed")
         data_seeds = [copies.value("data_seed", i) for i in range(n)]
         step_fn = self.step_function(copies, state, per_copy_data=per_copy_data)
+        chunk_fn = (self._chunk_function(copies, state, per_copy_data=per_copy_data) if self.steps_per_call > 1
+                    else None)
+        host_refresh = guarded and self.refresh_every is not None
 
         num_params = sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree.leaves(first))
         traced = len(trace_indices(num_params, self.trace_params)) if self.trace_params else 0
@@ -1273,27 +1334,54 @@ class Lockstep:
                 recorded: dict[str, list] = {name: [] for name in
                                              ("loss", "divergence", "probe_divergence", "trace", "guard_lr",
                                               "guard_lambda", "checksums")}
-                for xb, yb in self._epoch_batches(batches_of, data_seeds, per_copy_data, epoch):
+                pending: list[tuple[Any, Any]] = []  # batches of the next chunk
+
+                def run(batches, single: bool) -> None:
+                    """``batches`` (consecutive steps from ``global_step``) as one call; metrics as rows."""
+                    nonlocal state, global_step, compile_seconds
                     t0 = time.perf_counter()
-                    state, metrics = step_fn(state, xb, yb, global_step)
+                    if single:
+                        state, metrics = step_fn(state, *batches[0], global_step)
+                    else:
+                        state, metrics = chunk_fn(state, batches, global_step)
                     if epoch == first_epoch and compile_seconds == 0.0:
                         jax.block_until_ready(state)
                         compile_seconds = time.perf_counter() - t0
                     for name in recorded:
                         if name in metrics:
-                            recorded[name].append(metrics[name])
-                    global_step += 1
+                            recorded[name].append((metrics[name], single))
+                    global_step += len(batches)
                     if bar is not None:
-                        bar.update()
+                        bar.update(len(batches))
+
+                for batch in self._epoch_batches(batches_of, data_seeds, per_copy_data, epoch):
+                    step_here = global_step + len(pending)
+                    if chunk_fn is None or (host_refresh and refresh_due(step_here, self.refresh_every) is not False):
+                        if pending:
+                            run(pending, single=False)
+                            pending = []
+                        run([batch], single=True)
+                        continue
+                    pending.append(batch)
+                    if len(pending) == self.steps_per_call:
+                        run(pending, single=False)
+                        pending = []
+                if pending:
+                    run(pending, single=False)
                 if not recorded["loss"]:
                     raise ValueError(f"data gave no batch in epoch {epoch} (seed {data_seeds[0]})")
-                losses = np.asarray(jax.device_get(recorded["loss"]))
+                def rows(name: str) -> np.ndarray:  # one row per step, from single steps and chunks
+                    got = jax.device_get([a for a, _ in recorded[name]])
+                    return np.concatenate([np.asarray(a)[None] if single else np.asarray(a)
+                                           for a, (_, single) in zip(got, recorded[name])], axis=0)
+
+                losses = rows("loss")
                 added = {}  # this epoch's rows of the per-step curves
                 for name, source in (("step_divergence", "divergence"), ("probe_divergence", "probe_divergence"),
                                      ("param_trace", "trace"), ("guard_lr", "guard_lr"),
                                      ("guard_lambda", "guard_lambda"), ("checksums", "checksums")):
                     if recorded[source]:
-                        added[name] = np.asarray(jax.device_get(recorded[source]))
+                        added[name] = rows(source)
                         curves[name] = np.concatenate([curves[name], added[name]], axis=0)
                 if test is not None:
                     ev = self.evaluate(state, x_test, y_test, batch_size=eval_batch_size)
@@ -1338,10 +1426,10 @@ class Lockstep:
 
     @staticmethod
     def _epoch_batches(batches_of, data_seeds, per_copy_data: bool, epoch: int):
-        """One epoch's batches as device arrays: shared, or stacked along a copy axis."""
+        """One epoch's batches as host arrays: shared, or stacked along a copy axis."""
         if not per_copy_data:
             for xb, yb in batches_of(int(data_seeds[0]), epoch):
-                yield jnp.asarray(xb), jnp.asarray(yb)
+                yield np.asarray(xb), np.asarray(yb)
             return
         distinct = sorted(set(data_seeds))
         iterators = {s: iter(batches_of(int(s), epoch)) for s in distinct}
@@ -1361,4 +1449,4 @@ class Lockstep:
             ys = [np.asarray(got[s][1]) for s in data_seeds]
             if len({x.shape for x in xs}) > 1:
                 raise ValueError(f"data: batches of different shapes across seeds ({[x.shape for x in xs]})")
-            yield jnp.asarray(np.stack(xs)), jnp.asarray(np.stack(ys))
+            yield np.stack(xs), np.stack(ys)

@@ -1,0 +1,104 @@
+"""Lockstep.steps_per_call: chunks of steps in one compiled loop give the steps' own bits."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxcfl.nn import Copies, Lockstep, cfl_guard, perturbed_sgd
+from jaxcfl.nn._lockstep import functional_model
+
+
+def _mlp():
+    def init(key):
+        k1, k2 = jax.random.split(key)
+        return {"w1": jax.random.normal(k1, (12, 16)) * 0.3, "b1": jnp.zeros(16),
+                "w2": jax.random.normal(k2, (16, 4)) * 0.3, "b2": jnp.zeros(4)}
+
+    def apply(p, x):
+        return jnp.tanh(x.reshape(x.shape[0], -1) @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+    return functional_model(init, apply, name="mlp")
+
+
+def _data(n=76, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 12)).astype(np.float32), rng.integers(0, 4, n).astype(np.int32)
+
+
+def _flip(x, key):
+    """A stochastic augmentation: each example's features reversed with probability 1/2."""
+    flip = jax.random.bernoulli(key, 0.5, (x.shape[0], 1))
+    return jnp.where(flip, x[:, ::-1], x)
+
+
+def _fit(steps_per_call, *, optimizer=None, copies=None, augment=None, refresh_every=None, epochs=2, **kw):
+    engine = Lockstep(_mlp(), optimizer or perturbed_sgd(0.1, 1.0, momentum=0.9), augment=augment,
+                      refresh_every=refresh_every, steps_per_call=steps_per_call, checksums=True, trace_params=5)
+    return engine.fit(_data(), copies or Copies(k=[1.0, 3.0]), epochs=epochs, batch_size=8, progress=False, **kw)
+
+
+def _assert_same_run(a, b):
+    assert a.fingerprints == b.fingerprints
+    for name in ("checksums", "step_divergence", "param_trace", "train_loss", "divergence"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+@pytest.mark.parametrize("steps_per_call", [2, 4, 9, 20])
+def test_chunks_give_the_bits_of_single_steps(steps_per_call):
+    # 76 examples, batch 8: 9 steps an epoch, so chunks of 2 and 4 leave a short last chunk,
+    # 9 fills the epoch and 20 is longer than it.
+    single = _fit(1)
+    chunked = _fit(steps_per_call)
+    _assert_same_run(single, chunked)
+    assert chunked.checksums.shape[0] == 18
+
+
+def test_chunks_with_augmentation_and_per_copy_data():
+    copies = Copies(k=[1.0, 3.0], data_seed=[1, 2], augment_seed=[5, 6])
+    _assert_same_run(_fit(1, copies=copies, augment=_flip), _fit(4, copies=copies, augment=_flip))
+
+
+def test_chunks_around_host_chosen_guard_refreshes():
+    def guarded():
+        return optax.chain(perturbed_sgd(0.1, 1.0, momentum=0.9), cfl_guard(0.1, momentum=0.9, every=3, iterations=4,
+                                                                             first_iterations=4))
+
+    single = _fit(1, optimizer=guarded(), refresh_every=3)
+    chunked = _fit(4, optimizer=guarded(), refresh_every=3)
+    _assert_same_run(single, chunked)
+    np.testing.assert_array_equal(single.guard_lambda, chunked.guard_lambda)
+
+
+def test_one_chunk_program_serves_every_chunk_length():
+    engine = Lockstep(_mlp(), perturbed_sgd(0.1, 1.0), steps_per_call=4)
+    engine.fit(_data(), Copies(k=[1.0, 2.0]), epochs=2, batch_size=8, progress=False)  # chunks of 4, 4, 1
+    _, steps = next(v for k, v in engine._cache.items() if isinstance(k, tuple) and k[0] == "step")
+    assert steps._cache_size() == 1
+    # new numbers (k, lr) reuse it too
+    engine.fit(_data(), Copies(k=[5.0, 7.0]), epochs=1, batch_size=8, progress=False)
+    assert steps._cache_size() == 1
+
+
+def test_resume_of_a_chunked_run_is_bit_exact(tmp_path):
+    class Killed(Exception):
+        pass
+
+    def kill_after_first(epoch, _):
+        if epoch == 1:
+            raise Killed
+
+    whole = _fit(4, epochs=3)
+    with pytest.raises(Killed):
+        _fit(4, epochs=3, out=tmp_path / "run", on_epoch=kill_after_first)
+    resumed = _fit(4, epochs=3, out=tmp_path / "run")
+    _assert_same_run(whole, resumed)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "8", True])
+def test_steps_per_call_is_checked(bad):
+    with pytest.raises((ValueError, TypeError), match="steps_per_call"):
+        Lockstep(_mlp(), optax.sgd(0.1), steps_per_call=bad)
