@@ -20,6 +20,13 @@ device JAX runs on (a GPU when there is one):
 ``train_step``
     training images/s of K lockstep copies (``train_step.py``), ``copies_mode="vmap"`` against
     ``"unroll"``, K separate single-copy steps, and PyTorch (K separate models) on the device.
+``scan_step``
+    the scanned training step (``scan_step.py``): SGD steps of a small conv net inside
+    ``lax.scan`` against separate calls, with ``lax.conv_general_dilated`` and with
+    :func:`jaxcfl.nn.nets.conv_general_dilated` (on XLA's CPU backend lax's gradients are
+    30-50x slower in a loop, jax-ml/jax#12868: does a GPU have the problem?); and the
+    trainer's network step with each convolution, one call per step and as the compiled loop
+    of ``Lockstep.steps_per_call``, with whether the bits agree.
 ``k_powers``
     k against k 2^n: after a few lockstep steps on the device, copies with ``k = 1, 2, 4`` hold
     bit-identical weights and odd ``k`` differ, under ``vmap`` and ``unroll`` (the compiled steps
@@ -78,7 +85,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax
 import numpy as np
 
-SECTIONS = ("pde_step", "sweep", "operator_choice", "train_step", "k_powers", "determinism")
+SECTIONS = ("pde_step", "sweep", "operator_choice", "train_step", "scan_step", "k_powers", "determinism")
 
 
 # --- sizes ------------------------------------------------------------------------------------------
@@ -102,6 +109,7 @@ def presets(kind: str, quick: bool) -> dict[str, Any]:
                       "workloads": ["linear"]},
             "operator_choice": {"cases": [(32, 4)], "ranks": (1,), "batch": 2, "steps": 2, "repeats": 1},
             "train_step": {"model": "cnn", "batch": 4, "ks": ks, "repeats": 1},
+            "scan_step": {"steps": 2, "batch": 4, "repeats": 1, "model": "cnn", "model_batch": 4},
             "k_powers": {"steps": 2},
             "determinism": {"ks": (1.0,), "steps": 2, "modes": ("deterministic",), "timeout": 120.0},
             "est_s": {},
@@ -115,10 +123,11 @@ def presets(kind: str, quick: bool) -> dict[str, Any]:
                       "workloads": ["linear", "nonlinear"]},
             "operator_choice": {"cases": [(256, 32)], "ranks": (1, 8, 16), "batch": 8, "steps": 10, "repeats": 3},
             "train_step": {"model": "cnn", "batch": 32, "ks": POWERS + ODD, "repeats": 2},
+            "scan_step": {"steps": 4, "batch": 32, "repeats": 2, "model": "cnn", "model_batch": 32},
             "k_powers": {"steps": 3},
             "determinism": {"ks": (1.0,), "steps": 2, "modes": ("deterministic", "default"), "timeout": 90.0},
-            "est_s": {"pde_step": 5, "sweep": 15, "operator_choice": 4, "train_step": 10, "k_powers": 1,
-                      "determinism": 25},
+            "est_s": {"pde_step": 5, "sweep": 15, "operator_choice": 4, "train_step": 10, "scan_step": 10,
+                      "k_powers": 1, "determinism": 25},
         }
     return {
         "budget_s": 480.0,
@@ -127,10 +136,11 @@ def presets(kind: str, quick: bool) -> dict[str, Any]:
         "operator_choice": {"cases": [(256, 16), (256, 32), (256, 64), (128, 5), (64, 8)], "ranks": (1, 2, 4, 8, 16),
                             "batch": 64, "steps": 20, "repeats": 3},
         "train_step": {"model": "resnet20", "batch": 128, "ks": POWERS + ODD[:1], "repeats": 3},
+        "scan_step": {"steps": 8, "batch": 64, "repeats": 5, "model": "resnet20", "model_batch": 128},
         "k_powers": {"steps": 3},
         "determinism": {"ks": POWERS + ODD[:1], "steps": 2, "modes": ("deterministic", "default"), "timeout": 200.0},
-        "est_s": {"pde_step": 20, "sweep": 40, "operator_choice": 20, "train_step": 60, "k_powers": 2,
-                  "determinism": 60},
+        "est_s": {"pde_step": 20, "sweep": 40, "operator_choice": 20, "train_step": 60, "scan_step": 40,
+                  "k_powers": 2, "determinism": 60},
     }
 
 
@@ -297,6 +307,40 @@ def train_step_section(ctx: Context) -> dict[str, Any]:
     return res
 
 
+def scan_step_section(ctx: Context) -> dict[str, Any]:
+    """``scan_step.measure`` (both convolutions), then the trainer's single-copy network step with
+    lax's and jaxcfl's convolution, per call and as one compiled loop of ``steps`` steps."""
+    import scan_step as sc
+    import train_step as ts
+    from jax import lax
+
+    s = ctx.settings["scan_step"]
+    res: dict[str, Any] = {"small_net": sc.measure(("lax", "jaxcfl"), s["steps"], s["batch"], s["repeats"])}
+    x, y = ts.random_batch(s["model_batch"])
+    network: dict[str, Any] = {}
+    finals = {}
+    for name, conv in (("lax", lax.conv_general_dilated), ("jaxcfl", None)):
+        steps = ts.JaxSteps(s["model"], (1.0,), "unroll", x, y, conv=conv)
+        steps.step()
+        per_call = min(ts.timed(steps.step) for _ in range(s["repeats"]))
+        row = {"step_s": per_call, "images_per_s": s["model_batch"] / per_call}
+        finals[name] = jax.tree.leaves(steps.state.params)  # after the same number of steps for both
+        if name == "jaxcfl":  # lax's loop is the slow case being measured away: skip its (long) chunk on a CPU
+            steps.chunk(s["steps"])
+            loop = min(ts.timed(lambda: steps.chunk(s["steps"])) for _ in range(s["repeats"]))
+            row["loop_step_s"] = loop / s["steps"]
+            row["loop_over_calls"] = row["loop_step_s"] / per_call
+        network[name] = row
+    network["bits_equal"] = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(*finals.values()))
+    network["jaxcfl_over_lax_per_call"] = network["lax"]["step_s"] / network["jaxcfl"]["step_s"]
+    res["network"] = {"model": s["model"], "batch": s["model_batch"], **network}
+    small = res["small_net"]
+    res["summary"] = {"scan_over_separate": {k: small[k]["scan_over_separate"] for k in small},
+                      "model": s["model"], "images_per_s": {k: network[k]["images_per_s"] for k in ("lax", "jaxcfl")},
+                      "loop_over_calls": network["jaxcfl"]["loop_over_calls"], "bits_equal": network["bits_equal"]}
+    return res
+
+
 # --- bits ----------------------------------------------------------------------------------------------
 
 def train_state(model: str, batch: int, ks: list[float], steps: int, mode: str = "auto") -> Any:
@@ -412,7 +456,8 @@ class Background(threading.Thread):
 
 
 FUNCTIONS = {"pde_step": pde_step_section, "sweep": sweep_section, "operator_choice": operator_choice_section,
-             "train_step": train_step_section, "k_powers": k_powers_section, "determinism": determinism_section}
+             "train_step": train_step_section, "scan_step": scan_step_section, "k_powers": k_powers_section,
+             "determinism": determinism_section}
 
 
 def _fmt(x: float | None) -> str:
@@ -457,6 +502,13 @@ def table(doc: dict[str, Any]) -> str:
                 add(name, f"{summ['model']} b{summ['batch']} K={summ['copies']} {mode} images/s",
                     _fmt(summ["images_per_s"][f"jaxcfl-{mode}"]), summ.get("vs_torch", {}).get(mode))
             add(name, f"vmap / unroll (auto = {summ['auto_mode']})", _fmt(summ["vmap_over_unroll"]))
+        elif name == "scan_step":
+            for conv, ratio in summ["scan_over_separate"].items():
+                add(name, f"{conv} conv: scanned SGD / separate calls", _fmt(ratio))
+            for conv, ips in summ["images_per_s"].items():
+                add(name, f"{summ['model']} step, {conv} conv, images/s", _fmt(ips))
+            add(name, "jaxcfl conv: trainer loop / separate calls", _fmt(summ["loop_over_calls"]))
+            add(name, "lax and jaxcfl conv: same bits", "yes" if summ["bits_equal"] else "NO")
         elif name == "k_powers":
             yes = lambda b: "yes" if b else "NO"
             add(name, f"k = {', '.join(f'{k:g}' for k in summ['powers'])} bit-identical (vmap, unroll)",

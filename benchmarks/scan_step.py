@@ -99,24 +99,12 @@ def non_canonical(hlo: str) -> int:
     return sum(label != "b01f_01io->b01f" for label in labels)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=8, help="SGD steps per call (default 8)")
-    p.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
-    p.add_argument("--convs", nargs="+", choices=tuple(CONVS), default=list(CONVS))
-    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
-    args = p.parse_args(argv)
-    out = sys.stderr if args.json else sys.stdout
-    say = lambda msg="": print(msg, file=out, flush=True)
-    info = machine_info()
-    say(f"== scan_step: {args.steps} SGD steps of a 2-layer conv net, batch {args.batch}, 32x32x3 ==")
-    say(f"cpu {info['cpu_model']} (nproc {info['nproc']}), jax {info['jax']} ({info['jax_backend']}), "
-        f"loadavg {loadavg()}")
-    params, xs, ys = make_problem(args.steps, args.batch)
+def measure(convs: tuple[str, ...] = tuple(CONVS), steps: int = 8, batch: int = 64, repeats: int = 5,
+            say: Callable[[str], None] = lambda msg: None) -> dict[str, dict]:
+    """Time every item of :func:`programs` for each convolution in ``convs``; one row each."""
+    params, xs, ys = make_problem(steps, batch)
     results: dict[str, dict] = {}
-    other = OtherLoad().start()
-    for name in args.convs:
+    for name in convs:
         progs = programs(CONVS[name], params, xs, ys)
         t0 = time.perf_counter()
         hlo = progs.pop("_hlo")()  # compiles the scan (its first call below reuses the executable)
@@ -128,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
             outputs[item] = jax.block_until_ready(fn())
             first = time.perf_counter() - t0
             times = []
-            for _ in range(args.repeats):
+            for _ in range(repeats):
                 t0 = time.perf_counter()
                 jax.block_until_ready(fn())
                 times.append(time.perf_counter() - t0)
@@ -143,6 +131,25 @@ def main(argv: list[str] | None = None) -> None:
             np.array_equal(np.asarray(a), np.asarray(b))
             for a, b in zip(jax.tree.leaves(outputs["scan"]), jax.tree.leaves(outputs["separate"])))
         results[name] = row
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=8, help="SGD steps per call (default 8)")
+    p.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
+    p.add_argument("--convs", nargs="+", choices=tuple(CONVS), default=list(CONVS))
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    args = p.parse_args(argv)
+    out = sys.stderr if args.json else sys.stdout
+    say = lambda msg="": print(msg, file=out, flush=True)
+    info = machine_info()
+    say(f"== scan_step: {args.steps} SGD steps of a 2-layer conv net, batch {args.batch}, 32x32x3 ==")
+    say(f"cpu {info['cpu_model']} (nproc {info['nproc']}), jax {info['jax']} ({info['jax_backend']}), "
+        f"loadavg {loadavg()}")
+    other = OtherLoad().start()
+    results = measure(tuple(args.convs), args.steps, args.batch, args.repeats, say)
     share = other.stop()
     say()
     say(f"{'conv':8s} {'scan/separate':>14s} {'unrolled/sep':>13s} {'fwd scan/sep':>13s} {'bits':>6s} {'non-canonical':>14s}")

@@ -31,6 +31,7 @@ Run ``python benchmarks/train_step.py --help``; results are in ``benchmarks/READ
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -179,14 +180,27 @@ class JaxSteps:
             module = nets.merge(graphdef, first.params, first.model_state, train=True)
             engine = Lockstep(module, engine.optimizer, copies_mode=mode)
         self.graphdef = graphdef
+        self.engine, self.copies = engine, copies
         self.fn = engine.step_function(copies, self.state)
         self.x, self.y = jnp.asarray(x), jnp.asarray(y)
         self.params = nets.count_params(self.state.copy(0).params)
+        self._chunk = None
 
     def step(self) -> float:
         self.state, metrics = self.fn(self.state, self.x, self.y)
         jax.block_until_ready(self.state)
         return float(metrics["loss"][0])
+
+    def chunk(self, steps: int) -> float:
+        """``steps`` steps on the batch in one call of the trainer's compiled loop
+        (``Lockstep.steps_per_call = steps``, as :meth:`jaxcfl.Lockstep.fit` runs them)."""
+        if self._chunk is None or self._chunk[0] != steps:
+            engine = dataclasses.replace(self.engine, steps_per_call=steps)
+            self._chunk = steps, engine._chunk_function(self.copies, self.state, per_copy_data=False)
+        batch = (np.asarray(self.x), np.asarray(self.y))
+        self.state, metrics = self._chunk[1](self.state, [batch] * steps, 0)
+        jax.block_until_ready(self.state)
+        return float(metrics["loss"][-1, 0])
 
 
 def timed(fn: Callable[[], object]) -> float:

@@ -18,7 +18,7 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SCRIPT = BENCHMARKS / "accelerator_check.py"
-SECTIONS = ("machine", "pde_step", "sweep", "operator_choice", "train_step", "k_powers", "determinism")
+SECTIONS = ("machine", "pde_step", "sweep", "operator_choice", "train_step", "scan_step", "k_powers", "determinism")
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 
@@ -102,6 +102,11 @@ def test_quick_check_throughputs_and_torch_ratios(quick):
     assert ("vs_torch" in train) == HAS_TORCH
     choice = sections["operator_choice"]["summary"]
     assert 0 <= choice["auto_picks_faster"] <= choice["cases"] >= 1
+    scan = sections["scan_step"]["summary"]
+    assert set(scan["scan_over_separate"]) == {"lax", "jaxcfl"} and scan["loop_over_calls"] > 0
+    assert scan["bits_equal"] is True  # the two convolutions' steps agree bit for bit
+    small = sections["scan_step"]["small_net"]
+    assert small["jaxcfl"]["non_canonical_convolutions_in_scan"] == 0 and small["jaxcfl"]["scan_bits_equal_separate"]
     machine = sections["machine"]
     assert machine["torch_device"] == ("cpu" if HAS_TORCH else None)
     assert HAS_TORCH or machine["torch_note"].startswith("torch: not available")
