@@ -200,7 +200,7 @@ class JaxSteps:
         batch = (np.asarray(self.x), np.asarray(self.y))
         self.state, metrics = self._chunk[1](self.state, [batch] * steps, 0)
         jax.block_until_ready(self.state)
-        return float(metrics["loss"][-1, 0])
+        return float(metrics["loss"][steps - 1, 0])
 
 
 def timed(fn: Callable[[], object]) -> float:

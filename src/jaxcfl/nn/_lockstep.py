@@ -1089,7 +1089,8 @@ class Lockstep:
         """``(state, batches, first_step) -> (state, metrics)``: ``len(batches)`` consecutive steps
         (none of them a host-chosen guard refresh) in one call of a compiled loop over a chunk of
         ``steps_per_call`` stacked batches (a shorter chunk is padded and runs fewer iterations,
-        so one program serves every length); ``metrics`` hold one row per step."""
+        so one program serves every length); ``metrics`` hold one row per step of the chunk, the
+        rows from ``len(batches)`` on being padding."""
         per_copy, shared = self._hyper_arrays(copies)
         mask = probe_mask(state.copy(0).params, self.probe)
         guarded = guard_state(state.opt_state) is not None
@@ -1107,8 +1108,7 @@ class Lockstep:
             keys = None
             if self.augment is not None:
                 keys = jnp.stack([self._augment_keys(copies, first_step + min(j, count - 1)) for j in range(size)])
-            state, rows = fn(state, per_copy, shared, xs, ys, keys, jnp.asarray(count, jnp.int32))
-            return state, jax.tree.map(lambda r: r[:count], rows)
+            return fn(state, per_copy, shared, xs, ys, keys, np.int32(count))  # rows from `count` on: padding
 
         return run
 
@@ -1349,7 +1349,7 @@ class Lockstep:
                         compile_seconds = time.perf_counter() - t0
                     for name in recorded:
                         if name in metrics:
-                            recorded[name].append((metrics[name], single))
+                            recorded[name].append((metrics[name], None if single else len(batches)))
                     global_step += len(batches)
                     if bar is not None:
                         bar.update(len(batches))
@@ -1372,8 +1372,8 @@ class Lockstep:
                     raise ValueError(f"data gave no batch in epoch {epoch} (seed {data_seeds[0]})")
                 def rows(name: str) -> np.ndarray:  # one row per step, from single steps and chunks
                     got = jax.device_get([a for a, _ in recorded[name]])
-                    return np.concatenate([np.asarray(a)[None] if single else np.asarray(a)
-                                           for a, (_, single) in zip(got, recorded[name])], axis=0)
+                    return np.concatenate([np.asarray(a)[None] if count is None else np.asarray(a)[:count]
+                                           for a, (_, count) in zip(got, recorded[name])], axis=0)
 
                 losses = rows("loss")
                 added = {}  # this epoch's rows of the per-step curves
