@@ -47,11 +47,16 @@ def _assert_same_run(a, b):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
 
 
-@pytest.mark.parametrize("steps_per_call", [2, 4, 9, 20])
-def test_chunks_give_the_bits_of_single_steps(steps_per_call):
+@pytest.fixture(scope="module")
+def single():
+    return _fit(1)
+
+
+@pytest.mark.parametrize("steps_per_call", [4, 20, pytest.param(2, marks=pytest.mark.slow),
+                                            pytest.param(9, marks=pytest.mark.slow)])
+def test_chunks_give_the_bits_of_single_steps(single, steps_per_call):
     # 76 examples, batch 8: 9 steps an epoch, so chunks of 2 and 4 leave a short last chunk,
     # 9 fills the epoch and 20 is longer than it.
-    single = _fit(1)
     chunked = _fit(steps_per_call)
     _assert_same_run(single, chunked)
     assert chunked.checksums.shape[0] == 18
@@ -64,11 +69,12 @@ def test_chunks_with_augmentation_and_per_copy_data():
 
 def test_chunks_around_host_chosen_guard_refreshes():
     def guarded():
-        return optax.chain(perturbed_sgd(0.1, 1.0, momentum=0.9), cfl_guard(0.1, momentum=0.9, every=3, iterations=4,
-                                                                             first_iterations=4))
+        return optax.chain(perturbed_sgd(0.1, 1.0, momentum=0.9), cfl_guard(0.1, momentum=0.9, every=3, iterations=2,
+                                                                             first_iterations=2))
 
-    single = _fit(1, optimizer=guarded(), refresh_every=3)
-    chunked = _fit(4, optimizer=guarded(), refresh_every=3)
+    # 9 steps: a refresh at steps 0, 3 and 6, chunks of the two steps between them
+    single = _fit(1, optimizer=guarded(), refresh_every=3, epochs=1)
+    chunked = _fit(4, optimizer=guarded(), refresh_every=3, epochs=1)
     _assert_same_run(single, chunked)
     np.testing.assert_array_equal(single.guard_lambda, chunked.guard_lambda)
 
@@ -91,10 +97,10 @@ def test_resume_of_a_chunked_run_is_bit_exact(tmp_path):
         if epoch == 1:
             raise Killed
 
-    whole = _fit(4, epochs=3)
+    whole = _fit(4)
     with pytest.raises(Killed):
-        _fit(4, epochs=3, out=tmp_path / "run", on_epoch=kill_after_first)
-    resumed = _fit(4, epochs=3, out=tmp_path / "run")
+        _fit(4, out=tmp_path / "run", on_epoch=kill_after_first)
+    resumed = _fit(4, out=tmp_path / "run")
     _assert_same_run(whole, resumed)
 
 
