@@ -1,6 +1,8 @@
 """Benchmark: jaxcfl's vectorised ``lr x alpha`` sweeps against per-configuration loops.
 
-Workloads (float32, the ``N x N`` checkerboard, forward Euler ``K <- K - lr G(K)``):
+Workloads (float32, the ``N x N`` checkerboard or, with ``--image random``, an ``N x N``
+N(0, 1) image of full rank, for which ``operator="auto"`` picks the FFT; forward Euler
+``K <- K - lr G(K)``):
 
 ``linear``
     the linearised model (eq 20, ``a = -0.5``, ``beta = 1``, sum pooling) on a
@@ -18,7 +20,8 @@ the same process:
     runs, diagnostics, classification). Timed twice: the first call (compile +
     run, with ``lr`` scaled by ``1 + 1e-3`` so that nothing is cached but the
     compiled programs) and the second, steady-state call on the nominal grid,
-    which is the number reported. Compile time = first - second (scaled to the
+    which is the number reported (with ``--repeats R``: the fastest of ``R``
+    steady-state calls, and likewise for every baseline). Compile time = first - second (scaled to the
     grid size when ``--first-call chunk``), and separately the trace + lowering
     + XLA compile durations that ``jax.monitoring`` reports.
 ``jaxcfl.sweep operator=dense/fft``
@@ -39,6 +42,13 @@ the same process:
     flushed (``torch.set_flush_denormal(True)``, as XLA does on CPU; without it
     the overflowing runs of the linear grid are many times slower);
     ``--torch-keep-denormals`` turns that off.
+``C: torch batched`` (``--torch-batch B``)
+    PyTorch with ``B`` configurations in lock-step (``(B, w, w)`` kernels, the
+    vectorised counterpart of ``jaxcfl.sweep``): the explicit ``torch.fft``
+    gradient and, for the nonlinear model, the loss through ``torch.fft`` with
+    ``loss.backward()``; ``--torch-threads``, or the faster of ``os.cpu_count()``
+    and one thread in a short trial; timed on ``--subset-torch-batched`` evenly
+    spread configurations.
 
 The baselines compute only the final kernel; ``jaxcfl.sweep`` also records
 diagnostics every ``steps/100`` iterations (loss, update norm, ...) and
@@ -57,6 +67,9 @@ Usage::
     python benchmarks/sweep.py --quick       # smoke test (seconds)
     python benchmarks/sweep.py --table5 --table5-kernels 16 32
     python benchmarks/sweep.py --json > out.json
+    # the FFT path against batched PyTorch: a 256 x 256 noise image, 32 x 32 kernel, 16 x 100 config-steps
+    python benchmarks/sweep.py --workloads nonlinear --image random --size 256 --kernel-size 32 \\
+        --grid 4 --steps 100 --torch-batch 16
 """
 
 from __future__ import annotations
@@ -142,6 +155,11 @@ def timed(fn):
     out = fn()
     dt = time.perf_counter() - t0
     return dt, out, mon.stop()
+
+
+def timed_best(fn, repeats: int):
+    """:func:`timed` ``repeats`` times; the fastest run's ``(seconds, output, other load)``."""
+    return min((timed(fn) for _ in range(max(1, repeats))), key=lambda r: r[0])
 
 
 def rel_diff(a, b) -> float:
@@ -238,11 +256,80 @@ class TorchConvAutograd:
         return K.detach().cpu().numpy()
 
 
+class TorchFFTBatched(TorchFFT):
+    """Configurations in lock-step batches, ``(B, w, w)`` kernels; real FFTs (``rfft2``/``irfft2``).
+
+    ``autograd=False``: the explicit gradient of :class:`TorchFFT`, batched. ``autograd=True``
+    (nonlinear model): the loss ``softplus(z) - y z + alpha/2 ||K||^2`` through ``torch.fft`` and
+    ``loss.sum().backward()``, then ``K -= lr K.grad`` under ``torch.no_grad()``.
+    """
+
+    def __init__(self, *args, autograd: bool = False, **kw):
+        super().__init__(*args, **kw)
+        if autograd and self.model != "nonlinear":
+            raise ValueError("the autograd variant is for the nonlinear model")
+        self.autograd = autograd
+        self.name = f"C: torch batched, torch.fft {'autograd' if autograd else 'explicit'}"
+
+    def _correlate(self, K):  # (B, M, M)
+        s = (self.N, self.N)
+        return torch.fft.irfft2(torch.conj(torch.fft.rfft2(K, s=s)) * self.Ihat, s=s)[..., : self.M, : self.M]
+
+    def _adjoint(self, u):  # (B, w, w)
+        s = (self.N, self.N)
+        return torch.fft.irfft2(torch.conj(torch.fft.rfft2(u, s=s)) * self.Ihat, s=s)[..., : self.w, : self.w]
+
+    def gradient(self, K, alpha):
+        if self.model == "linear":
+            ca2 = 0.5 * self.c * self.a
+            return ca2 * (self.Ibar + self.beta * self._adjoint(self._correlate(K))) + alpha * K
+        Z = self._correlate(K)
+        s = torch.sigmoid(self.beta * Z)
+        logit = self.c * torch.sum(Z * s, dim=(-2, -1), keepdim=True) + self.bias
+        residual = torch.sigmoid(logit) - self.label
+        r_prime = s + self.beta * Z * s * (1.0 - s)
+        return (self.c * residual) * self._adjoint(r_prime) + alpha * K
+
+    def _loss(self, K, alpha):
+        Z = self._correlate(K)
+        r = F.silu(Z) if self.beta == 1.0 else Z * torch.sigmoid(self.beta * Z)
+        logit = self.c * r.sum(dim=(-2, -1), keepdim=True) + self.bias
+        return F.softplus(logit) - self.label * logit + 0.5 * alpha * (K * K).sum(dim=(-2, -1), keepdim=True)
+
+    def run_many(self, K0: np.ndarray, lr: np.ndarray, alpha: np.ndarray, steps: int) -> np.ndarray:
+        """Final kernels ``(B, w, w)`` of ``len(lr)`` configurations run together."""
+        as_t = lambda x: torch.from_numpy(np.asarray(x, np.float32)).to(self.device).view(-1, 1, 1)
+        lr_t, alpha_t = as_t(lr), as_t(alpha)
+        K = torch.from_numpy(np.array(K0, np.float32)).to(self.device).expand(lr_t.shape[0], self.w, self.w).clone()
+        if not self.autograd:
+            with torch.no_grad():
+                for _ in range(steps):
+                    K = K - lr_t * self.gradient(K, alpha_t)
+            return K.cpu().numpy()
+        K.requires_grad_(True)
+        for _ in range(steps):
+            self._loss(K, alpha_t).sum().backward()
+            with torch.no_grad():
+                K -= lr_t * K.grad
+            K.grad = None
+        return K.detach().cpu().numpy()
+
+    def run(self, K0: np.ndarray, lr: float, alpha: float, steps: int) -> np.ndarray:
+        return self.run_many(K0, np.array([lr]), np.array([alpha]), steps)[0]
+
+
+def make_image(args) -> np.ndarray:
+    """The workload's image: the ``N x N`` checkerboard, or (``--image random``) N(0, 1) noise of full rank."""
+    if args.image == "random":
+        return np.random.default_rng(args.image_seed).standard_normal((args.size, args.size)).astype(np.float32)
+    return np.asarray(jaxcfl.checkerboard(args.size))
+
+
 # --- one workload ------------------------------------------------------------------------
 
 def bench_workload(name: str, wl: dict, args) -> dict:
-    image = jaxcfl.checkerboard(args.size)
-    image_np = np.asarray(image)
+    image_np = make_image(args)
+    image = jnp.asarray(image_np)
     w, steps, chunk = args.kernel_size, args.steps, args.chunk_size
     model, pool, a, beta = wl["model"], wl["pool"], wl["a"], wl["beta"]
     lr_grid, alpha_grid = wl["lr"], wl["alpha"]
@@ -250,6 +337,7 @@ def bench_workload(name: str, wl: dict, args) -> dict:
     total_cs = n_total * steps  # config-steps of the full grid
     common = dict(scheme="gd", model=model, pool=pool, a=a, beta=beta, steps=steps, chunk_size=chunk, progress=False)
     res = {"workload": name, "model": model, "pool": pool, "a": a, "beta": beta, "scheme": "gd", "image": args.size,
+           "image_kind": args.image,
            "kernel_size": w, "steps": steps, "grid": [int(lr_grid.size), int(alpha_grid.size)], "configs": n_total,
            "lr_range": [float(lr_grid[0]), float(lr_grid[-1])], "alpha_range": [float(alpha_grid[0]), float(alpha_grid[-1])],
            "chunk_size": chunk, "rows": []}
@@ -274,7 +362,8 @@ def bench_workload(name: str, wl: dict, args) -> dict:
         t_first, _, load_first = timed(lambda: jaxcfl.sweep(image, w, lr_first * (1 + 1e-3), alpha_grid, **common))
     progress(f"[{name}]   {t_first:.2f} s; steady-state call ({n_total} configs) ...")
     with CompileMeter() as cm_steady:
-        t_steady, result, load_steady = timed(lambda: jaxcfl.sweep(image, w, lr_grid, alpha_grid, **common))
+        t_steady, result, load_steady = timed_best(lambda: jaxcfl.sweep(image, w, lr_grid, alpha_grid, **common),
+                                                   args.repeats)
     progress(f"[{name}]   {t_steady:.2f} s")
     op = f"auto -> {result.spec.operator}"
     main_impl = f"jaxcfl.sweep (operator={op})"
@@ -298,7 +387,8 @@ def bench_workload(name: str, wl: dict, args) -> dict:
         progress(f"[{name}] jaxcfl.sweep operator={other} ({n_other} configs, compile + steady) ...")
         with CompileMeter() as cm_other:
             t_other_first, _, _ = timed(lambda: jaxcfl.sweep(image, w, lr_other * (1 + 1e-3), alpha_grid, operator=other, **common))
-        t_other, _, load_other = timed(lambda: jaxcfl.sweep(image, w, lr_other, alpha_grid, operator=other, **common))
+        t_other, _, load_other = timed_best(lambda: jaxcfl.sweep(image, w, lr_other, alpha_grid, operator=other, **common),
+                                            args.repeats)
         progress(f"[{name}]   {t_other_first:.2f} s, {t_other:.2f} s")
         add_row(f"jaxcfl.sweep (operator={other})", t_other, n_other, n_other == n_total, load_other,
                 first_call_s=t_other_first, compile_s=t_other_first - t_other, monitored_first_call=cm_other.result)
@@ -326,7 +416,7 @@ def bench_workload(name: str, wl: dict, args) -> dict:
         outs = [integrate_one(lr_flat[i], alpha_flat[i]).state.kernel for i in idx_a]
         return jax.block_until_ready(outs)
 
-    t_a, _, load_a = timed(loop_a)
+    t_a, _, load_a = timed_best(loop_a, args.repeats)
     progress(f"[{name}]   {t_a:.2f} s")
     add_row(f"A: python loop, jaxcfl.integrate ({prob.operator})", t_a, idx_a.size, idx_a.size == n_total, load_a,
             first_call_s=t_warm_a, monitored_first_call=cm_a.result,
@@ -360,7 +450,7 @@ def bench_workload(name: str, wl: dict, args) -> dict:
         def loop_b():
             return [chosen.run(kernel0_np, float(lr_flat[i]), float(alpha_flat[i]), steps) for i in idx_b]
 
-        t_b, _, load_b = timed(loop_b)
+        t_b, _, load_b = timed_best(loop_b, args.repeats)
         progress(f"[{name}]   {t_b:.2f} s")
         add_row(impl_name, t_b, idx_b.size, idx_b.size == n_total, load_b,
                 trial_seconds_per_step=trial, torch_threads=chosen_threads, flush_denormal=not args.torch_keep_denormals,
@@ -382,6 +472,38 @@ def bench_workload(name: str, wl: dict, args) -> dict:
             )
         else:
             res["check"] = dict(note="no stable configuration in the grid; nothing to compare")
+
+    # -- Baseline C (--torch-batch B): PyTorch with the configurations in lock-step batches of B.
+    if torch is not None and device is not None and args.torch_batch:
+        threads = [args.torch_threads] if args.torch_threads else sorted({os.cpu_count() or 1, 1}, reverse=True)
+        idx_c = subset_indices(n_total, max(args.subset_torch_batched, args.torch_batch))
+        batches = [idx_c[i:i + args.torch_batch] for i in range(0, idx_c.size, args.torch_batch)]
+        stable_c = [i for i in idx_c if status_flat[i] == "stable"]
+        k_ref = np.asarray(integrate_one(lr_flat[stable_c[0]], alpha_flat[stable_c[0]]).state.kernel) if stable_c else None
+        trial_steps = max(1, min(steps, args.torch_trial_steps))
+        for autograd in (False, True) if model == "nonlinear" else (False,):
+            impl = TorchFFTBatched(image_np, w, pool, model, a, beta, device=device, autograd=autograd)
+            run_batch = lambda b, n: impl.run_many(kernel0_np, lr_flat[b], alpha_flat[b], n)
+            trial = {}
+            for n_threads in threads:  # warm-up, then a short trial on the first batch
+                torch.set_num_threads(n_threads)
+                run_batch(batches[0], min(steps, 5))
+                trial[n_threads] = timed(lambda: run_batch(batches[0], trial_steps))[0] / (trial_steps * batches[0].size)
+            n_threads = min(trial, key=trial.get)
+            torch.set_num_threads(n_threads)
+            progress(f"[{name}] baseline C: {impl.name}, {n_threads} thread(s), {idx_c.size} configs in batches of "
+                     f"{args.torch_batch} (trial s/config-step: {', '.join(f'{n} thr {t:.2e}' for n, t in trial.items())}) ...")
+            t_c, finals, load_c = timed_best(lambda: [run_batch(b, steps) for b in batches], args.repeats)
+            progress(f"[{name}]   {t_c:.2f} s")
+            extra = {}
+            if k_ref is not None:  # the first stable configuration of the subset, against jaxcfl.integrate
+                pos = int(np.flatnonzero(idx_c == stable_c[0])[0])
+                extra["rel_diff_vs_integrate"] = rel_diff(np.concatenate(finals)[pos], k_ref)
+            add_row(f"{impl.name} (B={args.torch_batch}, {n_threads} thr)", t_c, idx_c.size, idx_c.size == n_total,
+                    load_c, torch_threads=n_threads, torch_batch=args.torch_batch,
+                    trial_seconds_per_config_step={f"{n} thread(s)": t for n, t in trial.items()}, **extra)
+    if torch is not None:
+        torch.set_num_threads(os.cpu_count() or 1)
 
     main_rate = rows[0]["config_steps_per_s"]
     for row in rows:
@@ -437,10 +559,14 @@ def _fmt_load(x) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
+_IMAGE_WORDS = {"checkerboard": "checkerboard", "random": "N(0, 1) image (full rank)"}
+
+
 def render_workload(res: dict) -> str:
     lines = [
         f"Workload {res['workload']}: model={res['model']}, pool={res['pool']}, scheme=gd (forward Euler), float32",
-        f"  {res['image']}x{res['image']} checkerboard, {res['kernel_size']}x{res['kernel_size']} kernel, "
+        f"  {res['image']}x{res['image']} {_IMAGE_WORDS[res.get('image_kind', 'checkerboard')]}, "
+        f"{res['kernel_size']}x{res['kernel_size']} kernel, "
         f"{res['grid'][0]} x {res['grid'][1]} grid = {res['configs']} configs x {res['steps']} steps, "
         f"lr {res['lr_range'][0]:g}..{res['lr_range'][1]:g}, alpha {res['alpha_range'][0]:g}..{res['alpha_range'][1]:g}",
     ]
@@ -480,6 +606,10 @@ def render_workload(res: dict) -> str:
     counts = res["counts"]
     lines.append(f"  sweep statuses: stable {counts['stable']}, restrained {counts['restrained']}, divergent {counts['divergent']}")
     chk = res.get("check", {})
+    for row in res["rows"]:
+        if "rel_diff_vs_integrate" in row:
+            lines.append(f"  {row['implementation']}: final K rel. diff vs jaxcfl.integrate on a stable configuration "
+                         f"{row['rel_diff_vs_integrate']:.2e}")
     if "rel_diff_torch_vs_integrate" in chk:
         lines.append(f"  check (lr={chk['lr']:.4g}, alpha={chk['alpha']:.4g}, stable): final K rel. diff torch vs jaxcfl.integrate "
                      f"{chk['rel_diff_torch_vs_integrate']:.2e} (K moved {chk['rel_change_of_kernel']:.3g} relative to K0); "
@@ -518,7 +648,11 @@ def render_table5(rows: list[dict], size: int, steps: int) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=int, default=32, help="checkerboard side N (default 32)")
+    p.add_argument("--size", type=int, default=32, help="image side N (default 32)")
+    p.add_argument("--image", choices=("checkerboard", "random"), default="checkerboard",
+                   help="the workloads' image: the checkerboard (rank 1: 'auto' picks separable products; default) "
+                        "or N(0, 1) noise (full rank: 'auto' picks the FFT)")
+    p.add_argument("--image-seed", type=int, default=0, help="numpy seed of --image random (default 0)")
     p.add_argument("--kernel-size", type=int, default=8, help="kernel side w (default 8)")
     p.add_argument("--grid", type=int, default=64, help="grid points per axis (default 64: 4096 configurations)")
     p.add_argument("--steps", type=int, default=1000, help="iterations per configuration (default 1000)")
@@ -532,10 +666,19 @@ def parse_args(argv=None):
     p.add_argument("--subset-loop", type=int, default=32, help="configurations timed for baseline A (default 32)")
     p.add_argument("--subset-torch", type=int, default=12, help="configurations timed for baseline B (default 12)")
     p.add_argument("--torch-trial-steps", type=int, default=50, help="steps of the trial that picks the torch variant")
+    p.add_argument("--torch-batch", type=int, default=0,
+                   help="also time baseline C: PyTorch with B configurations in lock-step (torch.fft, explicit gradient "
+                        "and, for the nonlinear model, autograd), each at --torch-threads or the faster of "
+                        "os.cpu_count() and 1 thread in a short trial (default 0: off)")
+    p.add_argument("--subset-torch-batched", type=int, default=64,
+                   help="configurations timed for baseline C (default 64, at least one batch)")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch threads for baseline B (default: the faster of os.cpu_count() and 1 in the trial)")
     p.add_argument("--torch-keep-denormals", action="store_true",
                    help="do not torch.set_flush_denormal(True) (XLA on CPU flushes denormals; torch by default does not)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="time each steady-state run (the sweeps, loops A and B, baseline C) this many times and keep "
+                        "the fastest (default 1)")
     p.add_argument("--table5", action="store_true", help="also time jaxcfl.empirical_bounds for the Table 5 rows (slow)")
     p.add_argument("--table5-kernels", type=int, nargs="+", default=None, help="kernel sizes (default 16 32 64)")
     p.add_argument("--table5-size", type=int, default=None, help="checkerboard side for --table5 (default 256)")
@@ -548,6 +691,7 @@ def parse_args(argv=None):
     if args.quick:
         args.grid, args.steps = min(args.grid, 8), min(args.steps, 100)
         args.subset_loop, args.subset_torch = min(args.subset_loop, 4), min(args.subset_torch, 2)
+        args.subset_torch_batched = min(args.subset_torch_batched, 8)
         args.torch_trial_steps = min(args.torch_trial_steps, 20)
     if args.table5_kernels is None:
         args.table5_kernels = [8, 16] if args.quick else [16, 32, 64]

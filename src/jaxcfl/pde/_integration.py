@@ -204,26 +204,44 @@ def solve(problem: Problem, state: State, hyper: Hyper, *, scheme: str | Scheme,
             div_block = div_block + div
         return st, div_tail, div_block
 
+    # With losses recorded, each block's first iteration runs outside the loop, beside the
+    # record of the state it starts from (`chunk`), so that the two share a correlation. Not
+    # worth a second copy of the step (compile time) for a paired run, whose steps are vmapped
+    # over both copies, or under an adaptive controller, whose refresh would be copied too.
+    peel = with_loss and not paired and not ctrl.adaptive
+
     def advance(carry, n):
         """``n`` iterations from ``(state, tail sum)``; also returns the block sum of the divergence."""
-        return lax.fori_loop(0, n, body, (*carry, zero))
+        start = (*carry, zero)
+        if peel and n > 1:
+            return lax.fori_loop(1, n, body, body(0, start))
+        return lax.fori_loop(0, n, body, start)
 
     def record(st):
         return diagnose(problem, primary(st), hyper, with_loss=with_loss)
 
     def chunk(carry, _):
+        # Record the state a block starts from, then advance: the loss and the block's first
+        # gradient evaluate the same correlation C K, which XLA then computes once (CSE).
+        # The mean of the divergence over the block's `stride` iterations goes with the record
+        # at its end, so that a moving average over a multiple of `stride` iterations is exact.
+        rec = record(carry[0])
         st, div_tail, div_block = advance(carry, save.stride)
-        # The mean over the `stride` iterations since the previous record, so that a moving
-        # average over a multiple of `stride` iterations is exact at every record.
-        return (st, div_tail), (record(st), div_block / save.stride)
+        return (st, div_tail), (rec, div_block / save.stride)
 
     offset = min(save.offset, steps)
     n_records, leftover = divmod(steps - offset, save.stride)
     carry = (state, zero)
-    first = record(state) if save.initial else None
+    shared_first = save.initial and not offset and n_records > 0  # the scan's first record is the initial one
+    first = record(state) if save.initial and not shared_first else None
     if offset:
         carry = advance(carry, offset)[:2]
-    carry, (records, div_curve) = lax.scan(chunk, carry, None, length=n_records)
+    carry, (starts, div_curve) = lax.scan(chunk, carry, None, length=n_records)
+    # starts[j] is the record at iteration offset + j stride; the records are those at the blocks' ends.
+    records = starts if not n_records else jax.tree.map(
+        lambda s, e: jnp.concatenate([s[1:], e[None]]), starts, record(carry[0]))
+    if shared_first:
+        first = jax.tree.map(lambda x: x[0], starts)
     head = lambda x: x[None]
     parts, curves = [records], [div_curve]
     if save.initial:

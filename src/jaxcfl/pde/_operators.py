@@ -11,7 +11,9 @@ so the right-hand sides (:mod:`jaxcfl.pde._rhs`) never ask which one runs:
                 no padding (the circular one agrees with it on every valid output);
                 the 2-D transforms are split into row and column passes so that the
                 rows known to be zero (a ``w x w`` kernel in an ``N x N`` grid) or
-                not needed (a ``w x w`` adjoint output) are never transformed.
+                not needed (a ``w x w`` adjoint output) are never transformed, and
+                spectra are kept transposed so that every pass runs along the last
+                axis and no ``N``-row array is ever transposed.
 ``separable``   an image of low rank ``r``, ``I = sum_j u_j v_j^T`` (the checkerboard
                 has ``r = 1``): with ``T_u[x, z] = u[x + z]``,
                 ``C K = sum_j T_{u_j} K T_{v_j}^T``, ``C^T R = sum_j T_{u_j}^T R T_{v_j}``
@@ -71,30 +73,58 @@ def _static(**kw):
 
 # --- FFT -------------------------------------------------------------------------------
 
-def _rfft2_block(x: Array, shape: tuple[int, int]) -> Array:
-    """``rfft2`` of ``x`` zero-padded to ``shape``; the row transforms run on ``x``'s rows only."""
-    return jnp.fft.fft(jnp.fft.rfft(x, n=shape[1], axis=-1), n=shape[0], axis=-2)
+def _swap(x: Array) -> Array:
+    return jnp.swapaxes(x, -1, -2)
 
 
-def _irfft2_block(x_hat: Array, shape: tuple[int, int], out: tuple[int, int]) -> Array:
-    """The top-left ``out`` block of ``irfft2(x_hat, s=shape)``; row transforms only for the rows kept."""
-    rows = jnp.fft.ifft(x_hat, n=shape[0], axis=-2)[..., : out[0], :]
-    return jnp.fft.irfft(rows, n=shape[1], axis=-1)[..., : out[1]]
+def _rfft2_t(x: Array, shape: tuple[int, int]) -> Array:
+    """``rfft2(x, s=shape)`` transposed, shape ``(..., shape[1] // 2 + 1, shape[0])``.
+
+    Row transforms on ``x``'s rows only (the padding rows are zero); the small
+    ``(rows, shape[1] // 2 + 1)`` result is transposed so that the column
+    transforms, too, run along the last axis.
+    """
+    rows = jnp.fft.rfft(x, n=shape[1], axis=-1)
+    return jnp.fft.fft(_swap(rows), n=shape[0], axis=-1)
+
+
+def _irfft2_t(x_hat_t: Array, shape: tuple[int, int], out: tuple[int, int]) -> Array:
+    """The top-left ``out`` block of ``irfft2(x_hat, s=shape)``, given ``x_hat`` transposed (as :func:`_rfft2_t`).
+
+    Column transforms along the last axis, keeping ``out[0]`` rows; then one transpose
+    of the kept block, and row transforms for those rows only.
+    """
+    cols = jnp.fft.ifft(x_hat_t, n=shape[0], axis=-1)[..., : out[0]]
+    return jnp.fft.irfft(_swap(cols), n=shape[1], axis=-1)[..., : out[1]]
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class FFTOperator:
-    """Correlations by real FFTs of the image's size; ``image_hat = rfft2(I)`` is computed once."""
+    """Correlations by real FFTs of the image's size; the image's transform is computed once.
+
+    Spectra are kept transposed, ``image_hat_t = rfft2(I).T`` of shape
+    ``(N1 // 2 + 1, N0)``: XLA's FFTs run along the last axis, so each 2-D
+    transform is a pass along rows, one transpose of the smaller of its two
+    intermediates (``w`` or ``M`` rows, not ``N``) and a pass along the last axis
+    again. The passes are the 1-D transforms that ``jnp.fft.rfft2``/``irfft2`` make
+    of the padded arrays, so the results agree with theirs to rounding (on the CPU,
+    bit for bit).
+    """
 
     name: ClassVar[str] = "fft"
-    image_hat: Array
+    image_hat_t: Array
     image_shape: tuple[int, int] = _static()
     kernel_size: int = _static()
 
     @classmethod
     def build(cls, image: Array, kernel_size: int) -> "FFTOperator":
-        return cls(jnp.fft.rfft2(image), tuple(image.shape), kernel_size)
+        return cls(_swap(jnp.fft.rfft2(image)), tuple(image.shape), kernel_size)
+
+    @property
+    def image_hat(self) -> Array:
+        """``rfft2(I)``, shape ``(N0, N1 // 2 + 1)``."""
+        return _swap(self.image_hat_t)
 
     @property
     def output_shape(self) -> tuple[int, int]:
@@ -102,14 +132,14 @@ class FFTOperator:
 
     def correlate(self, kernel: Array) -> Array:
         """``C K``, shape :attr:`output_shape`."""
-        k_hat = _rfft2_block(kernel, self.image_shape)
-        return _irfft2_block(jnp.conj(k_hat) * self.image_hat, self.image_shape, self.output_shape).astype(kernel.dtype)
+        k_hat = _rfft2_t(kernel, self.image_shape)
+        return _irfft2_t(jnp.conj(k_hat) * self.image_hat_t, self.image_shape, self.output_shape).astype(kernel.dtype)
 
     def adjoint(self, u: Array) -> Array:
         """``C^T u``: ``(C^T u)(z) = sum_x u(x) I(x + z)`` for ``z`` in the ``w x w`` window."""
-        u_hat = _rfft2_block(u, self.image_shape)
+        u_hat = _rfft2_t(u, self.image_shape)
         w = self.kernel_size
-        return _irfft2_block(jnp.conj(u_hat) * self.image_hat, self.image_shape, (w, w)).astype(u.dtype)
+        return _irfft2_t(jnp.conj(u_hat) * self.image_hat_t, self.image_shape, (w, w)).astype(u.dtype)
 
     def normal(self, kernel: Array) -> Array:
         """``W C^T C W K``."""
