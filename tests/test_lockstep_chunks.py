@@ -108,3 +108,41 @@ def test_resume_of_a_chunked_run_is_bit_exact(tmp_path):
 def test_steps_per_call_is_checked(bad):
     with pytest.raises((ValueError, TypeError), match="steps_per_call"):
         Lockstep(_mlp(), optax.sgd(0.1), steps_per_call=bad)
+
+
+def _conv_model(conv):
+    def init(key):
+        k1, k2 = jax.random.split(key)
+        return {"w": jax.random.normal(k1, (3, 3, 1, 4)) * 0.3, "v": jax.random.normal(k2, (4, 4)) * 0.3}
+
+    def apply(p, x):
+        h = conv(x.reshape(x.shape[0], 4, 3, 1), p["w"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.tanh(h).mean(axis=(1, 2)) @ p["v"]
+
+    return functional_model(init, apply, name="conv")
+
+
+def test_a_model_whose_convolutions_are_slow_in_loops_runs_one_call_per_step():
+    """On a CPU, lax.conv_general_dilated's gradients would be naive loop nests inside the chunk loop:
+    fit warns and falls back; with jaxcfl's convolution it chunks, with the same bits."""
+    from jax import lax
+
+    from jaxcfl.nn.nets import conv_general_dilated
+
+    def fit(conv, steps_per_call):
+        engine = Lockstep(_conv_model(conv), perturbed_sgd(0.1, 1.0), steps_per_call=steps_per_call, checksums=True)
+        return engine.fit(_data(), Copies(k=[1.0, 3.0]), epochs=1, batch_size=8, progress=False)
+
+    single = fit(lax.conv_general_dilated, 1)
+    if jax.default_backend() == "cpu":
+        with pytest.warns(RuntimeWarning, match="conv_general_dilated=jaxcfl.nn.nets.conv_general_dilated"):
+            fallback = fit(lax.conv_general_dilated, 4)
+    else:
+        fallback = fit(lax.conv_general_dilated, 4)
+    _assert_same_run(single, fallback)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        chunked = fit(conv_general_dilated, 4)
+    _assert_same_run(single, chunked)

@@ -57,6 +57,7 @@ from jaxcfl._core.results import npz_bytes
 from jaxcfl._core.determinism import divergence, fingerprint
 from jaxcfl.nn._guard import check_guarded, guard_state, refresh_due, warn_guard_problems
 from jaxcfl.nn._perturb import perturb_update, ulp_perturb
+from jaxcfl.nn.nets._conv import non_canonical_convolutions
 
 __all__ = [
     "COPIES_MODES",
@@ -1090,13 +1091,17 @@ class Lockstep:
         (none of them a host-chosen guard refresh) in one call of a compiled loop over a chunk of
         ``steps_per_call`` stacked batches (a shorter chunk is padded and runs fewer iterations,
         so one program serves every length); ``metrics`` hold one row per step of the chunk, the
-        rows from ``len(batches)`` on being padding."""
+        rows from ``len(batches)`` on being padding. ``None`` (and a warning, once) on a CPU when
+        the loop would hold a convolution that XLA runs as a naive loop nest there: the caller
+        then runs the batches one call each."""
         per_copy, shared = self._hyper_arrays(copies)
         mask = probe_mask(state.copy(0).params, self.probe)
         guarded = guard_state(state.opt_state) is not None
         fn = self._step_fn(per_copy_data=per_copy_data, per_copy_names=tuple(per_copy), shared_names=tuple(shared),
                            mask=mask, guarded=guarded, refresh=False)[1]
         size = self.steps_per_call
+
+        checked = []
 
         def run(state: LockstepState, batches: Sequence[tuple[Any, Any]], first_step: int):
             count = len(batches)
@@ -1108,7 +1113,19 @@ class Lockstep:
             keys = None
             if self.augment is not None:
                 keys = jnp.stack([self._augment_keys(copies, first_step + min(j, count - 1)) for j in range(size)])
-            return fn(state, per_copy, shared, xs, ys, keys, np.int32(count))  # rows from `count` on: padding
+            args = (state, per_copy, shared, xs, ys, keys, np.int32(count))
+            if not checked:  # once: a convolution XLA:CPU runs as a naive loop nest inside the loop?
+                checked.append(jax.default_backend() != "cpu"
+                               or non_canonical_convolutions(jax.make_jaxpr(fn)(*args)) == 0)
+                if not checked[0]:
+                    warnings.warn("Lockstep.fit: the model's convolutions (lax.conv_general_dilated) have gradients "
+                                  "that XLA's CPU backend runs many times slower inside a compiled loop, so fit runs "
+                                  "one call per step instead of steps_per_call; build them with "
+                                  "conv_general_dilated=jaxcfl.nn.nets.conv_general_dilated (same results, fast in "
+                                  "loops) to get both", RuntimeWarning, stacklevel=4)
+            if not checked[0]:
+                return None
+            return fn(*args)  # rows from `count` on: padding
 
         return run
 
@@ -1338,12 +1355,18 @@ class Lockstep:
 
                 def run(batches, single: bool) -> None:
                     """``batches`` (consecutive steps from ``global_step``) as one call; metrics as rows."""
-                    nonlocal state, global_step, compile_seconds
+                    nonlocal state, global_step, compile_seconds, chunk_fn
                     t0 = time.perf_counter()
                     if single:
                         state, metrics = step_fn(state, *batches[0], global_step)
                     else:
-                        state, metrics = chunk_fn(state, batches, global_step)
+                        out = chunk_fn(state, batches, global_step)
+                        if out is None:  # a model whose convolutions are slow in a loop: one call per step
+                            chunk_fn = None
+                            for batch in batches:
+                                run([batch], single=True)
+                            return
+                        state, metrics = out
                     if epoch == first_epoch and compile_seconds == 0.0:
                         jax.block_until_ready(state)
                         compile_seconds = time.perf_counter() - t0
