@@ -19,10 +19,10 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 CASES = [
     (8, 3, 1, ((1, 1), (1, 1))),
     (8, 3, 2, ((1, 1), (1, 1))),
-    (8, 1, 2, ((0, 0), (0, 0))),
-    (7, 3, 2, "SAME"),
 ]
 MORE_CASES = [  # slow: the same code paths as CASES with other numbers
+    (8, 1, 2, ((0, 0), (0, 0))),
+    (7, 3, 2, "SAME"),
     (7, 3, 2, ((1, 1), (1, 1))),
     (9, 5, 1, ((2, 2), (2, 2))),
     (6, 3, 1, ((0, 2), (1, 0))),
@@ -85,7 +85,8 @@ def test_vmap_over_kernels_matches_lax():
     assert _max_err(f_ours(x, ws), f_ref(x, ws)) < 1e-5
 
 
-@pytest.mark.parametrize("spatial", [1, pytest.param(3, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("spatial", [1, 3])
 def test_one_and_three_spatial_dimensions(spatial):
     dn = {1: ("NWC", "WIO", "NWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}[spatial]
     kx, kw = jax.random.split(jax.random.key(1))
@@ -144,6 +145,7 @@ def test_every_convolution_in_a_scanned_training_step_is_canonical():
     assert set(labels) == {"b01f_01io->b01f"}, labels
 
 
+@pytest.mark.slow
 def test_lax_gradients_in_a_scan_are_not_canonical_on_this_jaxlib():
     """The upstream behaviour this module works around (jax-ml/jax#12868). If this fails, XLA has
     fixed it: the benchmark benchmarks/scan_step.py will show lax's scanned step as fast too."""
