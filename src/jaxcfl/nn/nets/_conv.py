@@ -44,10 +44,11 @@ from functools import partial
 from typing import Any
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 from jax import Array, lax
 from jax.custom_derivatives import SymbolicZero
+
+from jaxcfl._core.canonical import non_canonical_convolutions  # re-exported: the count the trainer checks
 
 __all__ = ["conv_general_dilated", "non_canonical_convolutions"]
 
@@ -153,31 +154,3 @@ def conv_general_dilated(
         pads = padding
     pads = tuple((int(lo), int(hi)) for lo, hi in pads)
     return _conv(lhs, rhs, strides, pads, precision, preferred_element_type)
-
-
-def _sub_jaxprs(value: Any):
-    """The jaxprs held by an equation parameter (a call's body, a loop's, a cond's branches)."""
-    if isinstance(value, jax.extend.core.ClosedJaxpr):
-        yield value.jaxpr
-    elif isinstance(value, jax.extend.core.Jaxpr):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            yield from _sub_jaxprs(item)
-
-
-def non_canonical_convolutions(jaxpr: Any) -> int:
-    """How many convolutions of a (closed) jaxpr, its calls, loops and branches included, are not
-    in XLA:CPU's canonical ``b01f_01io->b01f`` form: each one runs as a naive loop nest when it
-    ends up inside a compiled loop on CPU (see this module's docstring)."""
-    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-    count = 0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive is lax.conv_general_dilated_p:
-            d = eqn.invars[0].aval.ndim - 2
-            dn = eqn.params["dimension_numbers"]
-            count += tuple(map(tuple, dn)) != tuple(map(tuple, _specs(d)[0]))
-        for value in eqn.params.values():
-            for sub in _sub_jaxprs(value):
-                count += non_canonical_convolutions(sub)
-    return count
