@@ -297,3 +297,30 @@ def test_the_guard_refuses_an_optimiser_whose_limit_it_does_not_know():
     engine = Lockstep((init, lambda p, x: x @ p["w"]), optax.chain(optax.adam(1e-3), cfl_guard(1e-3)))
     with pytest.raises(ValueError, match="does not know"):
         engine.init(Copies())
+
+
+def test_the_guard_runs_lanczos_as_a_loop_of_canonical_convolutions():
+    """Its Hessian-vector products run in a compiled loop (not unrolled), every convolution in the
+    form XLA's CPU backend runs fast there (``_core/canonical.py``): none of the forms that
+    forward-mode derivatives of a convolution take."""
+    import re
+
+    kw, kd, kx = jax.random.split(jax.random.key(3), 3)
+    params = {"w": 0.3 * jax.random.normal(kw, (3, 3, 1, 4)), "d": 0.3 * jax.random.normal(kd, (4 * 6 * 6, 3))}
+    x, y = jax.random.normal(kx, (5, 6, 6, 1)), jnp.arange(5) % 3
+
+    def loss(p):
+        h = jax.nn.relu(jax.lax.conv_general_dilated(x, p["w"], (1, 1), "SAME",
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        logits = h.reshape(5, -1) @ p["d"]
+        return jnp.mean(jax.nn.logsumexp(logits, axis=1) - logits[jnp.arange(5), y])
+
+    opt = optax.chain(optax.sgd(0.1), cfl_guard(0.1, iterations=2, first_iterations=6))
+
+    def step(p, s):
+        return opt.update(jax.grad(loss)(p), s, p, value_fn=loss, refresh="first")
+
+    text = jax.jit(step).lower(params, opt.init(params)).compile().as_text()
+    labels = re.findall(r"convolution\(.*?dim_labels=([\w>-]+)", text)
+    assert re.search(r"\bwhile\(", text)
+    assert labels and set(labels) == {"b01f_01io->b01f"}, sorted(set(labels))

@@ -10,7 +10,10 @@ pytree of float arrays:
 
 * :func:`sharpness`: Lanczos (:func:`jaxcfl.lanczos_extremes`) on
   Hessian-vector products (forward-over-reverse, ``jax.jvp`` of ``jax.grad``);
-  no Hessian is ever formed. :func:`hessian_eigenpairs`: the ``k`` largest
+  no Hessian is ever formed. The products run in Lanczos's compiled loop, their
+  convolutions rewritten into the form XLA's CPU backend runs fast there
+  (:func:`jaxcfl._core.canonical.canonical_convs`: 12x faster for ``resnet20``).
+  :func:`hessian_eigenpairs`: the ``k`` largest
   eigenvalues and their eigenvectors (:func:`jaxcfl.top_eigenpairs`).
   Both accept ``physical_batch_size``: the Hessian-vector products are then
   accumulated over chunks of the data, so that memory scales with the chunk,
@@ -53,6 +56,7 @@ from jax.tree_util import Partial
 from jax.typing import ArrayLike
 
 from jaxcfl._core import validate as v
+from jaxcfl._core.canonical import canonical_convs
 from jaxcfl._core.results import jsonable
 from jaxcfl._core.search import Bracket, log_bisect
 from jaxcfl._core.spectral import Eigenpairs, Extremes, lanczos_extremes, top_eigenpairs
@@ -84,12 +88,18 @@ def _objective(loss_fn: Partial, params, args: tuple, alpha: Array) -> Array:
 _objective_jit = jax.jit(_objective)
 
 
-def _hvp(loss_fn: Partial, params, args: tuple, alpha: Array, vec: Array) -> Array:
-    """``H vec`` on flat vectors (forward-over-reverse: the JVP of the gradient)."""
+def _plain_hvp(loss_fn: Partial, params, args: tuple, alpha: Array, vec: Array) -> Array:
     _, unravel = ravel_pytree(params)
     grad = functools.partial(jax.grad(_objective, argnums=1), loss_fn, args=args, alpha=alpha)
     _, tangent = jax.jvp(grad, (params,), (unravel(vec),))
     return ravel_pytree(tangent)[0]
+
+
+def _hvp(loss_fn: Partial, params, args: tuple, alpha: Array, vec: Array) -> Array:
+    """``H vec`` on flat vectors (forward-over-reverse: the JVP of the gradient), its convolutions
+    canonical: it runs inside Lanczos's loop, where XLA's CPU backend runs others slowly
+    (:func:`jaxcfl._core.canonical.canonical_convs`)."""
+    return canonical_convs(_plain_hvp)(loss_fn, params, args, alpha, vec)
 
 
 # --- the same over chunks of the data (``physical_batch_size``) --------------------------------
@@ -150,6 +160,7 @@ class _ChunkedHVP:
         _, unravel = ravel_pytree(params)
         tangent = unravel(vec)
 
+        @canonical_convs  # inside the scan over chunks and Lanczos's loop (see _hvp)
         def chunk_hvp(chunk):
             grad = lambda p: jax.grad(loss_fn)(p, *chunk)
             return ravel_pytree(jax.jvp(grad, (params,), (tangent,))[1])[0]

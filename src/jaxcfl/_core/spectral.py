@@ -191,11 +191,14 @@ def lanczos_eigh(
       key: PRNG key for restart directions (used only on breakdown or a zero ``start``).
       iterations: Krylov dimension, in ``[1, n]`` (static).
       k: how many eigenpairs, in ``[1, iterations]`` (static).
-      unroll: unroll the ``iterations`` steps in the compiled program (static). Worth it
-        for a few iterations of an expensive mat-vec: XLA's CPU backend runs convolutions
-        inside a loop body several times slower than outside one (a conv-net Hessian-vector
-        product took 10x longer in a ``fori_loop``: ``benchmarks/cfl_guard.py``). Unrolling
-        costs compile time in proportion to ``iterations``.
+      unroll: unroll the ``iterations`` steps in the compiled program (static). Rarely worth
+        it: the compile time grows with ``iterations``, and the loop runs as fast once the
+        mat-vec's convolutions are in the form XLA's CPU backend runs fast inside a loop body:
+        wrap a convolutional mat-vec in :func:`jaxcfl._core.canonical.canonical_convs`, as the
+        CFL guard and :func:`jaxcfl.sharpness` do (without it, a conv-net Hessian-vector
+        product ran 4-12x slower in the loop). The guard's first estimate (20 iterations)
+        compiled 3-7x faster as a loop than unrolled, at the same run time
+        (``benchmarks/guard_compile.py``, ``docs/cfl_guard.md``).
 
     Returns:
       :class:`RitzPairs` ``(values, vectors, residuals, rounding_floor)``: ``values``

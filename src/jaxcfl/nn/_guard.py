@@ -23,6 +23,9 @@ learning-rate schedule: the optimiser with the guard is the optimiser with ``lr_
 ``jax.jvp`` of ``jax.grad``), refreshed every ``every`` steps and warm-started from the
 previous top eigenvector, so that a refresh converges in a few iterations. The estimate
 is the top Ritz value plus its residual bound, which errs on the side of a smaller step.
+Lanczos runs as a compiled loop over one product whose convolutions
+:func:`jaxcfl._core.canonical.canonical_convs` writes in the form XLA's CPU backend runs fast
+inside a loop (see :func:`cfl_guard`, "Compile time").
 
 References:
   Sun et al., "A PDE-based Explanation of Extreme Numerical Sensitivities and Edge of
@@ -46,6 +49,7 @@ from jax.flatten_util import ravel_pytree
 from jax.typing import ArrayLike
 
 from jaxcfl._core import validate as v
+from jaxcfl._core.canonical import canonical_convs
 from jaxcfl.nn._perturb import PerturbedLrState
 from jaxcfl._core.stability import guarded_step_size, momentum_limit
 from jaxcfl._core.spectral import lanczos_eigh
@@ -187,9 +191,8 @@ def cfl_guard(
         sharpness along its first 240 steps (``benchmarks/cfl_guard.py``, ``docs/cfl_guard.md``).
       first_iterations: Lanczos iterations of the first estimate, whose start vector is random
         (static). A random vector barely sees an outlying top eigenvalue: on the built-in
-        ``cnn`` two iterations from it estimated 0.16 where twenty estimated 7.2. Unrolled like
-        the others: in a loop, on CPU, it took 11 s instead of 1.5 s (compiling it unrolled
-        took about 16 s, once per program).
+        ``cnn`` two iterations from it estimated 0.16 where twenty estimated 7.2. A compiled
+        loop, as every estimate is (see "Compile time" below).
       key: PRNG key of the first start vector and of restarts (default ``jax.random.key(0)``).
 
     Every number but ``nesterov`` and ``iterations`` may be a traced array: new values never
@@ -202,13 +205,26 @@ def cfl_guard(
     ``bad_lr``); :func:`guard_problems` says them in words, and an ``update`` run outside
     ``jit`` warns at once (``RuntimeWarning``).
 
-    When to refresh: by default the program decides (``lax.cond`` on the step count). On
-    XLA's CPU backend a convolution inside a ``lax.cond`` branch runs about 10x slower than
-    outside one, and under ``jax.vmap`` (copies in lockstep) the branch becomes a select
-    that estimates at every step. A caller that knows the step on the host passes
+    When to refresh: by default the program decides (``lax.cond`` on the step count). Under
+    ``jax.vmap`` (copies in lockstep) the branch becomes a select that estimates at every
+    step, and on XLA's CPU backend the branch costs even without ``vmap``: a step of the
+    built-in ``cnn`` that does not refresh took 1.5x the time of the same step compiled
+    without the branch, and a refresh 1.2x (``benchmarks/cfl_guard.py``, variant
+    ``in-program``; no longer the 10x of a convolution in the branch, which the rewrite below
+    removed). A caller that knows the step on the host passes
     ``update(..., refresh=refresh_due(step, every))`` instead: ``"first"`` at step 0, then
     ``True`` every ``every`` steps and ``False`` between, and compiles one program for each
-    value, so that no branch runs in any of them.
+    value, so that no branch runs in any of them (:class:`jaxcfl.Lockstep` does).
+
+    Compile time: Lanczos runs as a ``lax.fori_loop`` over one Hessian-vector product, not
+    ``first_iterations`` products unrolled. Inside a loop XLA's CPU backend runs only the
+    canonical form of a convolution fast, and the product's forward-mode tangents are not
+    in it, so the product goes through :func:`jaxcfl._core.canonical.canonical_convs` (without
+    it, the loop ran 4-5x slower). On a 2-core CPU the program of the first estimate compiled
+    3x faster than unrolled for one copy of the built-in ``cnn``, 5x for ``resnet20`` and 9x
+    for six ``cnn`` copies in lockstep; an estimate ran up to 10% slower (a loop shares no
+    work between products), the mean step within 5% (``benchmarks/guard_compile.py``,
+    ``docs/cfl_guard.md``).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; its ``update`` needs ``params`` and
@@ -250,9 +266,9 @@ def cfl_guard(
 
         def estimate(first: bool = False):
             n_iter = min(first_iterations if first else iterations, flat.size)
-            # Unrolled: in a loop, XLA's CPU backend runs convolutions about 10x slower.
-            pairs = lanczos_eigh(hvp, state.vector, jax.random.fold_in(key, state.count), iterations=n_iter, k=1,
-                                 unroll=True)
+            # A compiled loop, its convolutions canonical (fast inside it on CPU: _core/canonical.py).
+            pairs = lanczos_eigh(canonical_convs(hvp), state.vector, jax.random.fold_in(key, state.count),
+                                 iterations=n_iter, k=1)
             # The Ritz value plus its residual bound: errs towards a larger lambda, a smaller step.
             lam, vec = (pairs.values[0] + pairs.residuals[0]).astype(dtype), pairs.vectors[0].astype(dtype)
             # Fail closed: a non-finite estimate (value_fn gave NaN, ...) keeps the last finite one in force.
