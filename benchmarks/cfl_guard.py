@@ -4,7 +4,7 @@ The guard estimates the top Hessian eigenvalue with ``iterations`` Hessian-vecto
 (Lanczos, warm-started from the previous eigenvector) every ``every`` steps. This script
 times one training step of the built-in-data network of ``jaxcfl variance`` (its default
 model ``cnn``, batch 32, SGD with Nesterov momentum 0.9 and weight decay 5e-4, BatchNorm in
-training mode, float32) three ways, in the same run:
+training mode, float32) four ways, in the same run:
 
 ``plain``
     the step without the guard (:func:`jaxcfl.perturbed_sgd`);
@@ -12,16 +12,18 @@ training mode, float32) three ways, in the same run:
     the same step with ``cfl_guard`` chained after it, at the given ``every`` and
     ``iterations`` (defaults: the guard's defaults);
 ``refresh``
-    the guarded step forced to refresh at every step (``every=1``): the cost of one estimate.
+    the guarded step forced to refresh at every step (``every=1``): the cost of one estimate;
+``in-program``
+    the guarded step with the guard's own schedule (``refresh=None``: one program, a
+    ``lax.cond`` on the step count chooses the first estimate, a refresh or neither).
 
-The guard refreshes where the host says (``update(..., refresh=refresh_due(step, every))``),
-one compiled program each way: on XLA's CPU backend a convolution inside a ``lax.cond``
-branch runs about 10x slower than outside one.
+``guarded`` and ``refresh`` refresh where the host says (``update(..., refresh=refresh_due(step,
+every))``), one compiled program each way; ``in-program`` measures what the branch costs.
 
 The overhead is ``guarded / plain - 1`` (the target: under 30% at the defaults).
 Times are means over about ``--steps`` calls per variant, in 5 interleaved rounds, after a warm-up
-(a median would skip the refreshes); compile time (the first call
-minus the median) is reported apart. Run ``python benchmarks/cfl_guard.py --help``;
+(a median would skip the refreshes); compile time (the first calls
+minus the mean) is reported apart; ``benchmarks/guard_compile.py`` measures it on its own. Run ``python benchmarks/cfl_guard.py --help``;
 results are in ``benchmarks/README.md``.
 """
 
@@ -80,8 +82,8 @@ def _optimizer(lr, wd, every, iterations):
 class _Variant:
     """One way to step: its programs (refresh or not), its own training state and its timings."""
 
-    def __init__(self, programs, every, state):
-        self.programs, self.every, self.state = programs, every, state
+    def __init__(self, programs, every, state, in_program: bool = False):
+        self.programs, self.every, self.state, self.in_program = programs, every, state, in_program
         self.times: list[float] = []
         self.compile_s = 0.0
         self.step = 0
@@ -89,8 +91,8 @@ class _Variant:
     def warm_up(self, batch, lr, wd) -> None:
         """Step 0 (the guard's first estimate, ``refresh="first"``) runs here, untimed; the other
         programs compile on a throw-away step. Timing starts at step 1."""
-        first = "first" if self.every is not None else False
-        for refresh in ((first, True, False) if self.every is not None else (False,)):
+        first = None if self.in_program else "first" if self.every is not None else False
+        for refresh in ((None,) if self.in_program else (first, True, False) if self.every is not None else (False,)):
             start = time.perf_counter()
             out = self.programs[refresh](*self.state, *batch, lr, wd)
             jax.block_until_ready(out)
@@ -102,7 +104,7 @@ class _Variant:
         params, stats, opt_state = self.state
         for _ in range(n):
             x, y = batches[self.step % len(batches)]
-            refresh = self.every is not None and refresh_due(self.step, self.every)
+            refresh = None if self.in_program else self.every is not None and refresh_due(self.step, self.every)
             start = time.perf_counter()
             params, stats, opt_state, loss = self.programs[refresh](params, stats, opt_state, x, y, lr, wd)
             jax.block_until_ready(loss)
@@ -143,9 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     params, stats = initialise(jnp.uint32(0))
     lr, wd = jnp.float32(args.lr), jnp.float32(5e-4)
     variants = {}
-    for name, ev in (("plain", None), ("guarded", every), ("refresh", 1)):
-        programs = {refresh: _step(graphdef, ev, iterations, refresh) for refresh in ("first", True, False)}
-        variants[name] = _Variant(programs, ev, (params, stats, _optimizer(lr, wd, ev, iterations).init(params)))
+    for name, ev in (("plain", None), ("guarded", every), ("refresh", 1), ("in-program", every)):
+        in_program = name == "in-program"
+        programs = {refresh: _step(graphdef, ev, iterations, refresh)
+                    for refresh in ((None,) if in_program else ("first", True, False))}
+        variants[name] = _Variant(programs, ev, (params, stats, _optimizer(lr, wd, ev, iterations).init(params)),
+                                  in_program)
         variants[name].warm_up(batches[0], lr, wd)
     # Interleaved rounds, each a whole number of refresh periods, so that a slow spell of the
     # machine falls on every variant alike.
@@ -162,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps_timed": rounds * per_round, "variants": rows,
         "overhead": rows["guarded"]["mean_s"] / plain - 1.0,
         "refresh_cost_in_steps": (rows["refresh"]["mean_s"] - plain) / plain,
+        "in_program_overhead": rows["in-program"]["mean_s"] / plain - 1.0,
         "machine": machine_info(),
     }
     if args.json:
@@ -170,9 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.model}, batch {args.batch_size}, {result['params']} parameters; guard every={every}, "
               f"iterations={iterations}")
         for name, row in rows.items():
-            print(f"  {name:8s} {1e3 * row['mean_s']:8.2f} ms/step   (compile {row['compile_s']:.1f} s)")
+            print(f"  {name:10s} {1e3 * row['mean_s']:8.2f} ms/step   (compile {row['compile_s']:.1f} s)")
         print(f"  overhead of the guard: {100 * result['overhead']:.1f}%  "
-              f"(one refresh costs {result['refresh_cost_in_steps']:.2f} plain steps)")
+              f"(one refresh costs {result['refresh_cost_in_steps']:.2f} plain steps); with the schedule in the "
+              f"program: {100 * result['in_program_overhead']:.1f}%")
     return 0
 
 

@@ -1,0 +1,185 @@
+"""Benchmark: compile time and step time of the guarded lockstep step, Lanczos looped vs unrolled.
+
+The CFL guard (:func:`jaxcfl.cfl_guard`) estimates the top Hessian eigenvalue with Lanczos on
+Hessian-vector products. This script builds the trainer's guarded step (the preset engine of
+:class:`jaxcfl.train.TrainConfig` with ``guard=True``: perturbed SGD, Nesterov 0.9, weight
+decay 5e-4, the guard's defaults: a first estimate of 20 iterations, then 4 every 20 steps,
+refreshes chosen on the host) for a built-in network and ``--copies`` copies in lockstep, once
+per ``--variants`` (:data:`VARIANTS`; default ``loop``, the guard, and ``unrolled``, the guard
+before its Lanczos became a loop).
+
+For each it reports, in one process:
+
+* the compile time, wall and CPU (``lower`` + ``compile``, ahead of time; the CPU time counts
+  every thread of this process, and moves less than the wall time when others share the
+  machine), of the three programs a guarded run compiles: ``first`` (step 0: the first
+  estimate), ``refresh`` (a warm-started refresh) and ``plain`` (the steps between; it holds
+  no Lanczos, so it is the same program in every variant);
+* the run time of each program, the minimum over ``--repeats`` rounds that call every program
+  of every variant once, and the mean step over one refresh period,
+  ``(refresh + (every - 1) plain) / every``;
+* the ratios of each variant to ``loop``.
+
+``cnn`` runs on the built-in digits (28 x 28 x 1), ``resnet20`` on random 32 x 32 x 3 images.
+Run ``python benchmarks/guard_compile.py --help``; ``--json`` prints the figures as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+import jax
+import jax.numpy as jnp
+from _machine import loadavg, machine_info
+
+from jaxcfl._core import spectral
+from jaxcfl.nn import _data as data
+from jaxcfl.nn import _guard
+from jaxcfl.nn._preset import TrainConfig, copies_of, engine_of, init_lockstep, preset_engine
+
+PROGRAMS = (("first", 0), ("refresh", None), ("plain", 1))
+"""The three programs of a guarded run and the step that selects each (``None``: ``every``)."""
+
+
+VARIANTS = {"loop": (False, True), "unrolled": (True, False), "loop-plain": (False, False)}
+"""``name: (unroll, canonical)``. ``loop`` is the guard: a ``fori_loop`` over ``canonical_convs`` of
+its Hessian-vector product. ``unrolled`` is the guard before: the product unrolled, no rewrite
+(XLA canonicalises the entry computation's convolutions itself). ``loop-plain`` is a loop
+without the rewrite."""
+
+
+@contextlib.contextmanager
+def guard_variant(name: str):
+    """The guard's Lanczos as ``VARIANTS[name]`` says, for the programs traced inside the block."""
+    unroll, canonical = VARIANTS[name]
+    saved = _guard.lanczos_eigh, _guard.canonical_convs
+    if unroll:
+        _guard.lanczos_eigh = functools.partial(spectral.lanczos_eigh, unroll=True)
+    if not canonical:
+        _guard.canonical_convs = lambda fn: fn
+    preset_engine.cache_clear()  # a fresh engine: its programs are traced anew
+    try:
+        yield
+    finally:
+        _guard.lanczos_eigh, _guard.canonical_convs = saved
+        preset_engine.cache_clear()
+
+
+def batch_for(model: str, size: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(x, y, classes)``: the built-in digits for ``cnn``, random 32 x 32 x 3 images otherwise."""
+    if model == "cnn":
+        x, y, _, _ = data.load("builtin")
+        return (x[:size].astype(np.float32) / 255.0), y[:size].astype(np.int32), int(y.max()) + 1
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((size, 32, 32, 3)).astype(np.float32), rng.integers(0, 10, size).astype(np.int32), 10
+
+
+def compile_variant(model: str, copies: int, variant: str, batch: int) -> tuple[dict, dict, tuple]:
+    """Compile the guarded step's three programs under ``variant``: ``(times, programs, arguments)``."""
+    x, y, classes = batch_for(model, batch)
+    config = TrainConfig(model=model, batch_size=batch, guard=True, milestones=(), augment=False)
+    every = config.guard_every
+    ks = tuple(float(2 * i + 1) for i in range(copies))
+    with guard_variant(variant):
+        engine = engine_of(config, steps_per_epoch=1, in_channels=x.shape[-1], num_classes=classes)
+        _, state = init_lockstep(config, ks, x.shape[-1], classes)
+        step = engine.step_function(copies_of(config, ks, 0), state)
+        xs, ys = jnp.asarray(x), jnp.asarray(y)
+        out = {"every": every, "compile_s": {}, "compile_cpu_s": {}, "loadavg": {}}
+        programs = {}
+        for name, at in PROGRAMS:
+            start, cpu = time.perf_counter(), time.process_time()
+            programs[name] = step.compile(state, xs, ys, every if at is None else at)
+            out["compile_s"][name] = time.perf_counter() - start
+            out["compile_cpu_s"][name] = time.process_time() - cpu
+            out["loadavg"][name] = loadavg()
+            jax.block_until_ready(programs[name](state, xs, ys))  # a first call, untimed
+    for times in (out["compile_s"], out["compile_cpu_s"]):
+        times["total"] = sum(times[name] for name, _ in PROGRAMS)
+    return out, programs, (state, xs, ys)
+
+
+def measure(model: str, copies: int, variants: list[str], batch: int, repeats: int) -> dict:
+    """Compile times of each variant's programs, then their run times: the minimum over ``repeats``
+    rounds, each of which calls every program of every variant once (a slow spell of the machine
+    falls on all alike)."""
+    rows, compiled = {}, {}
+    for variant in variants:
+        rows[variant], programs, arguments = compile_variant(model, copies, variant, batch)
+        compiled[variant] = programs, arguments
+        rows[variant]["run_s"] = {name: float("inf") for name, _ in PROGRAMS}
+    for _ in range(repeats):
+        for variant, (programs, arguments) in compiled.items():
+            for name, program in programs.items():
+                start = time.perf_counter()
+                jax.block_until_ready(program(*arguments))
+                run = rows[variant]["run_s"]
+                run[name] = min(run[name], time.perf_counter() - start)
+    for row in rows.values():
+        every = row["every"]
+        row["mean_step_s"] = (row["run_s"]["refresh"] + (every - 1) * row["run_s"]["plain"]) / every
+    return rows
+
+
+def _ratios(other: dict, loop: dict) -> dict:
+    """``other / loop`` for the compile times (wall and CPU) and the run times."""
+    keys = ("first", "refresh", "total")
+    run = {k: other["run_s"][k] / loop["run_s"][k] for k in ("first", "refresh")}
+    run["mean_step"] = other["mean_step_s"] / loop["mean_step_s"]
+    return {"compile": {k: other["compile_s"][k] / loop["compile_s"][k] for k in keys},
+            "compile_cpu": {k: other["compile_cpu_s"][k] / loop["compile_cpu_s"][k] for k in keys}, "run": run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["cnn", "resnet20"])
+    parser.add_argument("--copies", type=int, nargs="+", default=[1, 6])
+    parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=["loop", "unrolled"],
+                        help="how the guard runs Lanczos (VARIANTS; loop: the guard, unrolled: the guard before)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed rounds (each calls every program once; the minimum is kept)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    rows = []
+    for model in args.models:
+        for copies in args.copies:
+            row = {"model": model, "copies": copies, "batch_size": args.batch_size}
+            row.update(measure(model, copies, args.variants, args.batch_size, args.repeats))
+            row["ratios"] = {variant: _ratios(row[variant], row["loop"]) for variant in args.variants
+                             if variant != "loop" and "loop" in row}
+            rows.append(row)
+            if not args.json:
+                print(f"{model}, {copies} cop{'y' if copies == 1 else 'ies'}, batch {args.batch_size} "
+                      f"(loadavg now {' '.join(map(str, loadavg() or []))})", flush=True)
+                for variant in args.variants:
+                    r = row[variant]
+                    c, p, t = r["compile_s"], r["compile_cpu_s"], r["run_s"]
+                    print(f"  {variant:10s} compile (wall / CPU s) first {c['first']:5.1f} / {p['first']:5.1f}  "
+                          f"refresh {c['refresh']:5.1f} / {p['refresh']:5.1f}  plain {c['plain']:4.1f} / "
+                          f"{p['plain']:4.1f}  total {c['total']:5.1f} / {p['total']:5.1f} | run (ms) first "
+                          f"{1e3 * t['first']:7.1f}  refresh {1e3 * t['refresh']:6.1f}  plain {1e3 * t['plain']:5.1f}  "
+                          f"mean step {1e3 * r['mean_step_s']:5.1f}", flush=True)
+                for variant, ratio in row["ratios"].items():
+                    cr, pr, rr = ratio["compile"], ratio["compile_cpu"], ratio["run"]
+                    print(f"  {variant} / loop: compile (wall / CPU) first {cr['first']:.2f}x / {pr['first']:.2f}x, "
+                          f"refresh {cr['refresh']:.2f}x / {pr['refresh']:.2f}x, total {cr['total']:.2f}x / "
+                          f"{pr['total']:.2f}x; run first {rr['first']:.2f}x, refresh {rr['refresh']:.2f}x, "
+                          f"mean step {rr['mean_step']:.2f}x", flush=True)
+    if args.json:
+        print(json.dumps({"machine": machine_info(), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
