@@ -123,27 +123,50 @@ def _conv_model(conv):
     return functional_model(init, apply, name="conv")
 
 
-def test_a_model_whose_convolutions_are_slow_in_loops_runs_one_call_per_step():
-    """On a CPU, lax.conv_general_dilated's gradients would be naive loop nests inside the chunk loop:
-    fit warns and falls back; with jaxcfl's convolution it chunks, with the same bits."""
+def _fit_conv(model, steps_per_call):
+    engine = Lockstep(model, perturbed_sgd(0.1, 1.0), steps_per_call=steps_per_call, checksums=True)
+    return engine.fit(_data(), Copies(k=[1.0, 3.0]), epochs=1, batch_size=8, progress=False)
+
+
+def test_a_model_with_lax_convolutions_chunks_with_the_bits_of_single_steps():
+    """lax.conv_general_dilated's gradients are not in XLA:CPU's canonical form (naive loop nests
+    inside a loop): the chunk loop's step goes through canonical_convs, so the model chunks,
+    without a warning, and gets the bits of one call per step; so does jaxcfl's convolution."""
+    import warnings
+
     from jax import lax
 
     from jaxcfl.nn.nets import conv_general_dilated
 
-    def fit(conv, steps_per_call):
-        engine = Lockstep(_conv_model(conv), perturbed_sgd(0.1, 1.0), steps_per_call=steps_per_call, checksums=True)
-        return engine.fit(_data(), Copies(k=[1.0, 3.0]), epochs=1, batch_size=8, progress=False)
-
-    single = fit(lax.conv_general_dilated, 1)
-    if jax.default_backend() == "cpu":
-        with pytest.warns(RuntimeWarning, match="conv_general_dilated=jaxcfl.nn.nets.conv_general_dilated"):
-            fallback = fit(lax.conv_general_dilated, 4)
-    else:
-        fallback = fit(lax.conv_general_dilated, 4)
-    _assert_same_run(single, fallback)
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        chunked = fit(conv_general_dilated, 4)
-    _assert_same_run(single, chunked)
+        for conv in (lax.conv_general_dilated, conv_general_dilated):
+            _assert_same_run(_fit_conv(_conv_model(conv), 1), _fit_conv(_conv_model(conv), 4))
+
+
+def test_a_model_whose_own_loop_holds_convolutions_runs_one_call_per_step():
+    """A convolution inside the model's own loop (a ``lax.scan`` over layers) is left as it is by the
+    rewrite, and its gradient would be a naive loop nest inside the chunk loop on CPU: fit warns
+    and runs one call per step, with the same bits."""
+    from jax import lax
+
+    def init(key):
+        k1, k2 = jax.random.split(key)
+        return {"w": jax.random.normal(k1, (2, 3, 3, 1, 1)) * 0.3, "v": jax.random.normal(k2, (1, 4)) * 0.3}
+
+    def apply(p, x):
+        def layer(h, w):
+            h = lax.conv_general_dilated(h, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            return jnp.tanh(h), None
+
+        h = lax.scan(layer, x.reshape(x.shape[0], 4, 3, 1), p["w"])[0]
+        return h.mean(axis=(1, 2)) @ p["v"]
+
+    model = functional_model(init, apply, name="scanned-conv")
+    single = _fit_conv(model, 1)
+    if jax.default_backend() == "cpu":
+        with pytest.warns(RuntimeWarning, match="one call per step"):
+            fallback = _fit_conv(model, 4)
+    else:
+        fallback = _fit_conv(model, 4)
+    _assert_same_run(single, fallback)

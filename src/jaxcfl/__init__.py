@@ -29,6 +29,7 @@ from jaxcfl._core.images import checkerboard, load_image
 from jaxcfl._core.lazy import lazy_getattr
 from jaxcfl._core.rounding import scaled_update
 from jaxcfl._core.search import log_bisect
+from jaxcfl._core.canonical import canonical_convs
 from jaxcfl._core.spectral import Eigenpairs, lanczos_extremes, top_eigenpairs
 from jaxcfl._version import __version__
 from jaxcfl.nn import CFLGuardState, cfl_guard, data, guard_state, limits, perturb, perturb_update, perturbed_sgd
@@ -100,6 +101,7 @@ __all__ = [
     "enable_deterministic_mode", "fingerprint", "divergence", "run_in_processes",
     # numerical tools
     "scaled_update", "lanczos_extremes", "top_eigenpairs", "Eigenpairs", "log_bisect", "classify", "Rule",
+    "canonical_convs",
     "__version__",
 ]
 

@@ -57,7 +57,7 @@ from jaxcfl._core.results import npz_bytes
 from jaxcfl._core.determinism import divergence, fingerprint
 from jaxcfl.nn._guard import check_guarded, guard_state, refresh_due, warn_guard_problems
 from jaxcfl.nn._perturb import perturb_update, ulp_perturb
-from jaxcfl.nn.nets._conv import non_canonical_convolutions
+from jaxcfl._core.canonical import canonical_convs, non_canonical_convolutions
 
 __all__ = [
     "COPIES_MODES",
@@ -864,10 +864,11 @@ class Lockstep:
         per-call dispatch and lets XLA reuse buffers; ``1``: one call per step. The steps and
         their bits are the same either way (``tests/test_lockstep_chunks.py``); a chunk never
         crosses an epoch or a guard refresh chosen by the host (``refresh_every``), which runs
-        as a step of its own. Convolutions inside the loop need
-        :func:`jaxcfl.nn.nets.conv_general_dilated` to keep XLA:CPU's fast kernels (the
-        built-in nets use it; a model built on ``lax.conv_general_dilated`` is much slower
-        in a loop, so pass ``1`` for it).
+        as a step of its own. Inside a loop XLA's CPU backend runs only canonical convolutions
+        fast, so the looped step's are rewritten into that form
+        (:func:`jaxcfl._core.canonical.canonical_convs`; same bits): a model built on
+        ``lax.conv_general_dilated`` chunks too. One whose own loops or branches hold
+        convolutions runs one call per step on a CPU, with a warning.
     """
 
     model: Any
@@ -1040,9 +1041,13 @@ class Lockstep:
             shapes = jax.eval_shape(step, state, hp_copy, hp_shared, xs[0], ys[0], keys_at(0))[1]
             rows = jax.tree.map(lambda s: jnp.zeros((xs.shape[0],) + s.shape, s.dtype), shapes)
 
+            # Its convolutions canonical (_core/canonical.py): in a loop body XLA's CPU backend runs
+            # others, as lax.conv_general_dilated's gradients are, as naive loop nests.
+            looped = canonical_convs(step)
+
             def body(i, carry):
                 st, rows = carry
-                st, metrics = step(st, hp_copy, hp_shared, take(xs, i), take(ys, i), keys_at(i))
+                st, metrics = looped(st, hp_copy, hp_shared, take(xs, i), take(ys, i), keys_at(i))
                 return st, jax.tree.map(lambda r, m: jax.lax.dynamic_update_index_in_dim(r, m, i, 0), rows, metrics)
 
             return jax.lax.fori_loop(0, count, body, (state, rows))
@@ -1091,9 +1096,11 @@ class Lockstep:
         (none of them a host-chosen guard refresh) in one call of a compiled loop over a chunk of
         ``steps_per_call`` stacked batches (a shorter chunk is padded and runs fewer iterations,
         so one program serves every length); ``metrics`` hold one row per step of the chunk, the
-        rows from ``len(batches)`` on being padding. ``None`` (and a warning, once) on a CPU when
-        the loop would hold a convolution that XLA runs as a naive loop nest there: the caller
-        then runs the batches one call each."""
+        rows from ``len(batches)`` on being padding. The step's convolutions are rewritten into
+        XLA:CPU's canonical form (:func:`jaxcfl._core.canonical.canonical_convs`), except those
+        inside the model's own loops or branches: if one of those is not canonical, the result is
+        ``None`` (and a warning, once) on a CPU, where XLA would run it as a naive loop nest, and
+        the caller runs the batches one call each."""
         per_copy, shared = self._hyper_arrays(copies)
         mask = probe_mask(state.copy(0).params, self.probe)
         guarded = guard_state(state.opt_state) is not None
@@ -1114,15 +1121,15 @@ class Lockstep:
             if self.augment is not None:
                 keys = jnp.stack([self._augment_keys(copies, first_step + min(j, count - 1)) for j in range(size)])
             args = (state, per_copy, shared, xs, ys, keys, np.int32(count))
-            if not checked:  # once: a convolution XLA:CPU runs as a naive loop nest inside the loop?
+            if not checked:  # once: a convolution XLA:CPU runs as a naive loop nest inside the loop, left over?
                 checked.append(jax.default_backend() != "cpu"
                                or non_canonical_convolutions(jax.make_jaxpr(fn)(*args)) == 0)
                 if not checked[0]:
-                    warnings.warn("Lockstep.fit: the model's convolutions (lax.conv_general_dilated) have gradients "
-                                  "that XLA's CPU backend runs many times slower inside a compiled loop, so fit runs "
-                                  "one call per step instead of steps_per_call; build them with "
-                                  "conv_general_dilated=jaxcfl.nn.nets.conv_general_dilated (same results, fast in "
-                                  "loops) to get both", RuntimeWarning, stacklevel=4)
+                    warnings.warn("Lockstep.fit: the model has convolutions inside its own loops or branches "
+                                  "(lax.scan, lax.cond) whose derivatives XLA's CPU backend would run many times "
+                                  "slower inside the compiled loop of steps_per_call steps, so fit runs one call per "
+                                  "step; building them with jaxcfl.nn.nets.conv_general_dilated makes their "
+                                  "gradients loop-friendly", RuntimeWarning, stacklevel=4)
             if not checked[0]:
                 return None
             return fn(*args)  # rows from `count` on: padding

@@ -15,7 +15,10 @@ parameters (``jit``, ``vmap`` over k copies, ``grad``) use
 Their convolutions use :func:`conv_general_dilated`, a drop-in for
 ``lax.conv_general_dilated`` whose gradients XLA's CPU backend runs at full speed
 inside ``lax.scan`` (bit-identical results); pass it to your own ``nnx.Conv``
-as ``conv_general_dilated=`` to get the same.
+as ``conv_general_dilated=`` to get the same. :func:`canonical_convs` rewrites any
+traced function's convolutions into that fast form (for a mat-vec or a step that
+runs in a loop: the guard's and :func:`jaxcfl.sharpness`'s Hessian-vector products,
+the trainer's chunks of steps).
 
 References:
   He, Zhang, Ren & Sun, "Deep residual learning for image recognition", CVPR 2016.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 from flax import nnx
 
+from jaxcfl._core.canonical import canonical_convs
 from jaxcfl._core.validate import check_choice
 from jaxcfl.nn.nets import _functional as functional
 from jaxcfl.nn.nets._conv import conv_general_dilated
@@ -116,6 +120,7 @@ __all__ = [
     "Activation",
     "ResNet",
     "apply",
+    "canonical_convs",
     "conv_general_dilated",
     "count_params",
     "create",
