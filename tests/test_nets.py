@@ -219,6 +219,43 @@ def test_maxpool_same_padding_sizes():
     assert y.shape == (1, 1, 1, 2) and np.all(np.asarray(y) == -1)
 
 
+def _lax_pool(x):
+    """The reference: lax.reduce_window through flax, its derivative select_and_scatter_add."""
+    return nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="SAME")
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8, 4), (2, 7, 7, 3), (2, 5, 6, 2), (1, 1, 1, 2)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_has_the_bits_of_reduce_window(shape, ties):
+    """Values and gradients (reverse mode, what training uses) bit for bit, ties included: the
+    cotangent goes to the first maximal entry of each window, as select_and_scatter_add sends it."""
+    from jaxcfl.nn.nets._layers import max_pool_2x2
+
+    x = jax.random.normal(jax.random.key(1), shape)
+    if ties:  # many ties: quantised, and half of them ReLU's zeros
+        x = jax.nn.relu(jnp.round(2 * x) / 2)
+    out = jax.jit(max_pool_2x2)(x)
+    np.testing.assert_array_equal(out, jax.jit(_lax_pool)(x))
+    cot = jax.random.normal(jax.random.key(2), out.shape)
+    grad = lambda f: jax.jit(lambda x: jax.vjp(f, x)[1](cot)[0])(x)
+    np.testing.assert_array_equal(grad(max_pool_2x2), grad(_lax_pool))
+    if not ties:  # forward mode too (on ties lax's forward mode takes another entry than its reverse mode)
+        t = jax.random.normal(jax.random.key(3), shape)
+        jvp = lambda f: jax.jit(lambda x, t: jax.jvp(f, (x,), (t,))[1])(x, t)
+        np.testing.assert_array_equal(jvp(max_pool_2x2), jvp(_lax_pool))
+
+
+def test_max_pool_under_vmap_and_second_order():
+    from jaxcfl.nn.nets._layers import max_pool_2x2
+
+    x = jax.random.normal(jax.random.key(4), (3, 2, 6, 6, 2))
+    np.testing.assert_array_equal(jax.vmap(max_pool_2x2)(x), jax.vmap(_lax_pool)(x))
+    loss = lambda pool: (lambda x: jnp.sum(jnp.tanh(pool(x)) ** 2))
+    v = jax.random.normal(jax.random.key(5), x.shape[1:])
+    hvp = lambda pool: jax.jvp(jax.grad(loss(pool)), (x[0],), (v,))[1]
+    np.testing.assert_allclose(hvp(max_pool_2x2), hvp(_lax_pool), rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- activations
 
 

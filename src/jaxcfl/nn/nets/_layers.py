@@ -98,7 +98,49 @@ class MaxPool(nnx.Module):
     """
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="SAME")
+        return max_pool_2x2(x)
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max-pool, stride 2, ``"SAME"`` padding, of channels-last ``x`` (``(..., H, W, C)``):
+    ``nnx.max_pool(x, (2, 2), (2, 2), "SAME")``, the same bits forward and backward, at a
+    fraction of the cost of its gradient on CPU.
+
+    ``lax.reduce_window``'s derivative (``select_and_gather_add``, transposed to
+    ``select_and_scatter_add``) runs on XLA's CPU backend through index arithmetic and a
+    scatter: it took 60% of a training step of the built-in ``cnn``. Here the windows are the
+    four strided quarters of ``x`` (odd sides padded with ``-inf`` at the end, as ``"SAME"``
+    pads them), their maximum is taken in window order, and the derivative selects the tangent
+    of the first maximal entry in window order, as ``select_and_scatter_add`` does: elementwise
+    selects that fuse, and exact.
+    """
+    h, w = x.shape[-3], x.shape[-2]
+    if h % 2 or w % 2:
+        pad = [(0, 0)] * (x.ndim - 3) + [(0, h % 2), (0, w % 2), (0, 0)]
+        x = jnp.pad(x, pad, constant_values=-jnp.inf)
+    return _window_max(x)
+
+
+def _quarters(x: jax.Array) -> tuple[jax.Array, ...]:
+    """The entries of each 2x2 window in window (row-major) order: four ``(..., H/2, W/2, C)`` arrays."""
+    return tuple(x[..., i::2, j::2, :] for i in (0, 1) for j in (0, 1))
+
+
+@jax.custom_jvp
+def _window_max(x: jax.Array) -> jax.Array:
+    q = _quarters(x)
+    return jnp.maximum(jnp.maximum(jnp.maximum(q[0], q[1]), q[2]), q[3])
+
+
+@_window_max.defjvp
+def _window_max_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    out = _window_max(x)
+    q, tq = _quarters(x), _quarters(t)
+    tangent = tq[3]
+    for i in (2, 1, 0):  # the first maximal entry in window order wins, as in select_and_scatter_add
+        tangent = jnp.where(q[i] == out, tq[i], tangent)
+    return out, tangent
 
 
 def conv(in_ch: int, out_ch: int, kernel: int, stride: int, *, rngs: nnx.Rngs) -> nnx.Conv:
