@@ -194,11 +194,11 @@ def lanczos_eigh(
       unroll: unroll the ``iterations`` steps in the compiled program (static). Rarely worth
         it: the compile time grows with ``iterations``, and the loop runs as fast once the
         mat-vec's convolutions are in the form XLA's CPU backend runs fast inside a loop body:
-        wrap a convolutional mat-vec in :func:`jaxcfl._core.canonical.canonical_convs`, as the
+        wrap a convolutional mat-vec in :func:`jaxcfl.canonical_convs`, as the
         CFL guard and :func:`jaxcfl.sharpness` do (without it, a conv-net Hessian-vector
         product ran 4-12x slower in the loop). The guard's first estimate (20 iterations)
-        compiled 3-7x faster as a loop than unrolled, at the same run time
-        (``benchmarks/guard_compile.py``, ``docs/cfl_guard.md``).
+        compiled 3.3-7.1x faster as a loop than unrolled, and ran up to 1.4x longer
+        (``benchmarks/guard_compile.py``, ``benchmarks/README.md``).
 
     Returns:
       :class:`RitzPairs` ``(values, vectors, residuals, rounding_floor)``: ``values``

@@ -24,7 +24,7 @@ learning-rate schedule: the optimiser with the guard is the optimiser with ``lr_
 previous top eigenvector, so that a refresh converges in a few iterations. The estimate
 is the top Ritz value plus its residual bound, which errs on the side of a smaller step.
 Lanczos runs as a compiled loop over one product whose convolutions
-:func:`jaxcfl._core.canonical.canonical_convs` writes in the form XLA's CPU backend runs fast
+:func:`jaxcfl.canonical_convs` writes in the form XLA's CPU backend runs fast
 inside a loop (see :func:`cfl_guard`, "Compile time").
 
 References:
@@ -207,24 +207,21 @@ def cfl_guard(
 
     When to refresh: by default the program decides (``lax.cond`` on the step count). Under
     ``jax.vmap`` (copies in lockstep) the branch becomes a select that estimates at every
-    step, and on XLA's CPU backend the branch costs even without ``vmap``: a step of the
-    built-in ``cnn`` that does not refresh took 1.5x the time of the same step compiled
-    without the branch, and a refresh 1.2x (``benchmarks/cfl_guard.py``, variant
-    ``in-program``; no longer the 10x of a convolution in the branch, which the rewrite below
-    removed). A caller that knows the step on the host passes
-    ``update(..., refresh=refresh_due(step, every))`` instead: ``"first"`` at step 0, then
-    ``True`` every ``every`` steps and ``False`` between, and compiles one program for each
+    step; without ``vmap`` it costs little (the built-in ``cnn``: 27.8% overhead against 24.6%,
+    ``benchmarks/cfl_guard.py``, variant ``in-program``). A caller that knows the step on the
+    host passes ``update(..., refresh=refresh_due(step, every))`` instead: ``"first"`` at step 0,
+    then ``True`` every ``every`` steps and ``False`` between, and compiles one program for each
     value, so that no branch runs in any of them (:class:`jaxcfl.Lockstep` does).
 
     Compile time: Lanczos runs as a ``lax.fori_loop`` over one Hessian-vector product, not
     ``first_iterations`` products unrolled. Inside a loop XLA's CPU backend runs only the
     canonical form of a convolution fast, and the product's forward-mode tangents are not
-    in it, so the product goes through :func:`jaxcfl._core.canonical.canonical_convs` (without
-    it, the loop ran 4-5x slower). On a 2-core CPU the program of the first estimate compiled
-    3x faster than unrolled for one copy of the built-in ``cnn``, 5x for ``resnet20`` and 9x
-    for six ``cnn`` copies in lockstep; an estimate ran up to 10% slower (a loop shares no
-    work between products), the mean step within 5% (``benchmarks/guard_compile.py``,
-    ``docs/cfl_guard.md``).
+    in it, so the product goes through :func:`jaxcfl.canonical_convs` (without it, the loop ran
+    4-5x slower). On a quiet 2-core CPU the program of the first estimate compiled 3.3x faster
+    than unrolled for one copy of the built-in ``cnn``, 6.4x for six copies in lockstep and 7.1x
+    for ``resnet20``; a loop shares no work between products, so an estimate of six copies ran
+    1.4x longer and their mean step 11% longer (``benchmarks/guard_compile.py``,
+    ``benchmarks/README.md``).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; its ``update`` needs ``params`` and
