@@ -45,7 +45,9 @@ def _labels(compiled_text: str) -> list[str]:
     return re.findall(r"convolution\(.*?dim_labels=([\w>-]+)", compiled_text)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"strides": (2, 2)}, {"groups": 2}, {"dilation": (2, 1)},
+@pytest.mark.parametrize("kwargs", [{}, pytest.param({"strides": (2, 2)}, marks=pytest.mark.slow),
+                                    pytest.param({"groups": 2}, marks=pytest.mark.slow),
+                                    pytest.param({"dilation": (2, 1)}, marks=pytest.mark.slow),
                                     {"numbers": ("NCHW", "OIHW", "NCHW")}])
 def test_the_values_are_the_function_s(kwargs):
     numbers = kwargs.get("numbers", ("NHWC", "HWIO", "NHWC"))

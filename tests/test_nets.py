@@ -224,7 +224,8 @@ def _lax_pool(x):
     return nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="SAME")
 
 
-@pytest.mark.parametrize("shape", [(3, 8, 8, 4), (2, 7, 7, 3), (2, 5, 6, 2), (1, 1, 1, 2)])
+@pytest.mark.parametrize("shape", [pytest.param((3, 8, 8, 4), marks=pytest.mark.slow), (2, 7, 7, 3),
+                                   pytest.param((2, 5, 6, 2), marks=pytest.mark.slow), (1, 1, 1, 2)])
 @pytest.mark.parametrize("ties", [False, True])
 def test_max_pool_has_the_bits_of_reduce_window(shape, ties):
     """Values and gradients (reverse mode, what training uses) bit for bit, ties included: the
