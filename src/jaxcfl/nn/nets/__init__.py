@@ -18,7 +18,9 @@ inside ``lax.scan`` (bit-identical results); pass it to your own ``nnx.Conv``
 as ``conv_general_dilated=`` to get the same. :func:`canonical_convs` rewrites any
 traced function's convolutions into that fast form (for a mat-vec or a step that
 runs in a loop: the guard's and :func:`jaxcfl.sharpness`'s Hessian-vector products,
-the trainer's chunks of steps).
+the trainer's chunks of steps). :func:`max_pool_2x2` is the 2x2 max-pool they use:
+``nnx.max_pool``'s bits, with a derivative XLA's CPU backend runs without the scatter of
+``reduce_window``'s (1.7x the training speed of the built-in ``cnn``).
 
 References:
   He, Zhang, Ren & Sun, "Deep residual learning for image recognition", CVPR 2016.
@@ -35,7 +37,7 @@ from jaxcfl._core.canonical import canonical_convs
 from jaxcfl._core.validate import check_choice
 from jaxcfl.nn.nets import _functional as functional
 from jaxcfl.nn.nets._conv import conv_general_dilated
-from jaxcfl.nn.nets._layers import ACTIVATIONS, Activation
+from jaxcfl.nn.nets._layers import ACTIVATIONS, Activation, max_pool_2x2
 from jaxcfl.nn.nets._functional import apply, count_params, merge, split, stack
 from jaxcfl.nn.nets._resnet import ResNet
 from jaxcfl.nn.nets._vgg import VGG
@@ -125,6 +127,7 @@ __all__ = [
     "count_params",
     "create",
     "functional",
+    "max_pool_2x2",
     "merge",
     "split",
     "stack",
