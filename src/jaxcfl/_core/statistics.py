@@ -505,11 +505,8 @@ def amplification(curve: ArrayLike, *, scale: float = 1) -> dict[str, Any]:
       ``base_lr / n``), so its slope is per scaled iteration ``iteration / n``.
     * ``amplified``: whether the divergence rose more than :data:`BEYOND_ACCUMULATION` times
       above what the injected rounding alone can build up. Every step re-injects a
-      last-bit perturbation of the size of the first step's divergence ``d1``
-      (``first_divergence``: the median of the first 10 positive values, cut where the curve
-      first exceeds ten times its first positive value: at a large lr the divergence can grow a
-      thousand-fold within 10 steps, and a median over them would count that growth as the
-      injection); without amplification ``S`` steps add up to
+      last-bit perturbation of the size of the first step's divergence ``d1`` (median of the
+      first 10 positive values, ``first_divergence``); without amplification ``S`` steps add up to
       at most ``d1 * S`` (``accumulation_bound``; coherent accumulation, a random walk gives
       ``d1 sqrt(S)``). A stable (CFL-satisfying) step keeps the divergence there; an unstable one
       multiplies it. A non-finite entry (a run blew up) counts as amplified, with
@@ -525,11 +522,8 @@ def amplification(curve: ArrayLike, *, scale: float = 1) -> dict[str, Any]:
     v.check_positive("scale", scale)
     steps = c.size
     fit = log_slope(np.arange(1, steps + 1) / scale, c, cap=SATURATION)
-    positive = c[c > 0][:10]
-    grown = positive > 10 * positive[0] if positive.size else positive  # past a ten-fold growth
-    if np.any(grown):
-        positive = positive[:int(np.argmax(grown))]
-    d1 = float(np.median(positive)) if positive.size else 0.0
+    positive = c[c > 0]
+    d1 = float(np.median(positive[:10])) if positive.size else 0.0
     blown_up = not np.all(np.isfinite(c))  # a copy went non-finite: amplified without bound
     peak = None if blown_up else float(np.max(c))
     bound = d1 * steps
