@@ -1123,7 +1123,7 @@ class Lockstep:
             args = (state, per_copy, shared, xs, ys, keys, np.int32(count))
             if not checked:  # once: a convolution XLA:CPU runs as a naive loop nest inside the loop, left over?
                 checked.append(jax.default_backend() != "cpu"
-                               or non_canonical_convolutions(jax.make_jaxpr(fn)(*args)) == 0)
+                               or non_canonical_convolutions(fn.trace(*args).jaxpr) == 0)  # the call below reuses this trace
                 if not checked[0]:
                     warnings.warn("Lockstep.fit: the model has convolutions inside its own loops or branches "
                                   "(lax.scan, lax.cond) whose derivatives XLA's CPU backend would run many times "
