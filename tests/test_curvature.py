@@ -295,6 +295,7 @@ def _dense_hessian(loss_fn, params, *args):
 
 
 @pytest.mark.parametrize("chunk", [None, 7], ids=["whole", "chunked"])
+@pytest.mark.slow_in_float64
 def test_hessian_eigenpairs_of_least_squares_match_numpy(dtype, chunk):
     params, x, y = _lsq_setup(dtype)
     exact, vecs = np.linalg.eigh(_dense_hessian(least_squares, params, x, y) + 0.25 * np.eye(7))
@@ -322,7 +323,7 @@ def test_hessian_eigenpairs_of_a_nonconvex_loss_match_the_dense_hessian():
 
 # --- Hessian-vector products over chunks of the data ------------------------------------------------
 
-@pytest.mark.parametrize("chunk", [1, 4, 7, 100], ids=lambda b: f"b={b}")  # one each, divides 32, remainder, > N
+@pytest.mark.parametrize("chunk", [1, pytest.param(4, marks=pytest.mark.slow), 7, 100], ids=lambda b: f"b={b}")  # one each, divides 32, remainder, > N
 def test_chunked_hvp_and_sharpness_equal_the_whole_batch(chunk):
     """N = 32 examples: chunks that divide N (1, 4, 32), that leave a remainder (5, 7), and one chunk
     larger than the data (33, 100: a single call). Equal to rounding; the weight decay counts once."""

@@ -154,7 +154,10 @@ class Launch:
         logs.mkdir(parents=True, exist_ok=True)
         self.procs, self.logs = [], []
         for index in range(2):
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("JAXCFL_", "JAX_"))}
+            # A clean environment, but the suite's compilation cache (tests/conftest.py): a program
+            # that the killed launch or this test process compiled loads instead of compiling again.
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("JAXCFL_", "JAX_"))
+                   or k in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
             env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
                        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAXCFL_NUM_PROCESSES="2",
                        JAXCFL_PROCESS_ID=str(index))
@@ -197,17 +200,16 @@ class Launch:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    """Two launches: one killed after its first chunk (the single-process reference runs here meanwhile);
-    then one that resumes it, runs everything, and runs the sweep and the variance grid a second time on
-    the same folders."""
+    """Two launches of the sweep: one killed after its first chunk (the single-process reference runs
+    here meanwhile); then one that resumes it, runs a sweep, runs it a second time on the same folder,
+    and a different sweep there. The variance grid and the bounds launch their own runs (slow tests)."""
     root = tmp_path_factory.mktemp("distributed")
-    outs = {name: str(root / name) for name in ("sweep", "killed", "variance")}
+    outs = {name: str(root / name) for name in ("sweep", "killed")}
     killed = Launch([("killed", "sweep", outs["killed"])], root / "logs_killed", kill_after_chunks=1)
-    reference = {"sweep": run_sweep(), "bounds": run_bounds(), "variance": run_variance()}
+    reference = {"sweep": run_sweep()}
     killed_results = killed.results()
     tasks = [("killed", "sweep", outs["killed"]), ("sweep", "sweep", outs["sweep"]), ("sweep_again", "sweep", outs["sweep"]),
-             ("mismatch", "mismatch", outs["sweep"]), ("bounds", "bounds", None), ("variance", "variance", outs["variance"]),
-             ("variance_again", "variance", outs["variance"])]
+             ("mismatch", "mismatch", outs["sweep"])]
     processes = Launch(tasks, root / "logs").results()
     return {"outs": outs, "killed": killed_results, "processes": processes, "reference": reference}
 
@@ -235,23 +237,35 @@ def _check_variance(got: dict, want: dict) -> None:
     assert got["runs"] == want["runs"] and got["std_over_k"] == want["std_over_k"]
 
 
-@pytest.mark.slow
-def test_sweep_and_bounds_span_both_processes_and_match_one_process(runs, reference):
+def test_a_sweep_spans_both_processes_and_matches_one_process(runs, reference):
     for got in _task(runs, "sweep"):
         _check_sweep(got, reference["sweep"])
         assert got["batches"] == 3  # 12 configurations in chunks of 4: every process ran every chunk's program
-    leader, follower = _task(runs, "bounds")
+
+
+@pytest.mark.slow
+def test_bounds_span_both_processes_and_match_one_process(tmp_path):
+    launched = Launch([("bounds", "bounds", None)], tmp_path / "logs")
+    want = run_bounds()
+    leader, follower = (result["tasks"]["bounds"] for result in launched.results())
     for name in ("alpha_min", "alpha_max"):
-        assert leader[name] == pytest.approx(reference["bounds"][name], rel=BOUNDS["rtol"])
-    assert np.isfinite([reference["bounds"]["alpha_min"], reference["bounds"]["alpha_max"]]).all()
+        assert leader[name] == pytest.approx(want[name], rel=BOUNDS["rtol"])
+    assert np.isfinite([want["alpha_min"], want["alpha_max"]]).all()
     same = lambda task: {k: task[k] for k in ("alpha_min", "alpha_max", "evaluations", "batches")}
     assert same(leader) == same(follower)  # every process took the same bisection steps
 
 
-def test_variance_seeds_are_dealt_out_and_gathered(runs, reference):
-    for got in _task(runs, "variance"):
-        _check_variance(got, reference["variance"])
-    _check_seed_folders(_task(runs, "variance"), runs["outs"]["variance"], VARIANCE["seeds"])
+@pytest.mark.slow  # the default suite's multi-process runs are the sweep's (its largest fixture)
+def test_variance_seeds_are_dealt_out_and_gathered(tmp_path):
+    out = str(tmp_path / "variance")
+    launched = Launch([("variance", "variance", out), ("variance_again", "variance", out)], tmp_path / "logs")
+    want = run_variance()
+    tasks = launched.results()
+    for result in tasks:
+        _check_variance(result["tasks"]["variance"], want)
+        _check_variance(result["tasks"]["variance_again"], want)  # a rerun resumes without recomputing
+        assert not [w for w in result["tasks"]["variance_again"]["writes"] if "checkpoint" in w]
+    _check_seed_folders([result["tasks"]["variance"] for result in tasks], out, VARIANCE["seeds"])
 
 
 def _check_seed_folders(tasks: list[dict], out: str, seeds, *, figures: tuple[str, ...] = ("variance.png",)) -> None:
@@ -287,9 +301,6 @@ def test_a_rerun_resumes_without_recomputing(runs, reference):
     for got in _task(runs, "sweep_again"):
         _check_sweep(got, reference["sweep"])
         assert got["batches"] == 0 and not [w for w in got["writes"] if "chunk_" in w]
-    for got in _task(runs, "variance_again"):
-        _check_variance(got, reference["variance"])
-        assert not [w for w in got["writes"] if "checkpoint" in w]
 
 
 def test_a_killed_sweep_resumes(runs, reference):

@@ -32,6 +32,7 @@ def _tol(dtype):
 # --- the transforms ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("rows, cols, shape", [(3, 5, (8, 6)), (8, 6, (8, 6)), (1, 1, (5, 7)), (4, 7, (9, 7))])
+@pytest.mark.slow_in_float64
 def test_pruned_transforms_match_numpy_rfft2(dtype, rows, cols, shape):
     rng = np.random.default_rng(rows * 10 + cols)
     x = rng.standard_normal((rows, cols))
@@ -80,6 +81,7 @@ def test_fft_operator_matches_dense_correlations(n0, n1, w, seed):
     np.testing.assert_allclose(np.asarray(op.image_hat), np.fft.rfft2(image), atol=1e-5 * np.abs(image).sum())
 
 
+@pytest.mark.slow_in_float64
 def test_fft_operator_under_vmap_equals_single_calls(dtype):
     rng = np.random.default_rng(1)
     op = ops.FFTOperator.build(jnp.asarray(rng.standard_normal((20, 17)), dtype), 5)

@@ -111,6 +111,7 @@ def test_copy_accessor_and_stack():
         state.copy(True)
 
 
+@pytest.mark.slow  # by default: the identity under Adam (nnx_adamw), a separate run's bits (per-copy seeds)
 def test_pure_functions_with_adam_keep_the_identity_and_match_a_separate_run():
     engine = Lockstep((mlp_init, mlp_apply), optax.adam(1e-2), copies_mode="unroll")
     together = engine.fit(DATA, Copies(k=(1.0, 8.0, 5.0)), **FIT)

@@ -99,7 +99,7 @@ def test_networks_tuple():
 def test_forward_eval_shape_and_finite(name, hw, channels):
     model = nnx.clone(_built(name, in_channels=channels))
     model.eval()
-    logits = model(_x((2, hw, hw, channels)))
+    logits = nnx.jit(lambda m, x: m(x))(model, _x((2, hw, hw, channels)))  # one program, not one per op
     assert logits.shape == (2, 10)
     assert np.all(np.isfinite(np.asarray(logits)))
 
@@ -250,10 +250,10 @@ def test_max_pool_under_vmap_and_second_order():
     from jaxcfl.nn.nets._layers import max_pool_2x2
 
     x = jax.random.normal(jax.random.key(4), (3, 2, 6, 6, 2))
-    np.testing.assert_array_equal(jax.vmap(max_pool_2x2)(x), jax.vmap(_lax_pool)(x))
+    np.testing.assert_array_equal(jax.jit(jax.vmap(max_pool_2x2))(x), jax.jit(jax.vmap(_lax_pool))(x))
     loss = lambda pool: (lambda x: jnp.sum(jnp.tanh(pool(x)) ** 2))
     v = jax.random.normal(jax.random.key(5), x.shape[1:])
-    hvp = lambda pool: jax.jvp(jax.grad(loss(pool)), (x[0],), (v,))[1]
+    hvp = lambda pool: jax.jit(lambda x, v: jax.jvp(jax.grad(loss(pool)), (x,), (v,))[1])(x[0], v)
     np.testing.assert_allclose(hvp(max_pool_2x2), hvp(_lax_pool), rtol=1e-5, atol=1e-6)
 
 

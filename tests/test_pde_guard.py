@@ -107,6 +107,7 @@ def test_k_2n_stays_bit_identical_under_the_guard(nonlinear):
     assert float(traj.diagnostics.step_size[-1]) < 0.15  # the guard acted
 
 
+@pytest.mark.slow  # by default a continued run is tested on the unguarded schemes (tests/test_schemes.py)
 def test_a_continued_run_equals_one_run(nonlinear):
     problem, kernel, hyper = nonlinear
     run = lambda start, steps: jaxcfl.integrate(problem, start, hyper, scheme="guarded_gd", model="nonlinear",

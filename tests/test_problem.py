@@ -52,6 +52,7 @@ def test_window_sum_is_adjoint_of_ones():
 
 @pytest.mark.parametrize("pool", ["sum", "mean"])
 @pytest.mark.parametrize("image, operator", [("random", "fft"), ("checkerboard", "separable")])
+@pytest.mark.slow_in_float64
 def test_nonlinear_gradient_equals_autodiff_of_loss(pool, image, operator, dtype):
     img = _image(18, 18) if image == "random" else np.asarray(jaxcfl.checkerboard(18), np.float64)
     prob = jaxcfl.make_problem(img.astype(dtype), 7, pool=pool, operator=operator)

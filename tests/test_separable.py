@@ -57,6 +57,7 @@ def test_full_rank_and_zero_images():
 
 
 @pytest.mark.parametrize("rank", [1, 3])
+@pytest.mark.slow_in_float64
 def test_correlation_adjoint_and_normal_operator_match_numpy_and_fft(rank, dtype):
     img = _low_rank(27, 22, rank, seed=rank)
     w = 6

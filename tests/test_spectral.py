@@ -29,6 +29,7 @@ def _operators(n: int) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("kind", ["isolated", "rank_one", "dense"])
 @pytest.mark.parametrize("full", [True, False], ids=["iterations=n", "iterations<n"])
+@pytest.mark.slow_in_float64
 def test_eigenvalues_lie_within_residual_plus_rounding_floor(kind, full, dtype):
     n = 120
     mat = _operators(n)[kind]
@@ -128,6 +129,7 @@ def _separated(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("iterations", [80, 20, 12])
+@pytest.mark.slow_in_float64
 def test_top_eigenpairs_match_numpy_eigh_within_their_bounds(iterations, dtype):
     """Values within ``residual + rounding_floor`` of numpy's; vectors within the angle that bound allows
     (``sin <= (residual + floor) / gap``); the true residual ``||A y - value y||`` within the same bound."""

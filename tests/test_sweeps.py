@@ -30,7 +30,8 @@ _NESTEROV = ("nesterov", 0.01)
 
 @pytest.mark.parametrize(
     "operator, scheme, lr",
-    [("fft", "gd", 1e-4), ("fft", *_NESTEROV), ("dense", "gd", 1e-4), ("separable", "gd", 1e-4),
+    [pytest.param("fft", "gd", 1e-4, marks=pytest.mark.slow), ("fft", *_NESTEROV), ("dense", "gd", 1e-4),
+     ("separable", "gd", 1e-4),
      pytest.param("dense", *_NESTEROV, marks=pytest.mark.slow),
      pytest.param("separable", *_NESTEROV, marks=pytest.mark.slow)],
 )
