@@ -236,11 +236,29 @@ def test_divergence_summary_of_a_doubling_curve():
     assert s.growth.slope == pytest.approx(np.log(2)) and s.growth.stderr == pytest.approx(0, abs=1e-9)
     assert s.growth.points == 19  # below SATURATION = 0.1
     assert s.final == s.max == 1e-7 * 2.0 ** 30 and s.amplified
-    assert s.first_divergence == pytest.approx(1e-7 * (2**5 + 2**6) / 2)  # median of the first 10
+    # Amplified inside the first 10 steps (the next 10 are 1024 times larger): the first step's injection.
+    assert s.first_divergence == pytest.approx(2e-7)
     assert s.accumulation_bound == pytest.approx(s.first_divergence * 30)
     d = s.to_dict()
     assert d["first_step"] == {"0.001": 14, "0.01": 17, "0.1": 20} and d["growth"]["points"] == 19
     json.dumps(d, allow_nan=False)
+
+
+def test_the_injection_is_the_first_windows_median_unless_the_window_is_already_amplified():
+    steps = 400
+    # A transient (the rounding level settles 30 times above the first step's) and a creep: the median.
+    settled = np.concatenate([[1e-10, 1e-9], np.full(steps - 2, 3e-9)]) * np.linspace(1, 5, steps)
+    calm = stats.amplification(settled)
+    assert calm["first_divergence"] == pytest.approx(np.median(settled[:stats.INJECTION_WINDOW]))
+    assert not calm["amplified"]
+    # Figure 2's lr 0.3: 4e-9 at step 1, 5e-3 at step 6, then on to order one. The median of the first
+    # 10 is already amplified (about 3e-3) and would put the bound above the peak; the first step's
+    # value does not.
+    early = np.minimum(4e-9 * np.exp(2.8 * np.minimum(np.arange(steps), 20)), 0.05 + 0.001 * np.arange(steps))
+    fast = stats.amplification(early)
+    assert fast["first_divergence"] == pytest.approx(4e-9) and fast["amplified"]
+    window = np.median(early[:stats.INJECTION_WINDOW])
+    assert fast["peak_divergence"] < stats.BEYOND_ACCUMULATION * window * steps  # what the median would say
 
 
 def test_divergence_summary_flat_linear_and_blown_up_curves():

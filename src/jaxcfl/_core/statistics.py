@@ -493,6 +493,24 @@ SATURATION = 0.1
 """Divergence above which a curve has saturated (order one: the copies are different networks)."""
 BEYOND_ACCUMULATION = 10.0
 """How far above the accumulation bound a divergence must rise to count as amplified."""
+INJECTION_WINDOW = 10
+"""Steps whose median divergence estimates the rounding injected per step (:func:`amplification`)."""
+GROWN_WITHIN_WINDOW = 20.0
+"""Growth from the first :data:`INJECTION_WINDOW` steps' median to the next window's above which the
+first window is already amplified, and the first step's divergence estimates the injection instead.
+Measured on Figure 2's curves (``docs/fig2.md``): runs that stay at rounding level grow 1.8-6.8x
+from one window to the next (a transient, then a creep), the lr-0.3 run of the default 31x."""
+
+
+def _injection(positive: np.ndarray) -> float:
+    """The rounding injected per step, from a curve's positive values (see :func:`amplification`)."""
+    if not positive.size:
+        return 0.0
+    window = float(np.median(positive[:INJECTION_WINDOW]))
+    after = positive[INJECTION_WINDOW:2 * INJECTION_WINDOW]
+    if after.size and np.all(np.isfinite(after)) and np.median(after) > GROWN_WITHIN_WINDOW * window:
+        return float(positive[0])
+    return window
 
 
 def amplification(curve: ArrayLike, *, scale: float = 1) -> dict[str, Any]:
@@ -505,8 +523,11 @@ def amplification(curve: ArrayLike, *, scale: float = 1) -> dict[str, Any]:
       ``base_lr / n``), so its slope is per scaled iteration ``iteration / n``.
     * ``amplified``: whether the divergence rose more than :data:`BEYOND_ACCUMULATION` times
       above what the injected rounding alone can build up. Every step re-injects a
-      last-bit perturbation of the size of the first step's divergence ``d1`` (median of the
-      first 10 positive values, ``first_divergence``); without amplification ``S`` steps add up to
+      last-bit perturbation of the size of the first step's divergence ``d1`` (``first_divergence``:
+      the median of the first :data:`INJECTION_WINDOW` positive values, the rounding level a step
+      settles at; but the first positive value, one step's injection, when the next window's median
+      is more than :data:`GROWN_WITHIN_WINDOW` times theirs: the divergence was amplified inside
+      the window, as with an lr far beyond the CFL limit); without amplification ``S`` steps add up to
       at most ``d1 * S`` (``accumulation_bound``; coherent accumulation, a random walk gives
       ``d1 sqrt(S)``). A stable (CFL-satisfying) step keeps the divergence there; an unstable one
       multiplies it. A non-finite entry (a run blew up) counts as amplified, with
@@ -523,7 +544,7 @@ def amplification(curve: ArrayLike, *, scale: float = 1) -> dict[str, Any]:
     steps = c.size
     fit = log_slope(np.arange(1, steps + 1) / scale, c, cap=SATURATION)
     positive = c[c > 0]
-    d1 = float(np.median(positive[:10])) if positive.size else 0.0
+    d1 = _injection(positive)
     blown_up = not np.all(np.isfinite(c))  # a copy went non-finite: amplified without bound
     peak = None if blown_up else float(np.max(c))
     bound = d1 * steps
@@ -603,7 +624,9 @@ __all__ = [
     "ChurnSummary",
     "DivergenceSummary",
     "EnsembleGain",
+    "GROWN_WITHIN_WINDOW",
     "GrowthRate",
+    "INJECTION_WINDOW",
     "Interval",
     "PairwiseSummary",
     "SATURATION",
