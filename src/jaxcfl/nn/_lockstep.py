@@ -423,6 +423,19 @@ class CopyState:
     opt_state: Any
 
 
+@jax.jit
+def _take_copy(tree: Any, i: Array) -> Any:
+    """Copy ``i`` of every leaf: one compiled program per state structure (op by op, every leaf
+    shape compiled its own slice). A copy of the bits, nothing computed."""
+    return jax.tree.map(lambda a: a[i], tree)
+
+
+@jax.jit
+def _stack_copies(trees: tuple) -> Any:
+    """Equally structured trees stacked along a new axis 0, as one compiled program."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LockstepState:
@@ -446,8 +459,7 @@ class LockstepState:
         n = self.copies
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not -n <= i < n:
             raise IndexError(f"copy index must be an int in [-{n}, {n}), got {i!r}")
-        pick = lambda tree: jax.tree.map(lambda a: a[i], tree)
-        return CopyState(pick(self.params), pick(self.model_state), pick(self.opt_state))
+        return CopyState(*_take_copy((self.params, self.model_state, self.opt_state), i % n))
 
     @property
     def batch_stats(self) -> Any:
@@ -459,8 +471,7 @@ class LockstepState:
         """Stack equally structured copies along a new axis 0."""
         if not copies:
             raise ValueError("copies is empty; give at least one CopyState")
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[(c.params, c.model_state, c.opt_state) for c in copies])
-        return cls(*stacked)
+        return cls(*_stack_copies(tuple((c.params, c.model_state, c.opt_state) for c in copies)))
 
 
 # --- running the copies together -------------------------------------------------------------------
