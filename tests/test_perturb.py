@@ -78,7 +78,7 @@ def run_optax(opt, p0, grads):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("k", [1.0, 3.0, 7.0])
+@pytest.mark.parametrize("k", [1.0, 3.0, pytest.param(7.0, marks=pytest.mark.slow)])  # -m slow: another odd k
 def test_matches_numpy_bit_for_bit(np_dtype, variant, k):
     p0, grads = _data(np_dtype)
     kw = dict(VARIANTS[variant], weight_decay=5e-4)
@@ -124,7 +124,7 @@ def _k1_run(np_dtype, variant, n=257, seed=0) -> np.ndarray:
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("k", [2.0, 4.0, 8.0])
+@pytest.mark.parametrize("k", [2.0, pytest.param(4.0, marks=pytest.mark.slow), 8.0])
 def test_powers_of_two_are_bit_identical_to_k1(np_dtype, variant, k):
     p0, grads = _data(np_dtype, seed=2)
     kw = dict(VARIANTS[variant], weight_decay=5e-4)
@@ -132,7 +132,7 @@ def test_powers_of_two_are_bit_identical_to_k1(np_dtype, variant, k):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("k", [3.0, 5.0, 7.0, 9.0, 11.0])
+@pytest.mark.parametrize("k", [3.0, pytest.param(5.0, marks=pytest.mark.slow), pytest.param(7.0, marks=pytest.mark.slow), pytest.param(9.0, marks=pytest.mark.slow), 11.0])  # the paper's 3..11: ends
 def test_odd_k_differ_from_k1(np_dtype, variant, k):
     p0, grads = _data(np_dtype, n=4096, seed=3)
     kw = dict(VARIANTS[variant], weight_decay=5e-4)
