@@ -154,3 +154,63 @@ def test_lax_gradients_in_a_scan_are_not_canonical_on_this_jaxlib():
         pytest.skip("XLA:CPU only")
     labels = re.findall(r"convolution\(.*?dim_labels=([^,\s]+)", _scanned_sgd_hlo(lax.conv_general_dilated))
     assert set(labels) - {"b01f_01io->b01f"}, labels
+
+
+def test_stored_is_the_identity_bit_for_bit():
+    """``stored`` changes no bit of a value or a derivative, under jit, grad, HVP and vmap."""
+    from jaxcfl.nn.nets._conv import stored
+
+    x = jnp.array([[-0.0, 0.0, 1e-40, -3.5], [jnp.inf, -jnp.inf, jnp.nan, 7.0]], jnp.float32)
+    bits = lambda a: np.asarray(a).view(np.uint32)
+    np.testing.assert_array_equal(bits(jax.jit(stored)(x)), bits(x))
+    np.testing.assert_array_equal(bits(jax.jit(jax.vmap(stored))(x)), bits(x))
+    y = jnp.array([[0.5, -1.25, 3.0], [2.0, -0.75, 1.5]], jnp.float32)
+    f = lambda a: jnp.sum(jnp.sin(a * 3.0) ** 2)
+    g = lambda a: jnp.sum(jnp.sin(stored(a) * 3.0) ** 2)
+    for t in (jax.grad, lambda h: jax.vmap(jax.grad(h)),
+              lambda h: (lambda a: jax.jvp(jax.grad(h), (a,), (jnp.ones_like(a),))[1])):
+        np.testing.assert_array_equal(bits(jax.jit(t(g))(y)), bits(jax.jit(t(f))(y)))
+    ints = jnp.arange(3)
+    assert stored(ints) is ints  # not floating: returned as it is
+
+
+def _residual_chain_gradient_hlo(blocks: int = 4) -> str:
+    ks = jax.random.split(jax.random.key(4), blocks + 1)
+    ws = [0.1 * jax.random.normal(k, (3, 3, 8, 8)) for k in ks[:blocks]]
+    x = jax.random.normal(ks[-1], (4, 8, 8, 8))
+
+    def loss(ws, x):
+        h = x
+        for w in ws:  # conv, batch normalisation, the identity shortcut, ReLU: a ResNet stage
+            z = conv(h, w, (1, 1), "SAME", dimension_numbers=NHWC)
+            z = (z - z.mean((0, 1, 2))) * lax.rsqrt(z.var((0, 1, 2)) + 1e-5)
+            h = jax.nn.relu(z + h)
+        return jnp.sum(h ** 2)
+
+    return jax.jit(jax.grad(loss)).lower(ws, x).compile().as_text()
+
+
+def _most_relus_in_a_transpose(hlo: str) -> int:
+    """The most ReLUs (``maximum``) that one fused computation holding a transpose evaluates."""
+    computations, current = {}, None
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head:
+            current = computations.setdefault(head.group(1), [])
+        elif current is not None:
+            current.append(line)
+    return max((sum(" maximum(" in line for line in lines) for lines in computations.values()
+                if any(" transpose(" in line for line in lines)), default=0)
+
+
+def test_the_weight_gradient_transposes_a_stored_input_not_its_recomputed_producers(monkeypatch):
+    """XLA:CPU fuses a convolution input's producers into the transpose its weight gradient
+    needs; in a residual stage that recomputes every earlier block's ReLU there. With the input
+    stored first (``stored``), no transpose evaluates a ReLU."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the fusion checked here is XLA:CPU's")
+    from jaxcfl.nn.nets import _conv
+
+    assert _most_relus_in_a_transpose(_residual_chain_gradient_hlo()) == 0
+    monkeypatch.setattr(_conv, "stored", lambda a: a)
+    assert _most_relus_in_a_transpose(_residual_chain_gradient_hlo()) >= 2  # the check sees the recomputation
