@@ -52,6 +52,7 @@ from flax import nnx
 from jax import Array
 
 from jaxcfl._core import validate as v
+from jaxcfl._core import xla_cpu
 from jaxcfl._core.folder import ResultFolder
 from jaxcfl._core.results import npz_bytes
 from jaxcfl._core.determinism import divergence, fingerprint
@@ -1063,7 +1064,7 @@ class Lockstep:
 
             return jax.lax.fori_loop(0, count, body, (state, rows))
 
-        self._cache[key] = jax.jit(step), jax.jit(steps)
+        self._cache[key] = xla_cpu.jit(step), xla_cpu.jit(steps)
         return self._cache[key]
 
     def step_function(self, copies: Copies, state: LockstepState, *, per_copy_data: bool | None = None
@@ -1173,10 +1174,10 @@ class Lockstep:
             return out
 
         if self._mode() == "vmap":
-            batched = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, None)))
+            batched = xla_cpu.jit(jax.vmap(one, in_axes=(0, 0, None, None, None)))
             fn = lambda state, x, y, mask: batched(state.params, state.model_state, x, y, mask)
         else:
-            single = jax.jit(one)
+            single = xla_cpu.jit(one)
 
             def fn(state, x, y, mask):
                 outs = [single(c.params, c.model_state, x, y, mask)
