@@ -12,9 +12,12 @@ For each it reports, in one process:
 
 * the compile time, wall and CPU (``lower`` + ``compile``, ahead of time; the CPU time counts
   every thread of this process, and moves less than the wall time when others share the
-  machine), of the three programs a guarded run compiles: ``first`` (step 0: the first
-  estimate), ``refresh`` (a warm-started refresh) and ``plain`` (the steps between; it holds
-  no Lanczos, so it is the same program in every variant);
+  machine), of the programs a guarded run compiles: ``first`` (step 0: the first estimate),
+  ``refresh`` (a warm-started refresh) and ``plain`` (the steps between; it holds no Lanczos,
+  so it is the same program in every variant). Since 2026-12-08 the guard's first estimate
+  and its refreshes are one program (a traced iteration count), so ``loop`` compiles
+  ``refresh`` at no cost (reported as 0: the run reuses ``first``'s program); the other
+  variants are the guard before, with a program for each;
 * the run time of each program, the minimum over ``--repeats`` rounds that call every program
   of every variant once, and the mean step over one refresh period,
   ``(refresh + (every - 1) plain) / every``;
@@ -53,18 +56,27 @@ PROGRAMS = (("first", 0), ("refresh", None), ("plain", 1))
 
 VARIANTS = {"loop": (False, True), "unrolled": (True, False), "loop-plain": (False, False)}
 """``name: (unroll, canonical)``. ``loop`` is the guard: a ``fori_loop`` over ``canonical_convs`` of
-its Hessian-vector product. ``unrolled`` is the guard before: the product unrolled, no rewrite
-(XLA canonicalises the entry computation's convolutions itself). ``loop-plain`` is a loop
-without the rewrite."""
+its Hessian-vector product, the iteration count traced. ``unrolled`` is the guard before
+2026-12-07: the product unrolled ``first_iterations`` or ``iterations`` times (a program for
+each), no rewrite (XLA canonicalises the entry computation's convolutions itself).
+``loop-plain`` is a loop without the rewrite, a program for each count (the guard of 2026-12-07
+without its rewrite)."""
 
 
 @contextlib.contextmanager
-def guard_variant(name: str):
-    """The guard's Lanczos as ``VARIANTS[name]`` says, for the programs traced inside the block."""
+def guard_variant(name: str, iterations: int | None = None):
+    """The guard's Lanczos as ``VARIANTS[name]`` says, for the programs traced inside the block;
+    ``iterations``: a fixed (static) count instead of the guard's traced one."""
     unroll, canonical = VARIANTS[name]
     saved = _guard.lanczos_eigh, _guard.canonical_convs
-    if unroll:
-        _guard.lanczos_eigh = functools.partial(spectral.lanczos_eigh, unroll=True)
+
+    def fixed(matvec, start, key, *, iterations: int, k: int, active=None):
+        del active  # the guard before: the count static, one program per count
+        return spectral.lanczos_eigh(matvec, start, key, iterations=count, k=k, unroll=unroll)
+
+    count = iterations
+    if iterations is not None:
+        _guard.lanczos_eigh = fixed
     if not canonical:
         _guard.canonical_convs = lambda fn: fn
     preset_engine.cache_clear()  # a fresh engine: its programs are traced anew
@@ -90,23 +102,33 @@ def compile_variant(model: str, copies: int, variant: str, batch: int) -> tuple[
     config = TrainConfig(model=model, batch_size=batch, guard=True, milestones=(), augment=False)
     every = config.guard_every
     ks = tuple(float(2 * i + 1) for i in range(copies))
-    with guard_variant(variant):
-        engine = engine_of(config, steps_per_epoch=1, in_channels=x.shape[-1], num_classes=classes)
-        _, state = init_lockstep(config, ks, x.shape[-1], classes)
-        step = engine.step_function(copies_of(config, ks, 0), state)
-        xs, ys = jnp.asarray(x), jnp.asarray(y)
-        out = {"every": every, "compile_s": {}, "compile_cpu_s": {}, "loadavg": {}}
-        programs = {}
-        for name, at in PROGRAMS:
+    xs, ys = jnp.asarray(x), jnp.asarray(y)
+    out = {"every": every, "compile_s": {}, "compile_cpu_s": {}, "loadavg": {}}
+    programs = {}
+    shared = variant == "loop"  # the guard now: first estimate and refreshes in one program
+    counts = {"first": config.guard_first_iterations, "refresh": config.guard_iterations, "plain": None}
+    for name, at in PROGRAMS:
+        with guard_variant(variant, None if shared else counts[name]):
+            engine = engine_of(config, steps_per_epoch=1, in_channels=x.shape[-1], num_classes=classes)
+            _, state = init_lockstep(config, ks, x.shape[-1], classes)
+            step = engine.step_function(copies_of(config, ks, 0), state)
             start, cpu = time.perf_counter(), time.process_time()
-            programs[name] = step.compile(state, xs, ys, every if at is None else at)
-            out["compile_s"][name] = time.perf_counter() - start
-            out["compile_cpu_s"][name] = time.process_time() - cpu
+            if shared and name == "refresh":
+                programs[name] = programs["first"]  # the same compiled program
+            else:
+                programs[name] = step.compile(state, xs, ys, every if at is None else at)
+            shared_program = shared and name == "refresh"
+            out["compile_s"][name] = 0.0 if shared_program else time.perf_counter() - start
+            out["compile_cpu_s"][name] = 0.0 if shared_program else time.process_time() - cpu
             out["loadavg"][name] = loadavg()
             jax.block_until_ready(programs[name](state, xs, ys))  # a first call, untimed
     for times in (out["compile_s"], out["compile_cpu_s"]):
         times["total"] = sum(times[name] for name, _ in PROGRAMS)
-    return out, programs, (state, xs, ys)
+    # The first estimate runs on the state of step 0, the others on a later one (guard count > 0:
+    # the shared program then takes the refresh's iteration count).
+    later = programs["plain"](state, xs, ys)[0]
+    arguments = {"first": (state, xs, ys), "refresh": (later, xs, ys), "plain": (later, xs, ys)}
+    return out, programs, arguments
 
 
 def measure(model: str, copies: int, variants: list[str], batch: int, repeats: int) -> dict:
@@ -122,7 +144,7 @@ def measure(model: str, copies: int, variants: list[str], batch: int, repeats: i
         for variant, (programs, arguments) in compiled.items():
             for name, program in programs.items():
                 start = time.perf_counter()
-                jax.block_until_ready(program(*arguments))
+                jax.block_until_ready(program(*arguments[name]))
                 run = rows[variant]["run_s"]
                 run[name] = min(run[name], time.perf_counter() - start)
     for row in rows.values():
@@ -136,8 +158,9 @@ def _ratios(other: dict, loop: dict) -> dict:
     keys = ("first", "refresh", "total")
     run = {k: other["run_s"][k] / loop["run_s"][k] for k in ("first", "refresh")}
     run["mean_step"] = other["mean_step_s"] / loop["mean_step_s"]
-    return {"compile": {k: other["compile_s"][k] / loop["compile_s"][k] for k in keys},
-            "compile_cpu": {k: other["compile_cpu_s"][k] / loop["compile_cpu_s"][k] for k in keys}, "run": run}
+    ratio = lambda a, b: a / b if b > 0 else None  # noqa: E731 - a program the variant does not compile
+    return {"compile": {k: ratio(other["compile_s"][k], loop["compile_s"][k]) for k in keys},
+            "compile_cpu": {k: ratio(other["compile_cpu_s"][k], loop["compile_cpu_s"][k]) for k in keys}, "run": run}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,11 +193,12 @@ def main(argv: list[str] | None = None) -> int:
                           f"{p['plain']:4.1f}  total {c['total']:5.1f} / {p['total']:5.1f} | run (ms) first "
                           f"{1e3 * t['first']:7.1f}  refresh {1e3 * t['refresh']:6.1f}  plain {1e3 * t['plain']:5.1f}  "
                           f"mean step {1e3 * r['mean_step_s']:5.1f}", flush=True)
+                x_ = lambda r: "shared" if r is None else f"{r:.2f}x"  # noqa: E731
                 for variant, ratio in row["ratios"].items():
                     cr, pr, rr = ratio["compile"], ratio["compile_cpu"], ratio["run"]
-                    print(f"  {variant} / loop: compile (wall / CPU) first {cr['first']:.2f}x / {pr['first']:.2f}x, "
-                          f"refresh {cr['refresh']:.2f}x / {pr['refresh']:.2f}x, total {cr['total']:.2f}x / "
-                          f"{pr['total']:.2f}x; run first {rr['first']:.2f}x, refresh {rr['refresh']:.2f}x, "
+                    print(f"  {variant} / loop: compile (wall / CPU) first {x_(cr['first'])} / {x_(pr['first'])}, "
+                          f"refresh {x_(cr['refresh'])} / {x_(pr['refresh'])}, total {x_(cr['total'])} / "
+                          f"{x_(pr['total'])}; run first {rr['first']:.2f}x, refresh {rr['refresh']:.2f}x, "
                           f"mean step {rr['mean_step']:.2f}x", flush=True)
     if args.json:
         print(json.dumps({"machine": machine_info(), "rows": rows}, indent=1))

@@ -327,3 +327,24 @@ def test_the_guard_runs_lanczos_as_a_loop_of_canonical_convolutions():
     labels = re.findall(r"convolution\(.*?dim_labels=([\w>-]+)", text)
     assert re.search(r"\bwhile\(", text)
     assert labels and set(labels) == {"b01f_01io->b01f"}, sorted(set(labels))
+
+
+def test_a_refresh_at_step_zero_is_the_first_estimate_from_one_program():
+    """``refresh=True`` and ``"first"`` compile to one program whose iteration count comes from the
+    guard's step count: ``first_iterations`` at step 0 (exact here: 4 iterations span the 4-D
+    quadratic), ``iterations`` after."""
+    opt = cfl_guard(0.1, iterations=1, first_iterations=4)
+    params = {"w": jnp.ones(4)}
+    traces = []
+
+    @jax.jit
+    def refresh(p, s):
+        traces.append(1)
+        return opt.update(jax.grad(_quadratic)(p), s, p, value_fn=_quadratic, refresh=True)
+
+    _, s0 = refresh(params, opt.init(params))
+    assert float(guard_state(s0).lambda_max) == pytest.approx(10.0, abs=1e-4)
+    fresh = opt.init(params)._replace(count=jnp.ones((), jnp.int32))  # a later step, the same random start
+    _, s1 = refresh(params, fresh)
+    assert abs(float(guard_state(s1).lambda_max) - 10.0) > 1e-2  # one iteration from a random start
+    assert len(traces) == 1

@@ -80,6 +80,19 @@ def test_chunks_around_host_chosen_guard_refreshes():
     np.testing.assert_array_equal(single.guard_lambda, chunked.guard_lambda)
 
 
+def test_the_guards_first_estimate_and_refreshes_share_one_step_program():
+    """With host-chosen refreshes a guarded run compiles two step programs (refresh, plain), not
+    three: the first estimate's iteration count is chosen inside the refresh program."""
+    guard = cfl_guard(0.1, momentum=0.9, every=3, iterations=2, first_iterations=5)
+    engine = Lockstep(_mlp(), optax.chain(perturbed_sgd(0.1, 1.0, momentum=0.9), guard), refresh_every=3)
+    result = engine.fit(_data(), Copies(k=[1.0, 3.0]), epochs=1, batch_size=8, progress=False)
+    refresh_keys = sorted(k[-1] for k in engine._cache if isinstance(k, tuple) and k[0] == "step")
+    assert refresh_keys == [False, True]
+    program = engine._cache[next(k for k in engine._cache if isinstance(k, tuple) and k[0] == "step" and k[-1])][0]
+    assert program._cache_size() == 1  # steps 0, 3 and 6 ran it
+    assert np.all(np.isfinite(result.guard_lambda)) and np.all(result.guard_lambda > 0)
+
+
 def test_one_chunk_program_serves_every_chunk_length():
     engine = Lockstep(_mlp(), perturbed_sgd(0.1, 1.0), steps_per_call=4)
     engine.fit(_data(), Copies(k=[1.0, 2.0]), epochs=2, batch_size=8, progress=False)  # chunks of 4, 4, 1

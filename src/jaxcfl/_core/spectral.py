@@ -72,10 +72,13 @@ class Extremes:
     rounding_floor: float = 0.0
 
 
-def _krylov(matvec: Callable[[Array], Array], start: Array, key: Array, iterations: int, unroll: bool = False):
+def _krylov(matvec: Callable[[Array], Array], start: Array, key: Array, iterations: int, unroll: bool = False,
+            active: Array | None = None):
     """The Lanczos recurrence, the one loop of this module: ``(basis, alphas, betas, rounding_floor)``.
 
     ``unroll=True`` unrolls the loop in the compiled program (see :func:`lanczos_eigh`).
+    ``active`` (traced, in ``[1, iterations]``): run that many steps only; the rest of
+    ``basis``, ``alphas`` and ``betas`` stays zero.
 
     ``basis`` is ``(iterations + 1) x n``, orthonormal rows (the last one is the next
     direction); ``alphas`` and ``betas`` are the diagonal and off-diagonal of the
@@ -119,20 +122,35 @@ def _krylov(matvec: Callable[[Array], Array], start: Array, key: Array, iteratio
 
     alphas = jnp.zeros(iterations, dtype)
     betas = jnp.zeros(iterations, dtype)
-    basis, alphas, betas, scale = lax.fori_loop(0, iterations, body, (basis, alphas, betas, jnp.zeros((), dtype)),
-                                                unroll=bool(unroll))
+    steps = iterations if active is None else active
+    basis, alphas, betas, scale = lax.fori_loop(0, steps, body, (basis, alphas, betas, jnp.zeros((), dtype)),
+                                                unroll=bool(unroll) if active is None else 1)
     return basis, alphas, betas, BREAKDOWN * eps * scale
 
 
-def _ritz(alphas: Array, betas: Array) -> tuple[Array, Array, Array]:
+def _ritz(alphas: Array, betas: Array, active: Array | None = None) -> tuple[Array, Array, Array]:
     """Eigenpairs of the tridiagonal matrix, ascending: ``(ritz, coefficients, residuals)``.
 
     ``coefficients[:, i]`` is the ``i``-th Ritz vector in the Krylov basis; ``residuals``
-    are the bounds ``|beta_m s_m|``.
+    are the bounds ``|beta_m s_m|``. With ``active = m`` (traced) only the leading ``m x m``
+    block is the Lanczos matrix: the rest is decoupled and its diagonal set below every
+    eigenvalue of that block (its Gershgorin bound, less one), so the padding sorts first.
     """
-    tri = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
+    if active is None:
+        tri = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
+        ritz, vecs = jnp.linalg.eigh(tri)
+        return ritz, vecs, jnp.abs(betas[-1] * vecs[-1, :])
+    index = jnp.arange(alphas.shape[0])
+    inside = index < active
+    couple = jnp.where(index[:-1] < active - 1, betas[:-1], 0)
+    radius = jnp.abs(jnp.pad(couple, (0, 1))) + jnp.abs(jnp.pad(couple, (1, 0)))
+    lower = jnp.min(jnp.where(inside, alphas - radius, jnp.inf))
+    below = lower - 1 - jnp.abs(lower)
+    diagonal = jnp.where(inside, alphas, below)
+    tri = jnp.diag(diagonal) + jnp.diag(couple, 1) + jnp.diag(couple, -1)
     ritz, vecs = jnp.linalg.eigh(tri)
-    return ritz, vecs, jnp.abs(betas[-1] * vecs[-1, :])
+    last = lax.dynamic_index_in_dim(vecs, active - 1, axis=0, keepdims=False)
+    return ritz, vecs, jnp.abs(lax.dynamic_index_in_dim(betas, active - 1, keepdims=False) * last)
 
 
 @functools.partial(jax.jit, static_argnames=("iterations",))
@@ -167,6 +185,7 @@ def lanczos_eigh(
     iterations: int,
     k: int,
     unroll: bool = False,
+    active: ArrayLike | None = None,
 ) -> RitzPairs:
     """The ``k`` largest eigenpairs of the symmetric operator ``matvec``: pure, for use inside ``jit``/``vmap``/``scan``.
 
@@ -199,6 +218,11 @@ def lanczos_eigh(
         product ran 4-12x slower in the loop). The guard's first estimate (20 iterations)
         compiled 3.3-7.1x faster as a loop than unrolled, and ran up to 1.4x longer
         (``benchmarks/guard_compile.py``, ``benchmarks/README.md``).
+      active: run only this many iterations, ``1 <= active <= iterations`` (traced: one
+        compiled program serves every count, ``iterations`` being its capacity; the CFL guard
+        runs its first estimate and its refreshes so). ``k`` must not exceed it. Not with
+        ``unroll``. The same results as ``iterations=active`` up to rounding (the tridiagonal
+        eigenproblem is solved at full size, its padding decoupled and below the spectrum).
 
     Returns:
       :class:`RitzPairs` ``(values, vectors, residuals, rounding_floor)``: ``values``
@@ -226,8 +250,12 @@ def lanczos_eigh(
     norm = jnp.linalg.norm(start)
     start = lax.cond(jnp.isfinite(norm) & (norm > 0), lambda: start,
                      lambda: jax.random.normal(jax.random.fold_in(key, iterations), (n,), start.dtype))
-    basis, alphas, betas, floor = _krylov(matvec, start, key, iterations, unroll)
-    ritz, coeffs, residuals = _ritz(alphas, betas)
+    if active is not None:
+        if unroll:
+            raise ValueError("lanczos_eigh: active (a traced count) cannot be unrolled; pass one or the other")
+        active = jnp.clip(jnp.asarray(active, jnp.int32), k, iterations)
+    basis, alphas, betas, floor = _krylov(matvec, start, key, iterations, unroll, active)
+    ritz, coeffs, residuals = _ritz(alphas, betas, active)
     top = coeffs[:, ::-1][:, :k].T  # (k, iterations), largest first
     # ``top @ basis`` with the basis in its stored layout (no transposed copy); its last row,
     # the next direction, gets a zero coefficient.

@@ -1087,7 +1087,9 @@ class Lockstep:
             raise ValueError(f"state holds {state.copies} copies, copies describes {n}")
 
         def arguments(state: LockstepState, x: Any, y: Any, step: int):
-            refresh = (refresh_due(step, self.refresh_every) if guarded and self.refresh_every is not None
+            # The first estimate and the refreshes are one program (the guard picks the iteration
+            # count from its step count), so "first" compiles nothing new.
+            refresh = (refresh_due(step, self.refresh_every) is not False if guarded and self.refresh_every is not None
                        else False)
             fn = self._step_fn(per_copy_data=per_copy_data, per_copy_names=tuple(per_copy),
                                shared_names=tuple(shared), mask=mask, guarded=guarded, refresh=refresh)[0]
