@@ -192,14 +192,9 @@ def _residual_chain_gradient_hlo(blocks: int = 4) -> str:
 
 def _most_relus_in_a_transpose(hlo: str) -> int:
     """The most ReLUs (``maximum``) that one fused computation holding a transpose evaluates."""
-    computations, current = {}, None
-    for line in hlo.splitlines():
-        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
-        if head:
-            current = computations.setdefault(head.group(1), [])
-        elif current is not None:
-            current.append(line)
-    return max((sum(" maximum(" in line for line in lines) for lines in computations.values()
+    from _hlo import computations
+
+    return max((sum(" maximum(" in line for line in lines) for lines in computations(hlo).values()
                 if any(" transpose(" in line for line in lines)), default=0)
 
 

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _hlo import computations
+
 from jaxcfl._core import xla_cpu
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's options")
@@ -16,13 +18,7 @@ pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU'
 
 def _convolutions_in_ynn_fusions(hlo: str) -> int:
     """Convolutions inside the computations that YNNPACK fusions call."""
-    bodies, current = {}, None
-    for line in hlo.splitlines():
-        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
-        if head:
-            current = bodies.setdefault(head.group(1), [])
-        elif current is not None:
-            current.append(line)
+    bodies = computations(hlo)
     called = [name for line in hlo.splitlines() if "__ynn_fusion" in line
               for name in re.findall(r"calls=%([\w.\-]+)", line)]
     return sum(" convolution(" in line for name in called for line in bodies.get(name, []))
@@ -54,25 +50,25 @@ def test_the_engine_compiles_convolutions_for_eigen_and_gets_the_same_gradient()
     assert dots[1] == dots[0]
 
 
-def test_a_users_xla_flags_setting_is_kept(monkeypatch):
-    monkeypatch.setenv("XLA_FLAGS", f"--{xla_cpu.YNN_OPTION}=")
+@pytest.fixture
+def asked_anew():
+    """``training_compiler_options`` asked again inside the test, and again after it."""
     xla_cpu.training_compiler_options.cache_clear()
-    try:
-        assert xla_cpu.training_compiler_options() == ()
-    finally:
-        monkeypatch.undo()
-        xla_cpu.training_compiler_options.cache_clear()
+    yield
+    xla_cpu.training_compiler_options.cache_clear()
+
+
+def test_a_users_xla_flags_setting_is_kept(monkeypatch, asked_anew):
+    monkeypatch.setenv("XLA_FLAGS", f"--{xla_cpu.YNN_OPTION}=")
+    assert xla_cpu.training_compiler_options() == ()
+    monkeypatch.undo()
+    xla_cpu.training_compiler_options.cache_clear()
     assert xla_cpu.training_compiler_options() == ((xla_cpu.YNN_OPTION, xla_cpu.CONVOLUTIONS_ON_EIGEN),)
 
 
-def test_an_option_this_jaxlib_refuses_leaves_the_defaults(monkeypatch):
+def test_an_option_this_jaxlib_refuses_leaves_the_defaults(monkeypatch, asked_anew):
     monkeypatch.setattr(xla_cpu, "CONVOLUTIONS_ON_EIGEN", "NOT_A_FUSION_TYPE")
-    xla_cpu.training_compiler_options.cache_clear()
-    try:
-        assert xla_cpu.training_compiler_options() == ()
-    finally:
-        monkeypatch.undo()
-        xla_cpu.training_compiler_options.cache_clear()
+    assert xla_cpu.training_compiler_options() == ()
 
 
 def test_the_lockstep_training_step_has_no_convolution_on_ynnpack():
