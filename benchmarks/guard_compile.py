@@ -15,10 +15,12 @@ For each it reports, in one process:
   machine), of the programs a guarded run compiles: ``first`` (step 0: the first estimate),
   ``refresh`` (a warm-started refresh) and ``plain`` (the steps between; it holds no Lanczos,
   so it is the same program in every variant). Since 2026-12-08 the guard's first estimate
-  and its refreshes are one program (a traced iteration count), so ``loop`` compiles
-  ``refresh`` at no cost (reported as 0: the run reuses ``first``'s program); the other
-  variants are the guard before, with a program for each;
-* the run time of each program, the minimum over ``--repeats`` rounds that call every program
+  and its refreshes are one program (a traced iteration count) that ``Lockstep`` runs on its
+  own before the plain step, so ``loop``'s ``first`` is that estimate program alone and its
+  ``refresh`` costs nothing (reported as 0: the run reuses ``first``'s program). The other
+  variants are the guard before, the step with the estimate inside, a program for each count;
+* the run time of each program (for ``loop``, a refresh step is the estimate program, then the
+  plain step), the minimum over ``--repeats`` rounds that call every program
   of every variant once, and the mean step over one refresh period,
   ``(refresh + (every - 1) plain) / every``;
 * the ratios of each variant to ``loop``.
@@ -48,6 +50,7 @@ from _machine import loadavg, machine_info
 from jaxcfl._core import spectral
 from jaxcfl.nn import _data as data
 from jaxcfl.nn import _guard
+from jaxcfl.nn._lockstep import probe_mask
 from jaxcfl.nn._preset import TrainConfig, copies_of, engine_of, init_lockstep, preset_engine
 
 PROGRAMS = (("first", 0), ("refresh", None), ("plain", 1))
@@ -96,8 +99,23 @@ def batch_for(model: str, size: int) -> tuple[np.ndarray, np.ndarray, int]:
     return rng.standard_normal((size, 32, 32, 3)).astype(np.float32), rng.integers(0, 10, size).astype(np.int32), 10
 
 
+def _fused_step(engine, copies, state, xs, ys):
+    """The guarded step with the estimate inside, as the engine ran a refresh before 2026-12-08:
+    ``(program, arguments)``."""
+    per_copy, shared = engine._hyper_arrays(copies)
+    mask = probe_mask(state.copy(0).params, engine.probe)
+    fn = engine._step_fn(per_copy_data=False, per_copy_names=tuple(per_copy), shared_names=tuple(shared),
+                         mask=mask, guarded=True, refresh=True)[0]
+    return fn, (state, per_copy, shared, xs, ys, None)
+
+
 def compile_variant(model: str, copies: int, variant: str, batch: int) -> tuple[dict, dict, tuple]:
-    """Compile the guarded step's three programs under ``variant``: ``(times, programs, arguments)``."""
+    """Compile the guarded run's programs under ``variant``: ``(times, programs, arguments)``.
+
+    ``loop`` (the guard now) compiles the estimate program (``first``; ``refresh`` shares it) and
+    the plain step; its ``first`` and ``refresh`` run the estimate, then the plain step. The other
+    variants compile the step with the estimate inside, one program per iteration count, as the
+    engine did before 2026-12-08."""
     x, y, classes = batch_for(model, batch)
     config = TrainConfig(model=model, batch_size=batch, guard=True, milestones=(), augment=False)
     every = config.guard_every
@@ -105,23 +123,36 @@ def compile_variant(model: str, copies: int, variant: str, batch: int) -> tuple[
     xs, ys = jnp.asarray(x), jnp.asarray(y)
     out = {"every": every, "compile_s": {}, "compile_cpu_s": {}, "loadavg": {}}
     programs = {}
-    shared = variant == "loop"  # the guard now: first estimate and refreshes in one program
+    shared = variant == "loop"
     counts = {"first": config.guard_first_iterations, "refresh": config.guard_iterations, "plain": None}
     for name, at in PROGRAMS:
         with guard_variant(variant, None if shared else counts[name]):
             engine = engine_of(config, steps_per_epoch=1, in_channels=x.shape[-1], num_classes=classes)
+            the_copies = copies_of(config, ks, 0)
             _, state = init_lockstep(config, ks, x.shape[-1], classes)
-            step = engine.step_function(copies_of(config, ks, 0), state)
+            step = engine.step_function(the_copies, state)
             start, cpu = time.perf_counter(), time.process_time()
             if shared and name == "refresh":
-                programs[name] = programs["first"]  # the same compiled program
+                pass  # the same compiled programs as "first"
+            elif name == "plain":
+                programs[name] = functools.partial(step.compile(state, xs, ys, 1), step=1)
+            elif shared:  # the estimate program alone; the run then takes the plain step's
+                fn, args = step._estimate(state, xs, ys, 0)
+                estimate = fn.lower(*args).compile()
             else:
-                programs[name] = step.compile(state, xs, ys, every if at is None else at)
+                fn, args = _fused_step(engine, the_copies, state, xs, ys)
+                compiled = fn.lower(*args).compile()
+                programs[name] = functools.partial(lambda c, a, s, *_: c(s, *a[1:]), compiled, args)
             shared_program = shared and name == "refresh"
             out["compile_s"][name] = 0.0 if shared_program else time.perf_counter() - start
             out["compile_cpu_s"][name] = 0.0 if shared_program else time.process_time() - cpu
             out["loadavg"][name] = loadavg()
-            jax.block_until_ready(programs[name](state, xs, ys))  # a first call, untimed
+            if not shared or name == "plain":
+                jax.block_until_ready(programs[name](state, xs, ys))  # a first call, untimed
+    if shared:  # a refresh step: the estimate, then the plain step
+        plain = programs["plain"]
+        programs["first"] = programs["refresh"] = lambda s, x_, y_: plain(estimate(s, *args[1:]), x_, y_)
+        jax.block_until_ready(programs["first"](state, xs, ys))
     for times in (out["compile_s"], out["compile_cpu_s"]):
         times["total"] = sum(times[name] for name, _ in PROGRAMS)
     # The first estimate runs on the state of step 0, the others on a later one (guard count > 0:

@@ -80,17 +80,45 @@ def test_chunks_around_host_chosen_guard_refreshes():
     np.testing.assert_array_equal(single.guard_lambda, chunked.guard_lambda)
 
 
-def test_the_guards_first_estimate_and_refreshes_share_one_step_program():
-    """With host-chosen refreshes a guarded run compiles two step programs (refresh, plain), not
-    three: the first estimate's iteration count is chosen inside the refresh program."""
+def test_a_guarded_run_compiles_the_plain_step_and_one_estimate_program():
+    """With host-chosen refreshes a guarded run compiles the plain step and one estimate program:
+    the first estimate and the refreshes share it (the iteration count is chosen inside), and the
+    refresh steps run in the chunks of the plain step."""
     guard = cfl_guard(0.1, momentum=0.9, every=3, iterations=2, first_iterations=5)
     engine = Lockstep(_mlp(), optax.chain(perturbed_sgd(0.1, 1.0, momentum=0.9), guard), refresh_every=3)
     result = engine.fit(_data(), Copies(k=[1.0, 3.0]), epochs=1, batch_size=8, progress=False)
-    refresh_keys = sorted(k[-1] for k in engine._cache if isinstance(k, tuple) and k[0] == "step")
-    assert refresh_keys == [False, True]
-    program = engine._cache[next(k for k in engine._cache if isinstance(k, tuple) and k[0] == "step" and k[-1])][0]
-    assert program._cache_size() == 1  # steps 0, 3 and 6 ran it
+    kinds = sorted((k[0], k[-1]) for k in engine._cache if isinstance(k, tuple))
+    assert kinds == [("estimate", ()), ("step", False)]
+    estimate = engine._cache[next(k for k in engine._cache if isinstance(k, tuple) and k[0] == "estimate")]
+    assert estimate._cache_size() == 1  # steps 0, 3 and 6 ran it
     assert np.all(np.isfinite(result.guard_lambda)) and np.all(result.guard_lambda > 0)
+    assert np.all(np.diff(result.guard_lambda[:3], axis=0) == 0)  # steps 0-2 read step 0's estimate
+    assert np.any(result.guard_lambda[3] != result.guard_lambda[2])  # step 3 refreshed it
+
+
+def test_the_estimate_program_and_the_plain_step_give_the_refresh_steps_bits():
+    """Running the estimate as a program of its own, then the plain step, is the step with the
+    estimate inside (``refresh=True``), bit for bit, at the first estimate and at a refresh."""
+    guard = cfl_guard(0.1, momentum=0.9, every=2, iterations=2, first_iterations=4)
+    engine = Lockstep(_mlp(), optax.chain(perturbed_sgd(0.1, 1.0, momentum=0.9), guard), refresh_every=2)
+    copies = Copies(k=[1.0, 3.0])
+    state = engine.init(copies)
+    x, y = _data()
+    per_copy, shared = engine._hyper_arrays(copies)
+    fused = engine._step_fn(per_copy_data=False, per_copy_names=tuple(per_copy), shared_names=tuple(shared),
+                            mask=None, guarded=True, refresh=True)[0]
+    split = engine.step_function(copies, state)
+    for step in range(3):  # the first estimate, a plain step, a refresh
+        batch = (x[8 * step:8 * step + 8], y[8 * step:8 * step + 8])
+        got, metrics = split(state, *batch, step)
+        if step != 1:
+            want, expected = fused(state, per_copy, shared, *map(jnp.asarray, batch), None)
+            for a, b in zip(jax.tree.leaves((got, metrics)), jax.tree.leaves((want, expected))):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        state = got
+    compiled = split.compile(state, *batch, 2)
+    assert compiled.as_text().count("HloModule") == 2  # the step's program and the estimate's
+    assert split.compile(state, *batch, 1).as_text().count("HloModule") == 1
 
 
 def test_one_chunk_program_serves_every_chunk_length():

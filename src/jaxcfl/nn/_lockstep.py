@@ -56,7 +56,7 @@ from jaxcfl._core import xla_cpu
 from jaxcfl._core.folder import ResultFolder
 from jaxcfl._core.results import npz_bytes
 from jaxcfl._core.determinism import divergence, fingerprint
-from jaxcfl.nn._guard import check_guarded, guard_state, refresh_due, warn_guard_problems
+from jaxcfl.nn._guard import adopt_estimate, check_guarded, guard_state, refresh_due, warn_guard_problems
 from jaxcfl.nn._perturb import perturb_update, ulp_perturb
 from jaxcfl._core.canonical import canonical_convs, non_canonical_convolutions
 
@@ -824,25 +824,42 @@ def _check_arrays(name: str, pair: Any, *, allow_empty: bool = False) -> tuple[n
 
 class StepFunction:
     """One compiled lockstep step, ``(state, x, y, step=0) -> (state, metrics)``
-    (:meth:`Lockstep.step_function`). ``compile(state, x, y)`` compiles it ahead of time and
-    returns a step of the same signature whose ``as_text()`` is the optimised HLO."""
+    (:meth:`Lockstep.step_function`). At a step where the CFL guard refreshes its estimate
+    (``Lockstep.refresh_every``), the estimate runs first as a program of its own and the step
+    after it. ``compile(state, x, y, step)`` compiles ahead of time the programs that ``step``
+    runs and returns a step of the same signature; its ``as_text()`` is their optimised HLO
+    (the step's, then the estimate's)."""
 
-    def __init__(self, arguments: Callable[..., tuple[Callable, tuple]], compiled: Any = None):
-        self._arguments = arguments
+    def __init__(self, program: Callable[..., tuple[Callable, tuple]],
+                 estimate: Callable[..., tuple[Callable, tuple] | None] | None = None,
+                 compiled: tuple[Any, Any] = (None, None)):
+        self._program = program
+        self._estimate = estimate
         self._compiled = compiled
 
+    def _refreshed(self, state: LockstepState, x: Any, y: Any, step: int) -> LockstepState:
+        """``state`` with the guard's estimate refreshed when ``step`` is due for one."""
+        got = None if self._estimate is None else self._estimate(state, x, y, step)
+        if got is None:
+            return state
+        fn, args = got
+        return (self._compiled[1] or fn)(*args)
+
     def __call__(self, state: LockstepState, x: Any, y: Any, step: int = 0) -> tuple[LockstepState, dict]:
-        fn, args = self._arguments(state, x, y, step)
-        return (self._compiled or fn)(*args)
+        state = self._refreshed(state, x, y, step)
+        fn, args = self._program(state, x, y, step)
+        return (self._compiled[0] or fn)(*args)
 
     def compile(self, state: LockstepState, x: Any, y: Any, step: int = 0) -> StepFunction:
-        fn, args = self._arguments(state, x, y, step)
-        return StepFunction(self._arguments, fn.lower(*args).compile())
+        got = None if self._estimate is None else self._estimate(state, x, y, step)
+        estimate = None if got is None else got[0].lower(*got[1]).compile()
+        fn, args = self._program(state, x, y, step)  # the estimate keeps the state's shapes
+        return StepFunction(self._program, self._estimate, (fn.lower(*args).compile(), estimate))
 
     def as_text(self) -> str:
-        if self._compiled is None:
+        if self._compiled[0] is None:
             raise ValueError("as_text: compile the step first (step.compile(state, x, y))")
-        return self._compiled.as_text()
+        return "\n\n".join(c.as_text() for c in self._compiled if c is not None)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -869,14 +886,15 @@ class Lockstep:
         (to find the first step and parameter at which two runs differ).
       keep_outputs: keep every copy's final test outputs (``TrainResult.test_outputs``).
       refresh_every: with :func:`jaxcfl.cfl_guard` in the optimiser, its ``every``: the host
-        chooses when the guard refreshes its estimate (one compiled step each way, no
-        branch in either); ``None``: the guard's own in-program schedule.
+        chooses when the guard refreshes its estimate, and runs the estimate as a compiled
+        program of its own before the step (the step itself holds no Lanczos and no branch);
+        ``None``: the guard's own in-program schedule.
       steps_per_call: :meth:`fit` runs up to this many consecutive steps of an epoch in one
         compiled loop (``lax.fori_loop`` over a stacked chunk of batches), which saves the
         per-call dispatch and lets XLA reuse buffers; ``1``: one call per step. The steps and
         their bits are the same either way (``tests/test_lockstep_chunks.py``); a chunk never
-        crosses an epoch or a guard refresh chosen by the host (``refresh_every``), which runs
-        as a step of its own. Inside a loop XLA's CPU backend runs only canonical convolutions
+        crosses an epoch, and a guard refresh chosen by the host (``refresh_every``) starts a
+        chunk, its estimate run just before it. Inside a loop XLA's CPU backend runs only canonical convolutions
         fast, so the looped step's are rewritten into that form
         (:func:`jaxcfl._core.canonical.canonical_convs`; same bits): a model built on
         ``lax.conv_general_dilated`` chunks too. One whose own loops or branches hold
@@ -998,17 +1016,13 @@ class Lockstep:
 
     # -- the compiled step --
 
-    def _step_fn(self, *, per_copy_data: bool, per_copy_names: tuple[str, ...], shared_names: tuple[str, ...],
-                 mask: tuple[bool, ...] | None, guarded: bool, refresh: bool | str):
-        key = ("step", per_copy_data, per_copy_names, shared_names, mask, guarded, refresh)
-        if key in self._cache:
-            return self._cache[key]
+    def _objective_of(self) -> Callable[..., Callable[[Any], tuple[Array, Any]]]:
+        """``(mstate, x, y, aug_key) -> objective``, ``objective(params) -> (mean loss, model state)``:
+        one copy's training objective on its (augmented) batch, shared by the step and the estimate."""
         model: Model = self.model
-        optimizer: Optimizer = self.optimizer
         loss_fn, augment = self.loss, self.augment
-        trace_params, checksums = self.trace_params, self.checksums
 
-        def one(params, mstate, opt_state, hp_copy, x, y, aug_key, hp_shared):
+        def objective_of(mstate, x, y, aug_key):
             if augment is not None:
                 x = augment(x, aug_key)
 
@@ -1016,6 +1030,31 @@ class Lockstep:
                 outputs, new_state = model.apply(p, mstate, x, True)
                 return jnp.mean(loss_fn(outputs, y)), new_state
 
+            return objective
+
+        return objective_of
+
+    def _over_copies(self, one: Callable, per_copy_data: bool) -> Callable:
+        """``one(params, mstate, opt_state, hp_copy, x, y, aug_key, hp_shared)`` over the copies."""
+        data_axis = 0 if per_copy_data else None
+        aug_axis = 0 if self.augment is not None else None
+        return over_copies(one, (0, 0, 0, 0, data_axis, data_axis, aug_axis, None), self._mode())
+
+    def _step_fn(self, *, per_copy_data: bool, per_copy_names: tuple[str, ...], shared_names: tuple[str, ...],
+                 mask: tuple[bool, ...] | None, guarded: bool, refresh: bool | str):
+        """``(step, steps)``: the compiled step and the compiled loop of steps. With host-chosen guard
+        refreshes (``refresh_every``) the engine compiles ``refresh=False`` only, and runs the guard's
+        estimate as a program of its own (:meth:`_estimate_fn`); ``refresh=True`` builds the step with
+        the estimate inside (``benchmarks/guard_compile.py`` measures the guard before 2026-12-08 so)."""
+        key = ("step", per_copy_data, per_copy_names, shared_names, mask, guarded, refresh)
+        if key in self._cache:
+            return self._cache[key]
+        optimizer: Optimizer = self.optimizer
+        objective_of = self._objective_of()
+        trace_params, checksums = self.trace_params, self.checksums
+
+        def one(params, mstate, opt_state, hp_copy, x, y, aug_key, hp_shared):
+            objective = objective_of(mstate, x, y, aug_key)
             (loss, new_state), grads = jax.value_and_grad(objective, has_aux=True)(params)
             tx = optimizer.build({**hp_shared, **hp_copy})
             extra = {"value": loss, "grad": grads, "value_fn": lambda p: objective(p)[0]}
@@ -1024,9 +1063,7 @@ class Lockstep:
             updates, opt_state = tx.update(grads, opt_state, params, **extra)
             return optax.apply_updates(params, updates), new_state, opt_state, loss
 
-        data_axis = 0 if per_copy_data else None
-        aug_axis = 0 if augment is not None else None
-        batched = over_copies(one, (0, 0, 0, 0, data_axis, data_axis, aug_axis, None), self._mode())
+        batched = self._over_copies(one, per_copy_data)
 
         def step(state: LockstepState, hp_copy, hp_shared, x, y, aug_keys):
             params, mstate, opt_state, loss = batched(state.params, state.model_state, state.opt_state, hp_copy,
@@ -1067,6 +1104,36 @@ class Lockstep:
         self._cache[key] = xla_cpu.jit(step), xla_cpu.jit(steps)
         return self._cache[key]
 
+    def _estimate_fn(self, *, per_copy_data: bool, per_copy_names: tuple[str, ...], shared_names: tuple[str, ...]):
+        """The compiled refresh of the CFL guard's estimate, ``(state, hp_copy, hp_shared, x, y,
+        aug_keys) -> state``: every copy's optimiser runs a refresh (``update(..., refresh=True)``) on
+        the batch of the coming step, and only the guard's estimate is kept
+        (:func:`jaxcfl.nn._guard.adopt_estimate`; XLA drops the rest of the update). The step then
+        runs with ``refresh=False``, so a guarded run compiles the plain step and this program,
+        which holds the Lanczos loop and nothing of the step (its compile time is the guard's)."""
+        key = ("estimate", per_copy_data, per_copy_names, shared_names)
+        if key in self._cache:
+            return self._cache[key]
+        optimizer: Optimizer = self.optimizer
+        objective_of = self._objective_of()
+
+        def one(params, mstate, opt_state, hp_copy, x, y, aug_key, hp_shared):
+            objective = objective_of(mstate, x, y, aug_key)
+            tx = optimizer.build({**hp_shared, **hp_copy})
+            zeros = jax.tree.map(jnp.zeros_like, params)  # the update is dropped: no gradient is needed
+            _, refreshed = tx.update(zeros, opt_state, params, value=jnp.zeros(()), grad=zeros,
+                                     value_fn=lambda p: objective(p)[0], refresh=True)
+            return adopt_estimate(opt_state, refreshed)
+
+        batched = self._over_copies(one, per_copy_data)
+
+        def estimate(state: LockstepState, hp_copy, hp_shared, x, y, aug_keys):
+            opt_state = batched(state.params, state.model_state, state.opt_state, hp_copy, x, y, aug_keys, hp_shared)
+            return LockstepState(state.params, state.model_state, opt_state)
+
+        self._cache[key] = xla_cpu.jit(estimate)
+        return self._cache[key]
+
     def step_function(self, copies: Copies, state: LockstepState, *, per_copy_data: bool | None = None
                       ) -> Callable[..., tuple[LockstepState, dict[str, Array]]]:
         """``(state, x, y, step=0) -> (state, metrics)``: one compiled lockstep step of ``copies``.
@@ -1086,16 +1153,25 @@ class Lockstep:
         if state.copies != n:
             raise ValueError(f"state holds {state.copies} copies, copies describes {n}")
 
-        def arguments(state: LockstepState, x: Any, y: Any, step: int):
-            # The first estimate and the refreshes are one program (the guard picks the iteration
-            # count from its step count), so "first" compiles nothing new.
-            refresh = (refresh_due(step, self.refresh_every) is not False if guarded and self.refresh_every is not None
-                       else False)
-            fn = self._step_fn(per_copy_data=per_copy_data, per_copy_names=tuple(per_copy),
-                               shared_names=tuple(shared), mask=mask, guarded=guarded, refresh=refresh)[0]
-            return fn, (state, per_copy, shared, jnp.asarray(x), jnp.asarray(y), self._augment_keys(copies, step))
+        fn = self._step_fn(per_copy_data=per_copy_data, per_copy_names=tuple(per_copy), shared_names=tuple(shared),
+                           mask=mask, guarded=guarded, refresh=False)[0]
+        host_refresh = guarded and self.refresh_every is not None
 
-        return StepFunction(arguments)
+        def arguments(state: LockstepState, x: Any, y: Any, step: int):
+            return (state, per_copy, shared, jnp.asarray(x), jnp.asarray(y), self._augment_keys(copies, step))
+
+        def program(state: LockstepState, x: Any, y: Any, step: int):
+            return fn, arguments(state, x, y, step)
+
+        def estimate(state: LockstepState, x: Any, y: Any, step: int):
+            # Step 0's first estimate and the refreshes are one program (the guard picks the
+            # iteration count from its step count).
+            if refresh_due(step, self.refresh_every) is False:
+                return None
+            return (self._estimate_fn(per_copy_data=per_copy_data, per_copy_names=tuple(per_copy),
+                                      shared_names=tuple(shared)), arguments(state, x, y, step))
+
+        return StepFunction(program, estimate if host_refresh else None)
 
     def _augment_keys(self, copies: Copies, step: int) -> Array | None:
         """Each copy's augmentation key of ``step`` (``None``: no augmentation)."""
@@ -1107,7 +1183,8 @@ class Lockstep:
     def _chunk_function(self, copies: Copies, state: LockstepState, *, per_copy_data: bool
                         ) -> Callable[[LockstepState, Sequence[tuple[Any, Any]], int], tuple[LockstepState, dict]]:
         """``(state, batches, first_step) -> (state, metrics)``: ``len(batches)`` consecutive steps
-        (none of them a host-chosen guard refresh) in one call of a compiled loop over a chunk of
+        (a host-chosen guard refresh only at the first: the caller runs its estimate before the
+        chunk, :meth:`StepFunction._refreshed`) in one call of a compiled loop over a chunk of
         ``steps_per_call`` stacked batches (a shorter chunk is padded and runs fewer iterations,
         so one program serves every length); ``metrics`` hold one row per step of the chunk, the
         rows from ``len(batches)`` on being padding. The step's convolutions are rewritten into
@@ -1375,13 +1452,15 @@ class Lockstep:
                 pending: list[tuple[Any, Any]] = []  # batches of the next chunk
 
                 def run(batches, single: bool) -> None:
-                    """``batches`` (consecutive steps from ``global_step``) as one call; metrics as rows."""
+                    """``batches`` (consecutive steps from ``global_step``; a guard refresh due at
+                    the first alone, whose estimate runs first) as one call; metrics as rows."""
                     nonlocal state, global_step, compile_seconds, chunk_fn
                     t0 = time.perf_counter()
                     if single:
                         state, metrics = step_fn(state, *batches[0], global_step)
                     else:
-                        out = chunk_fn(state, batches, global_step)
+                        refreshed = step_fn._refreshed(state, *batches[0], global_step)
+                        out = chunk_fn(refreshed, batches, global_step)
                         if out is None:  # a model whose convolutions are slow in a loop: one call per step
                             chunk_fn = None
                             for batch in batches:
@@ -1400,12 +1479,12 @@ class Lockstep:
 
                 for batch in self._epoch_batches(batches_of, data_seeds, per_copy_data, epoch):
                     step_here = global_step + len(pending)
-                    if chunk_fn is None or (host_refresh and refresh_due(step_here, self.refresh_every) is not False):
-                        if pending:
-                            run(pending, single=False)
-                            pending = []
+                    if chunk_fn is None:
                         run([batch], single=True)
                         continue
+                    if pending and host_refresh and refresh_due(step_here, self.refresh_every) is not False:
+                        run(pending, single=False)  # a chunk ends before a refresh: its estimate starts the next
+                        pending = []
                     pending.append(batch)
                     if len(pending) == self.steps_per_call:
                         run(pending, single=False)
