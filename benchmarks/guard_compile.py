@@ -116,20 +116,15 @@ def compile_variant(model: str, copies: int, variant: str, batch: int) -> tuple[
     the plain step; its ``first`` and ``refresh`` run the estimate, then the plain step. The other
     variants compile the step with the estimate inside, one program per iteration count, as the
     engine did before 2026-12-08."""
-    x, y, classes = batch_for(model, batch)
-    config = TrainConfig(model=model, batch_size=batch, guard=True, milestones=(), augment=False)
+    config, xs, ys, classes = _set_up(model, batch)
     every = config.guard_every
-    ks = tuple(float(2 * i + 1) for i in range(copies))
-    xs, ys = jnp.asarray(x), jnp.asarray(y)
     out = {"every": every, "compile_s": {}, "compile_cpu_s": {}, "loadavg": {}}
     programs = {}
     shared = variant == "loop"
     counts = {"first": config.guard_first_iterations, "refresh": config.guard_iterations, "plain": None}
     for name, at in PROGRAMS:
         with guard_variant(variant, None if shared else counts[name]):
-            engine = engine_of(config, steps_per_epoch=1, in_channels=x.shape[-1], num_classes=classes)
-            the_copies = copies_of(config, ks, 0)
-            _, state = init_lockstep(config, ks, x.shape[-1], classes)
+            engine, the_copies, state = _engine(config, copies, xs, classes)
             step = engine.step_function(the_copies, state)
             start, cpu = time.perf_counter(), time.process_time()
             if shared and name == "refresh":
@@ -142,7 +137,7 @@ def compile_variant(model: str, copies: int, variant: str, batch: int) -> tuple[
             else:
                 fn, args = _fused_step(engine, the_copies, state, xs, ys)
                 compiled = fn.lower(*args).compile()
-                programs[name] = functools.partial(lambda c, a, s, *_: c(s, *a[1:]), compiled, args)
+                programs[name] = lambda s, x_, y_, c=compiled, a=args: c(s, *a[1:])  # the batch of `args`
             shared_program = shared and name == "refresh"
             out["compile_s"][name] = 0.0 if shared_program else time.perf_counter() - start
             out["compile_cpu_s"][name] = 0.0 if shared_program else time.process_time() - cpu
@@ -162,15 +157,27 @@ def compile_variant(model: str, copies: int, variant: str, batch: int) -> tuple[
     return out, programs, arguments
 
 
-def warm_up(model: str, copies: int, batch: int) -> None:
-    """Compile and run the plain guarded step of a throwaway engine (nothing is timed)."""
+def _set_up(model: str, batch: int) -> tuple[TrainConfig, jax.Array, jax.Array, int]:
+    """``(config, x, y, classes)``: the trainer's guarded set-up for ``model`` and one batch."""
     x, y, classes = batch_for(model, batch)
     config = TrainConfig(model=model, batch_size=batch, guard=True, milestones=(), augment=False)
+    return config, jnp.asarray(x), jnp.asarray(y), classes
+
+
+def _engine(config: TrainConfig, copies: int, xs, classes: int):
+    """``(engine, copies, state)``: a fresh engine of ``config`` and the initial state of
+    ``copies`` copies (k = 1, 3, 5, ...)."""
     ks = tuple(float(2 * i + 1) for i in range(copies))
+    engine = engine_of(config, steps_per_epoch=1, in_channels=xs.shape[-1], num_classes=classes)
+    return engine, copies_of(config, ks, 0), init_lockstep(config, ks, xs.shape[-1], classes)[1]
+
+
+def warm_up(model: str, copies: int, batch: int) -> None:
+    """Compile and run the plain guarded step of a throwaway engine (nothing is timed)."""
+    config, xs, ys, classes = _set_up(model, batch)
     preset_engine.cache_clear()
-    engine = engine_of(config, steps_per_epoch=1, in_channels=x.shape[-1], num_classes=classes)
-    _, state = init_lockstep(config, ks, x.shape[-1], classes)
-    jax.block_until_ready(engine.step_function(copies_of(config, ks, 0), state)(state, x, y, 1))
+    engine, the_copies, state = _engine(config, copies, xs, classes)
+    jax.block_until_ready(engine.step_function(the_copies, state)(state, xs, ys, 1))
     preset_engine.cache_clear()
 
 

@@ -894,8 +894,8 @@ class Lockstep:
         per-call dispatch and lets XLA reuse buffers; ``1``: one call per step. The steps and
         their bits are the same either way (``tests/test_lockstep_chunks.py``); a chunk never
         crosses an epoch, and a guard refresh chosen by the host (``refresh_every``) starts a
-        chunk, its estimate run just before it. Inside a loop XLA's CPU backend runs only canonical convolutions
-        fast, so the looped step's are rewritten into that form
+        chunk, its estimate run just before it. Inside a loop XLA's CPU backend runs only
+        canonical convolutions fast, so the looped step's are rewritten into that form
         (:func:`jaxcfl._core.canonical.canonical_convs`; same bits): a model built on
         ``lax.conv_general_dilated`` chunks too. One whose own loops or branches hold
         convolutions runs one call per step on a CPU, with a warning.
@@ -1452,8 +1452,8 @@ class Lockstep:
                 pending: list[tuple[Any, Any]] = []  # batches of the next chunk
 
                 def run(batches, single: bool) -> None:
-                    """``batches`` (consecutive steps from ``global_step``; a guard refresh due at
-                    the first alone, whose estimate runs first) as one call; metrics as rows."""
+                    """``batches`` (consecutive steps from ``global_step``; a guard refresh may be due
+                    only at the first, and its estimate runs before them) as one call; metrics as rows."""
                     nonlocal state, global_step, compile_seconds, chunk_fn
                     t0 = time.perf_counter()
                     if single:
