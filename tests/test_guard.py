@@ -348,3 +348,24 @@ def test_a_refresh_at_step_zero_is_the_first_estimate_from_one_program():
     _, s1 = refresh(params, fresh)
     assert abs(float(guard_state(s1).lambda_max) - 10.0) > 1e-2  # one iteration from a random start
     assert len(traces) == 1
+
+
+def test_adopt_estimate_takes_the_estimate_and_keeps_the_rest():
+    """A refresh run as a program of its own (``Lockstep``) writes back the estimate only: the step
+    count, the learning rates and the refusal counters stay as they were."""
+    from jaxcfl.nn._guard import adopt_estimate
+
+    opt = optax.chain(perturbed_sgd(0.1, 1.0, momentum=0.9), cfl_guard(0.1, momentum=0.9))
+    params = {"w": jnp.ones(4)}
+    state = opt.init(params)
+    _, refreshed = opt.update(jax.grad(_quadratic)(params), state, params, value_fn=_quadratic, refresh="first")
+    adopted = adopt_estimate(state, refreshed)
+    before, after, new = guard_state(state), guard_state(adopted), guard_state(refreshed)
+    assert float(after.lambda_max) == float(new.lambda_max) == pytest.approx(SPECTRUM[0] * (1 + 1e-4), rel=1e-3)
+    np.testing.assert_array_equal(after.vector, new.vector)
+    for name in ("count", "lr", "base_lr", "refused_steps", "bad_lr"):
+        np.testing.assert_array_equal(getattr(after, name), getattr(before, name), err_msg=name)
+    assert int(new.count) == 1 and int(after.count) == 0
+    # every other transform's state is the one passed in (the momentum is not stepped)
+    for a, b in zip(jax.tree.leaves(adopted[0]), jax.tree.leaves(state[0])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
